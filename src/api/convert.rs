@@ -1,0 +1,178 @@
+//! Proto <-> domain conversion and field validation.
+
+use prost_types::Timestamp;
+
+use crate::domain::KmsError;
+use crate::domain::model::{ExpirationModel, KeyFilter, KeyOrigin, KeyRecord, KeyState, Millis};
+use crate::proto;
+
+pub const MAX_NAME_CHARS: usize = 90;
+pub const MAX_DESCRIPTION_CHARS: usize = 240;
+pub const DEFAULT_LIST_LIMIT: u32 = 200;
+pub const MAX_LIST_LIMIT: u32 = 5000;
+
+pub fn timestamp(millis: Millis) -> Timestamp {
+    Timestamp {
+        seconds: millis.div_euclid(1000),
+        nanos: (millis.rem_euclid(1000) * 1_000_000) as i32,
+    }
+}
+
+/// A timestamp field to milliseconds, refusing out-of-range values.
+pub fn millis_from(field: &'static str, ts: &Timestamp) -> Result<Millis, KmsError> {
+    if !(0..1_000_000_000).contains(&ts.nanos) {
+        return Err(KmsError::invalid(field, "nanos must be in 0..1e9"));
+    }
+    // Years 1970..9999, the RFC 3339 range.
+    if !(0..=253_402_300_799).contains(&ts.seconds) {
+        return Err(KmsError::invalid(field, "out of range"));
+    }
+    Ok(ts.seconds * 1000 + i64::from(ts.nanos / 1_000_000))
+}
+
+pub fn key_state(state: KeyState) -> proto::KeyState {
+    match state {
+        KeyState::PreActivation => proto::KeyState::PreActivation,
+        KeyState::Active => proto::KeyState::Active,
+        KeyState::Suspended => proto::KeyState::Suspended,
+        KeyState::Deactivated => proto::KeyState::Deactivated,
+        KeyState::Destroyed => proto::KeyState::Destroyed,
+    }
+}
+
+fn key_state_from(field: &'static str, value: i32) -> Result<KeyState, KmsError> {
+    match proto::KeyState::try_from(value) {
+        Ok(proto::KeyState::PreActivation) => Ok(KeyState::PreActivation),
+        Ok(proto::KeyState::Active) => Ok(KeyState::Active),
+        Ok(proto::KeyState::Suspended) => Ok(KeyState::Suspended),
+        Ok(proto::KeyState::Deactivated) => Ok(KeyState::Deactivated),
+        Ok(proto::KeyState::Destroyed) => Ok(KeyState::Destroyed),
+        Err(_) => Err(KmsError::invalid(field, format!("unknown key state {value}"))),
+    }
+}
+
+pub fn key(record: &KeyRecord) -> proto::Key {
+    proto::Key {
+        id: record.id.to_string(),
+        name: record.name.clone(),
+        description: record.description.clone(),
+        state: key_state(record.state) as i32,
+        extractable: record.extractable,
+        creation_date: Some(timestamp(record.created_at)),
+        last_update_date: Some(timestamp(record.updated_at)),
+        expiration_date: record.expires_at.map(timestamp),
+        origin: match record.origin {
+            KeyOrigin::Generated => proto::KeyOrigin::Generated,
+            KeyOrigin::Imported => proto::KeyOrigin::Imported,
+            KeyOrigin::External => proto::KeyOrigin::External,
+        } as i32,
+        algorithm_type: "AES".into(),
+        size_bits: record.size_bits,
+        current_version_id: record
+            .current_version
+            .map(|v| v.to_string())
+            .unwrap_or_default(),
+        imported: record.imported,
+        expiration_model: match record.expiration_model {
+            None => proto::ExpirationModel::Unspecified,
+            Some(ExpirationModel::KeyMaterialExpires) => proto::ExpirationModel::KeyMaterialExpires,
+            Some(ExpirationModel::KeyMaterialDoesNotExpire) => {
+                proto::ExpirationModel::KeyMaterialDoesNotExpire
+            }
+        } as i32,
+        valid_to: record.valid_to.map(timestamp),
+        deletion_date: record.destroyed_at.map(timestamp),
+    }
+}
+
+/// Names: 1..90 characters, printable, no leading or trailing white space.
+pub fn name(value: String) -> Result<String, KmsError> {
+    let count = value.chars().count();
+    if count == 0 {
+        return Err(KmsError::invalid("name", "required"));
+    }
+    if count > MAX_NAME_CHARS {
+        return Err(KmsError::invalid(
+            "name",
+            format!("at most {MAX_NAME_CHARS} characters; got {count}"),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(KmsError::invalid("name", "must be printable"));
+    }
+    if value.trim() != value {
+        return Err(KmsError::invalid(
+            "name",
+            "must not start or end with white space",
+        ));
+    }
+    Ok(value)
+}
+
+/// Descriptions: 0..240 printable characters.
+pub fn description(value: String) -> Result<String, KmsError> {
+    let count = value.chars().count();
+    if count > MAX_DESCRIPTION_CHARS {
+        return Err(KmsError::invalid(
+            "description",
+            format!("at most {MAX_DESCRIPTION_CHARS} characters; got {count}"),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(KmsError::invalid("description", "must be printable"));
+    }
+    Ok(value)
+}
+
+pub fn filter(states: &[i32], extractable: Option<bool>) -> Result<KeyFilter, KmsError> {
+    let mut parsed = Vec::with_capacity(states.len());
+    for value in states {
+        let state = key_state_from("state", *value)?;
+        if !parsed.contains(&state) {
+            parsed.push(state);
+        }
+    }
+    Ok(KeyFilter {
+        states: parsed,
+        extractable,
+    })
+}
+
+/// `limit` absent: the default; present: 1..=MAX_LIST_LIMIT.
+pub fn limit(value: Option<u32>) -> Result<usize, KmsError> {
+    match value {
+        None => Ok(DEFAULT_LIST_LIMIT as usize),
+        Some(n) if (1..=MAX_LIST_LIMIT).contains(&n) => Ok(n as usize),
+        Some(n) => Err(KmsError::invalid(
+            "limit",
+            format!("must be 1..{MAX_LIST_LIMIT}; got {n}"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        assert!(name("ok name".into()).is_ok());
+        assert!(name("".into()).is_err());
+        assert!(name(" lead".into()).is_err());
+        assert!(name("trail ".into()).is_err());
+        assert!(name("tab\tinside".into()).is_err());
+        assert!(name("é".repeat(90)).is_ok());
+        assert!(name("é".repeat(91)).is_err());
+    }
+
+    #[test]
+    fn timestamps_round_trip_at_millisecond_precision() {
+        let ts = timestamp(1_700_000_000_123);
+        assert_eq!(millis_from("t", &ts).unwrap(), 1_700_000_000_123);
+        let bad = Timestamp {
+            seconds: 1,
+            nanos: -1,
+        };
+        assert!(millis_from("t", &bad).is_err());
+    }
+}

@@ -1,0 +1,254 @@
+//! `kms.v1.KeyService`.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::{caller_context, convert, finish, parse_key_id};
+use crate::domain::KmsError;
+use crate::domain::keys::{KeyManager, Material, NewKey};
+use crate::domain::model::now_millis;
+use crate::proto;
+use crate::proto::key_service_server::KeyService;
+use crate::secret::SecretBytes;
+
+pub struct KeyApi {
+    keys: Arc<KeyManager>,
+}
+
+impl KeyApi {
+    pub fn new(keys: Arc<KeyManager>) -> Self {
+        Self { keys }
+    }
+}
+
+fn new_key(request: proto::CreateKeyRequest) -> Result<NewKey, KmsError> {
+    let secure_import = !request.encrypted_payload.is_empty()
+        || !request.encrypted_nonce.is_empty()
+        || !request.iv.is_empty();
+    let origin = proto::KeyOrigin::try_from(request.origin).map_err(|_| {
+        KmsError::invalid("origin", format!("unknown origin {}", request.origin))
+    })?;
+    proto::WrappingAlgorithm::try_from(request.encryption_algorithm).map_err(|_| {
+        KmsError::invalid(
+            "encryption_algorithm",
+            format!("unknown algorithm {}", request.encryption_algorithm),
+        )
+    })?;
+    let name = convert::name(request.name)?;
+    let description = convert::description(request.description)?;
+    let expires_at = match &request.expiration_date {
+        None => None,
+        Some(ts) => {
+            let at = convert::millis_from("expiration_date", ts)?;
+            if at <= now_millis() {
+                return Err(KmsError::invalid(
+                    "expiration_date",
+                    "must be in the future",
+                ));
+            }
+            Some(at)
+        }
+    };
+    if secure_import && request.payload.is_some() {
+        return Err(KmsError::invalid(
+            "payload",
+            "give either payload or encrypted_payload, not both",
+        ));
+    }
+    let material = match (origin, request.payload) {
+        (proto::KeyOrigin::External, _) => {
+            return Err(KmsError::Unimplemented("CreateKey with origin EXTERNAL"));
+        }
+        _ if secure_import => {
+            return Err(KmsError::Unimplemented(
+                "CreateKey with encrypted_payload (secure import)",
+            ));
+        }
+        (proto::KeyOrigin::Generated, Some(_)) => {
+            return Err(KmsError::invalid(
+                "payload",
+                "must be absent when origin is GENERATED",
+            ));
+        }
+        (proto::KeyOrigin::Imported, None) => {
+            return Err(KmsError::invalid(
+                "payload",
+                "required when origin is IMPORTED",
+            ));
+        }
+        (_, Some(payload)) => Material::Plaintext(SecretBytes::new(payload)),
+        (_, None) => Material::Generate,
+    };
+    Ok(NewKey {
+        name,
+        description,
+        expires_at,
+        extractable: request.extractable,
+        material,
+    })
+}
+
+#[tonic::async_trait]
+impl KeyService for KeyApi {
+    async fn create_key(
+        &self,
+        request: Request<proto::CreateKeyRequest>,
+    ) -> Result<Response<proto::CreateKeyResponse>, Status> {
+        let ctx = caller_context(&request)?;
+        let result = async {
+            let new_key = new_key(request.into_inner())?;
+            let key = self.keys.create_key(&ctx, new_key).await?;
+            Ok((key.id, proto::CreateKeyResponse {
+                key: Some(convert::key(&key)),
+            }))
+        }
+        .await;
+        let key_id = result.as_ref().ok().map(|(id, _)| *id);
+        finish(&ctx, "CreateKey", key_id, result.map(|(_, r)| r))
+    }
+
+    async fn get_key(
+        &self,
+        request: Request<proto::GetKeyRequest>,
+    ) -> Result<Response<proto::GetKeyResponse>, Status> {
+        let ctx = caller_context(&request)?;
+        let id = parse_key_id("id", &request.get_ref().id);
+        let key_id = id.as_ref().ok().copied();
+        let result = async {
+            let (key, payload) = self.keys.get_key(&ctx, id?).await?;
+            Ok(proto::GetKeyResponse {
+                key: Some(convert::key(&key)),
+                payload: payload.map(SecretBytes::into_unprotected),
+            })
+        }
+        .await;
+        finish(&ctx, "GetKey", key_id, result)
+    }
+
+    async fn list_keys(
+        &self,
+        request: Request<proto::ListKeysRequest>,
+    ) -> Result<Response<proto::ListKeysResponse>, Status> {
+        let ctx = caller_context(&request)?;
+        let request = request.into_inner();
+        let result = (|| {
+            let limit = convert::limit(request.limit)?;
+            let filter = convert::filter(&request.state, request.extractable)?;
+            let (keys, total) =
+                self.keys
+                    .list_keys(&ctx, &filter, request.offset as usize, limit)?;
+            Ok(proto::ListKeysResponse {
+                keys: keys.iter().map(convert::key).collect(),
+                total_count: total,
+            })
+        })();
+        finish(&ctx, "ListKeys", None, result)
+    }
+
+    async fn count_keys(
+        &self,
+        request: Request<proto::CountKeysRequest>,
+    ) -> Result<Response<proto::CountKeysResponse>, Status> {
+        let ctx = caller_context(&request)?;
+        let request = request.into_inner();
+        let result = (|| {
+            let filter = convert::filter(&request.state, request.extractable)?;
+            Ok(proto::CountKeysResponse {
+                count: self.keys.count_keys(&ctx, &filter)?,
+            })
+        })();
+        finish(&ctx, "CountKeys", None, result)
+    }
+
+    async fn delete_key(
+        &self,
+        request: Request<proto::DeleteKeyRequest>,
+    ) -> Result<Response<proto::KeyResponse>, Status> {
+        let ctx = caller_context(&request)?;
+        let id = parse_key_id("id", &request.get_ref().id);
+        let key_id = id.as_ref().ok().copied();
+        let result = async {
+            let key = self.keys.delete_key(&ctx, id?).await?;
+            Ok(proto::KeyResponse {
+                key: Some(convert::key(&key)),
+            })
+        }
+        .await;
+        finish(&ctx, "DeleteKey", key_id, result)
+    }
+
+    async fn wrap_key(
+        &self,
+        _: Request<proto::WrapKeyRequest>,
+    ) -> Result<Response<proto::WrapKeyResponse>, Status> {
+        Err(unimplemented("WrapKey"))
+    }
+
+    async fn unwrap_key(
+        &self,
+        _: Request<proto::UnwrapKeyRequest>,
+    ) -> Result<Response<proto::UnwrapKeyResponse>, Status> {
+        Err(unimplemented("UnwrapKey"))
+    }
+
+    async fn rewrap_key(
+        &self,
+        _: Request<proto::RewrapKeyRequest>,
+    ) -> Result<Response<proto::RewrapKeyResponse>, Status> {
+        Err(unimplemented("RewrapKey"))
+    }
+
+    async fn rotate_key(
+        &self,
+        _: Request<proto::RotateKeyRequest>,
+    ) -> Result<Response<proto::RotateKeyResponse>, Status> {
+        Err(unimplemented("RotateKey"))
+    }
+
+    async fn list_key_versions(
+        &self,
+        _: Request<proto::ListKeyVersionsRequest>,
+    ) -> Result<Response<proto::ListKeyVersionsResponse>, Status> {
+        Err(unimplemented("ListKeyVersions"))
+    }
+
+    async fn disable_key(
+        &self,
+        _: Request<proto::DisableKeyRequest>,
+    ) -> Result<Response<proto::KeyResponse>, Status> {
+        Err(unimplemented("DisableKey"))
+    }
+
+    async fn enable_key(
+        &self,
+        _: Request<proto::EnableKeyRequest>,
+    ) -> Result<Response<proto::KeyResponse>, Status> {
+        Err(unimplemented("EnableKey"))
+    }
+
+    async fn get_parameters_for_import(
+        &self,
+        _: Request<proto::GetParametersForImportRequest>,
+    ) -> Result<Response<proto::GetParametersForImportResponse>, Status> {
+        Err(unimplemented("GetParametersForImport"))
+    }
+
+    async fn import_key_material(
+        &self,
+        _: Request<proto::ImportKeyMaterialRequest>,
+    ) -> Result<Response<proto::ImportKeyMaterialResponse>, Status> {
+        Err(unimplemented("ImportKeyMaterial"))
+    }
+
+    async fn delete_imported_key_material(
+        &self,
+        _: Request<proto::DeleteImportedKeyMaterialRequest>,
+    ) -> Result<Response<proto::KeyResponse>, Status> {
+        Err(unimplemented("DeleteImportedKeyMaterial"))
+    }
+}
+
+pub(super) fn unimplemented(rpc: &'static str) -> Status {
+    Status::unimplemented(KmsError::Unimplemented(rpc).to_string())
+}

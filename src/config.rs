@@ -1,0 +1,274 @@
+//! Configuration: one optional TOML file, then environment overrides.
+//!
+//! With no file (or a file without an `[hsm]` section) the service runs on the embedded
+//! default: a SoftHSM token, its PINs and the sled database under the data directory.
+//! The PIN is read from a file or an environment variable, never from the command line.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::hsm::provision::{
+    DEFAULT_KEK_LABEL, DEFAULT_SOFTHSM_MODULE, EmbeddedSoftHsm, default_pool_size,
+};
+use crate::hsm::{HsmConfig, PinSource};
+
+pub const DEFAULT_DATA_DIR: &str = "./kms-data";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+/// Environment variable holding the PIN itself, when used.
+pub const PIN_ENV: &str = "KMS_HSM_PIN";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: String,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{name}: {reason}")]
+    Invalid { name: String, reason: String },
+}
+
+/// The file's shape. Every field is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    hsm: Option<HsmSection>,
+    log: Option<LogSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HsmSection {
+    module: Option<PathBuf>,
+    token_label: Option<String>,
+    pin_file: Option<PathBuf>,
+    pin_env: Option<String>,
+    kek_label: Option<String>,
+    pool_size: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogSection {
+    format: Option<LogFormat>,
+    filter: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub store_path: PathBuf,
+    pub hsm: HsmConfig,
+    /// Set when the embedded SoftHSM token is used.
+    pub embedded: Option<EmbeddedSoftHsm>,
+    pub log_format: LogFormat,
+    pub log_filter: String,
+}
+
+/// Reads environment variables; a seam so tests need not touch the process environment.
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.is_empty())
+    }
+}
+
+impl Config {
+    pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
+        let parsed = match file {
+            None => FileConfig::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                    path: path.display().to_string(),
+                    source: Box::new(source),
+                })?
+            }
+        };
+        Self::resolve(parsed, env)
+    }
+
+    fn resolve(file: FileConfig, env: &dyn Env) -> Result<Config, ConfigError> {
+        let data_dir = env
+            .var("KMS_DATA_DIR")
+            .map(PathBuf::from)
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let listen_text = env
+            .var("KMS_LISTEN")
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.into());
+        let listen = listen_text.parse().map_err(|_| ConfigError::Invalid {
+            name: "listen (KMS_LISTEN)".into(),
+            reason: format!("{listen_text:?} is not an address:port"),
+        })?;
+
+        let section = file.hsm;
+        let embedded = section.is_none().then(|| EmbeddedSoftHsm::under(&data_dir));
+        let section = section.unwrap_or_default();
+        let module = env
+            .var("KMS_HSM_MODULE")
+            .map(PathBuf::from)
+            .or(section.module)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_SOFTHSM_MODULE));
+        let mut hsm = match &embedded {
+            Some(embedded) => embedded.hsm_config(module),
+            None => HsmConfig {
+                module,
+                token_label: section.token_label.clone().ok_or_else(|| {
+                    ConfigError::Invalid {
+                        name: "hsm.token_label".into(),
+                        reason: "required when an [hsm] section is given".into(),
+                    }
+                })?,
+                pin: match (&section.pin_file, &section.pin_env) {
+                    (Some(file), None) => PinSource::File(file.clone()),
+                    (None, Some(var)) => PinSource::Env(var.clone()),
+                    (None, None) => PinSource::Env(PIN_ENV.into()),
+                    (Some(_), Some(_)) => {
+                        return Err(ConfigError::Invalid {
+                            name: "hsm.pin_file / hsm.pin_env".into(),
+                            reason: "give one, not both".into(),
+                        });
+                    }
+                },
+                kek_label: section
+                    .kek_label
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_KEK_LABEL.into()),
+                pool_size: section.pool_size.unwrap_or_else(default_pool_size),
+            },
+        };
+        if let Some(label) = env.var("KMS_HSM_TOKEN_LABEL") {
+            hsm.token_label = label;
+        }
+        if let Some(label) = env.var("KMS_HSM_KEK_LABEL") {
+            hsm.kek_label = label;
+        }
+        if let Some(file) = env.var("KMS_HSM_PIN_FILE") {
+            hsm.pin = PinSource::File(PathBuf::from(file));
+        } else if env.var(PIN_ENV).is_some() {
+            hsm.pin = PinSource::Env(PIN_ENV.into());
+        }
+        if let Some(size) = env.var("KMS_HSM_POOL_SIZE") {
+            hsm.pool_size = size.parse().map_err(|_| ConfigError::Invalid {
+                name: "KMS_HSM_POOL_SIZE".into(),
+                reason: format!("{size:?} is not a number"),
+            })?;
+        }
+        if hsm.pool_size == 0 || hsm.pool_size > 1024 {
+            return Err(ConfigError::Invalid {
+                name: "hsm.pool_size".into(),
+                reason: "must be 1..1024".into(),
+            });
+        }
+
+        let log = file.log.unwrap_or_default();
+        let log_format = match env.var("KMS_LOG_FORMAT").as_deref() {
+            Some("json") => LogFormat::Json,
+            Some("text") => LogFormat::Text,
+            Some(other) => {
+                return Err(ConfigError::Invalid {
+                    name: "KMS_LOG_FORMAT".into(),
+                    reason: format!("{other:?}: expected text or json"),
+                });
+            }
+            None => log.format.unwrap_or_default(),
+        };
+        let log_filter = env
+            .var("KMS_LOG")
+            .or(log.filter)
+            .unwrap_or_else(|| "info".into());
+
+        Ok(Config {
+            listen,
+            store_path: data_dir.join("db"),
+            data_dir,
+            hsm,
+            embedded,
+            log_format,
+            log_filter,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    struct MapEnv(HashMap<&'static str, &'static str>);
+
+    impl Env for MapEnv {
+        fn var(&self, name: &str) -> Option<String> {
+            self.0.get(name).map(|v| v.to_string())
+        }
+    }
+
+    #[test]
+    fn no_file_means_embedded_default_under_the_data_dir() {
+        let env = MapEnv(HashMap::from([("KMS_DATA_DIR", "/tmp/x")]));
+        let config = Config::resolve(FileConfig::default(), &env).unwrap();
+        assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(config.store_path, PathBuf::from("/tmp/x/db"));
+        let embedded = config.embedded.expect("embedded");
+        assert!(embedded.softhsm_conf.starts_with("/tmp/x"));
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            listen = "127.0.0.1:1"
+            data_dir = "/srv/kms"
+            [hsm]
+            module = "/m.so"
+            token_label = "prod"
+            pin_file = "/etc/kms/pin"
+            "#,
+        )
+        .unwrap();
+        let env = MapEnv(HashMap::from([
+            ("KMS_LISTEN", "127.0.0.1:0"),
+            ("KMS_HSM_TOKEN_LABEL", "other"),
+        ]));
+        let config = Config::resolve(file, &env).unwrap();
+        assert_eq!(config.listen.port(), 0);
+        assert_eq!(config.hsm.token_label, "other");
+        assert!(config.embedded.is_none());
+        assert!(matches!(config.hsm.pin, PinSource::File(_)));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        assert!(toml::from_str::<FileConfig>("lisen = \"x\"").is_err());
+    }
+}

@@ -1,0 +1,69 @@
+//! The key-management domain: who is calling, what may happen to a key, and the
+//! invariants between the HSM and the store (create in the HSM, then persist).
+
+pub mod keys;
+pub mod model;
+
+use uuid::Uuid;
+
+use crate::hsm::HsmError;
+use crate::store::StoreError;
+use model::KeyState;
+
+/// Everything an operation knows about its caller, built once per request by the API
+/// layer. Authentication adds the principal here without touching each operation.
+#[derive(Clone, Debug)]
+pub struct CallerContext {
+    pub instance: String,
+    pub correlation_id: Uuid,
+}
+
+/// Domain errors. The API layer maps each variant to one gRPC code.
+#[derive(Debug, thiserror::Error)]
+pub enum KmsError {
+    #[error("{field}: {reason}")]
+    InvalidArgument { field: &'static str, reason: String },
+
+    #[error("{what} not found")]
+    NotFound { what: String },
+
+    #[error("{operation} is not allowed: key {key_id} is {}", .state.name())]
+    WrongState {
+        operation: &'static str,
+        key_id: Uuid,
+        state: KeyState,
+    },
+
+    #[error("{0}")]
+    FailedPrecondition(String),
+
+    #[error("{0} is not implemented yet")]
+    Unimplemented(&'static str),
+
+    #[error("the key was modified concurrently; retry")]
+    Conflict,
+
+    #[error(transparent)]
+    Hsm(#[from] HsmError),
+
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl From<StoreError> for KmsError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict => KmsError::Conflict,
+            other => KmsError::Store(other),
+        }
+    }
+}
+
+impl KmsError {
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        KmsError::InvalidArgument {
+            field,
+            reason: reason.into(),
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! Typed HSM errors. Every PKCS#11 return code is classified here and nowhere else.
+
+use cryptoki::error::{Error as CryptokiError, RvError};
+
+/// What went wrong talking to the PKCS#11 token.
+///
+/// Messages name functions, return codes, labels and paths, never key material or PINs.
+#[derive(Debug, thiserror::Error)]
+pub enum HsmError {
+    #[error("cannot load PKCS#11 module {path}: {reason}")]
+    ModuleLoad { path: String, reason: String },
+
+    #[error("no token labelled {label:?} is present")]
+    TokenNotFound { label: String },
+
+    #[error("cannot read the user PIN: {0}")]
+    Pin(String),
+
+    #[error("the token was refused the user PIN")]
+    PinIncorrect,
+
+    #[error("the token is unreachable: {function} returned {rv}")]
+    Unavailable { function: String, rv: RvError },
+
+    #[error("the session is no longer usable: {function} returned {rv}")]
+    SessionBroken { function: String, rv: RvError },
+
+    /// The blob could not be unwrapped, or the data did not authenticate.
+    #[error("the HSM rejected the input: {function} returned {rv}")]
+    Rejected { function: String, rv: RvError },
+
+    #[error("{function} failed: {rv}")]
+    Pkcs11 { function: String, rv: RvError },
+
+    #[error("the token offers no usable {what} mechanism")]
+    MechanismMissing { what: &'static str },
+
+    #[error("master key {label:?}: {problem}")]
+    MasterKey { label: String, problem: String },
+
+    #[error("embedded token setup: {0}")]
+    Setup(String),
+
+    #[error("PKCS#11 binding error: {0}")]
+    Binding(String),
+
+    #[error("the HSM worker stopped: {0}")]
+    Worker(String),
+}
+
+impl HsmError {
+    /// The token or module is gone: report NOT_SERVING / UNAVAILABLE rather than INTERNAL.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, HsmError::Unavailable { .. } | HsmError::SessionBroken { .. })
+    }
+
+    /// The pooled session must be dropped and a new one opened.
+    pub fn breaks_session(&self) -> bool {
+        matches!(self, HsmError::SessionBroken { .. } | HsmError::Unavailable { .. })
+    }
+}
+
+impl From<CryptokiError> for HsmError {
+    fn from(err: CryptokiError) -> Self {
+        match err {
+            CryptokiError::Pkcs11(rv, function) => classify(rv, function.to_string()),
+            CryptokiError::LibraryLoading(e) => HsmError::ModuleLoad {
+                path: String::from("(module)"),
+                reason: e.to_string(),
+            },
+            other => HsmError::Binding(other.to_string()),
+        }
+    }
+}
+
+/// The single place where PKCS#11 return codes become error kinds.
+fn classify(rv: RvError, function: String) -> HsmError {
+    match rv {
+        RvError::DeviceRemoved
+        | RvError::DeviceError
+        | RvError::DeviceMemory
+        | RvError::TokenNotPresent
+        | RvError::TokenNotRecognized
+        | RvError::CryptokiNotInitialized
+        | RvError::SlotIdInvalid => HsmError::Unavailable { function, rv },
+        RvError::SessionHandleInvalid
+        | RvError::SessionClosed
+        | RvError::UserNotLoggedIn
+        | RvError::OperationActive => HsmError::SessionBroken { function, rv },
+        RvError::PinIncorrect | RvError::PinLocked | RvError::PinLenRange => {
+            HsmError::PinIncorrect
+        }
+        RvError::EncryptedDataInvalid
+        | RvError::EncryptedDataLenRange
+        | RvError::WrappedKeyInvalid
+        | RvError::WrappedKeyLenRange
+        | RvError::UnwrappingKeyHandleInvalid
+        | RvError::DataInvalid
+        | RvError::DataLenRange => HsmError::Rejected { function, rv },
+        _ => HsmError::Pkcs11 { function, rv },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn return_codes_are_classified_by_kind() {
+        assert!(classify(RvError::DeviceRemoved, "C_Encrypt".into()).is_unavailable());
+        assert!(classify(RvError::SessionHandleInvalid, "C_Encrypt".into()).breaks_session());
+        assert!(matches!(
+            classify(RvError::WrappedKeyInvalid, "C_UnwrapKey".into()),
+            HsmError::Rejected { .. }
+        ));
+        assert!(matches!(
+            classify(RvError::PinIncorrect, "C_Login".into()),
+            HsmError::PinIncorrect
+        ));
+        let other = classify(RvError::GeneralError, "C_GenerateKey".into());
+        assert!(!other.is_unavailable() && !other.breaks_session());
+    }
+}

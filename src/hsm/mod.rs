@@ -1,0 +1,537 @@
+//! Everything PKCS#11. Nothing outside this module imports `cryptoki`.
+//!
+//! One `Hsm` per process: one C_Initialize, one logged-in anchor session held for the
+//! life of the process (login state belongs to the application, so every pooled session
+//! is logged in through it), and a bounded pool of sessions. Every PKCS#11 call runs on
+//! tokio's blocking pool, never on the async executor.
+//!
+//! Key objects the service creates:
+//! - the master KEK: a token object, AES-256, `CKA_SENSITIVE=TRUE`,
+//!   `CKA_EXTRACTABLE=FALSE`, `CKA_WRAP`/`CKA_UNWRAP` only, found by label;
+//! - root keys: AES session objects, `CKA_SENSITIVE=TRUE`, generated or created, wrapped
+//!   under the KEK (RFC 5649 where the token has it, else RFC 3394) and destroyed at once;
+//!   only the wrapped blob leaves the HSM;
+//! - standard keys: generic-secret session objects, `CKA_SENSITIVE=FALSE` because their
+//!   payload is handed back on GetKey, stored KEK-wrapped like root keys.
+
+mod error;
+mod pool;
+pub mod provision;
+
+use std::os::raw::c_ulong;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::RvError;
+use cryptoki::mechanism::vendor_defined::VendorDefinedMechanism;
+use cryptoki::mechanism::{Mechanism, MechanismType};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+use serde::{Deserialize, Serialize};
+
+pub use error::HsmError;
+use pool::SessionPool;
+
+use crate::secret::SecretBytes;
+
+/// PKCS#11 v2.40 CKM_AES_KEY_WRAP_KWP: the same RFC 5649 wrap as CKM_AES_KEY_WRAP_PAD
+/// under another number; some tokens offer only this one.
+const CKM_AES_KEY_WRAP_KWP: c_ulong = 0x0000_210B;
+
+/// How the token is reached.
+#[derive(Clone, Debug)]
+pub struct HsmConfig {
+    pub module: PathBuf,
+    pub token_label: String,
+    pub pin: PinSource,
+    pub kek_label: String,
+    pub pool_size: usize,
+}
+
+/// Where the user PIN comes from. Never the command line.
+#[derive(Clone, Debug)]
+pub enum PinSource {
+    /// The name of an environment variable holding the PIN.
+    Env(String),
+    /// A file holding the PIN (trailing newline ignored).
+    File(PathBuf),
+}
+
+impl PinSource {
+    fn read(&self) -> Result<SecretBytes, HsmError> {
+        let mut raw = match self {
+            PinSource::Env(var) => std::env::var(var)
+                .map_err(|_| HsmError::Pin(format!("environment variable {var} is not set")))?
+                .into_bytes(),
+            PinSource::File(path) => std::fs::read(path)
+                .map_err(|e| HsmError::Pin(format!("{}: {e}", path.display())))?,
+        };
+        while raw.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+            raw.pop();
+        }
+        if raw.is_empty() {
+            return Err(HsmError::Pin("the PIN is empty".into()));
+        }
+        Ok(SecretBytes::new(raw))
+    }
+}
+
+/// How a blob was wrapped under the KEK. Stored with every blob so that a blob stays
+/// readable whichever of the equivalent mechanisms the token offers today.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WrapFormat {
+    /// AES key wrap with padding (RFC 5649): CKM_AES_KEY_WRAP_PAD or CKM_AES_KEY_WRAP_KWP.
+    Rfc5649,
+    /// AES key wrap (RFC 3394): CKM_AES_KEY_WRAP.
+    Rfc3394,
+}
+
+/// The token's mechanism for each wrap format, chosen by probing at start-up.
+#[derive(Clone, Copy, Debug)]
+enum WrapMechanism {
+    AesKeyWrapPad,
+    AesKeyWrapKwp,
+    AesKeyWrap,
+}
+
+impl WrapMechanism {
+    fn format(self) -> WrapFormat {
+        match self {
+            WrapMechanism::AesKeyWrapPad | WrapMechanism::AesKeyWrapKwp => WrapFormat::Rfc5649,
+            WrapMechanism::AesKeyWrap => WrapFormat::Rfc3394,
+        }
+    }
+
+    fn mechanism(self) -> Mechanism<'static> {
+        match self {
+            WrapMechanism::AesKeyWrapPad => Mechanism::AesKeyWrapPad,
+            WrapMechanism::AesKeyWrap => Mechanism::AesKeyWrap,
+            WrapMechanism::AesKeyWrapKwp => {
+                Mechanism::VendorDefined(VendorDefinedMechanism::new::<()>(kwp_type(), None))
+            }
+        }
+    }
+}
+
+/// cryptoki names no variant for CKM_AES_KEY_WRAP_KWP and refuses numbers below
+/// CKM_VENDOR_DEFINED in `new_vendor_defined`, so the type is built from its number.
+fn kwp_type() -> MechanismType {
+    // SAFETY: MechanismType is `#[repr(transparent)]` over CK_MECHANISM_TYPE (c_ulong),
+    // so every c_ulong is a valid bit pattern for it.
+    unsafe { std::mem::transmute::<c_ulong, MechanismType>(CKM_AES_KEY_WRAP_KWP) }
+}
+
+/// A key wrapped under the master KEK, as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WrappedKey {
+    pub format: WrapFormat,
+    #[serde(with = "hex::serde")]
+    pub blob: Vec<u8>,
+}
+
+/// What the token offers, probed once at start-up.
+#[derive(Clone, Debug)]
+pub struct Capabilities {
+    pub rfc5649_mechanism: Option<&'static str>,
+    pub rfc3394: bool,
+    pub aes_gcm: bool,
+}
+
+/// The process's one connection to the token.
+pub struct Hsm {
+    ctx: Pkcs11,
+    slot: Slot,
+    anchor: Mutex<Option<Session>>,
+    pool: Arc<SessionPool>,
+    kek: ObjectHandle,
+    rfc5649: Option<WrapMechanism>,
+    rfc3394: Option<WrapMechanism>,
+    capabilities: Capabilities,
+    token_label: String,
+}
+
+impl std::fmt::Debug for Hsm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hsm")
+            .field("token_label", &self.token_label)
+            .field("capabilities", &self.capabilities)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Hsm {
+    /// Loads the module, finds the token by label, logs in, probes mechanisms and finds
+    /// the master KEK, creating it only when `may_create_kek` (the store holds no keys).
+    /// Blocking.
+    pub fn open(config: &HsmConfig, may_create_kek: bool) -> Result<Hsm, HsmError> {
+        let ctx = Pkcs11::new(&config.module).map_err(|e| HsmError::ModuleLoad {
+            path: config.module.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        initialize(&ctx)?;
+        let slot = find_slot_by_label(&ctx, &config.token_label)?;
+
+        let anchor = ctx.open_rw_session(slot)?;
+        let pin = config.pin.read()?;
+        login(&anchor, &pin)?;
+        drop(pin);
+
+        let (rfc5649, rfc3394) = probe_wrap_mechanisms(&ctx, slot);
+        let aes_gcm = ctx
+            .get_mechanism_info(slot, MechanismType::AES_GCM)
+            .is_ok();
+        let capabilities = Capabilities {
+            rfc5649_mechanism: rfc5649.map(|m| match m {
+                WrapMechanism::AesKeyWrapPad => "CKM_AES_KEY_WRAP_PAD",
+                _ => "CKM_AES_KEY_WRAP_KWP",
+            }),
+            rfc3394: rfc3394.is_some(),
+            aes_gcm,
+        };
+        if rfc5649.is_none() && rfc3394.is_none() {
+            return Err(HsmError::MechanismMissing {
+                what: "AES key wrap (CKM_AES_KEY_WRAP_PAD, _KWP or CKM_AES_KEY_WRAP)",
+            });
+        }
+
+        let kek = find_or_create_kek(&anchor, &config.kek_label, may_create_kek)?;
+        let pool = SessionPool::new(ctx.clone(), slot, config.pool_size.max(1));
+        Ok(Hsm {
+            ctx,
+            slot,
+            anchor: Mutex::new(Some(anchor)),
+            pool,
+            kek,
+            rfc5649,
+            rfc3394,
+            capabilities,
+            token_label: config.token_label.clone(),
+        })
+    }
+
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.capabilities
+    }
+
+    /// Runs one blocking PKCS#11 job on a pooled session, off the async executor.
+    async fn run<T, F>(&self, job: F) -> Result<T, HsmError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Session) -> Result<T, HsmError> + Send + 'static,
+    {
+        let mut guard = self.pool.checkout().await?;
+        tokio::task::spawn_blocking(move || {
+            let result = guard.session().and_then(job);
+            if let Err(e) = &result
+                && e.breaks_session()
+            {
+                guard.mark_broken();
+            }
+            result
+        })
+        .await
+        .map_err(|e| HsmError::Worker(e.to_string()))?
+    }
+
+    /// The mechanism used for new blobs: RFC 5649 when offered, since it wraps any length.
+    fn preferred_wrap(&self) -> WrapMechanism {
+        self.rfc5649
+            .or(self.rfc3394)
+            .expect("open() refuses a token without key wrap")
+    }
+
+    fn mechanism_for(&self, format: WrapFormat) -> Result<WrapMechanism, HsmError> {
+        match format {
+            WrapFormat::Rfc5649 => self.rfc5649,
+            WrapFormat::Rfc3394 => self.rfc3394,
+        }
+        .ok_or(HsmError::MechanismMissing {
+            what: match format {
+                WrapFormat::Rfc5649 => "RFC 5649 AES key wrap for this stored blob",
+                WrapFormat::Rfc3394 => "RFC 3394 AES key wrap for this stored blob",
+            },
+        })
+    }
+
+    /// Generates an AES root key of `bits` in the HSM and returns it wrapped under the KEK.
+    pub async fn generate_root_key(&self, bits: u32) -> Result<WrappedKey, HsmError> {
+        let (kek, wrap) = (self.kek, self.preferred_wrap());
+        self.run(move |session| {
+            let mut template = root_key_template();
+            template.push(Attribute::ValueLen(((bits / 8) as c_ulong).into()));
+            let key = session.generate_key(&Mechanism::AesKeyGen, &template)?;
+            wrap_and_destroy(session, wrap, kek, key)
+        })
+        .await
+    }
+
+    /// Puts caller-supplied AES material into the HSM as a root key and returns it wrapped.
+    pub async fn import_root_key(&self, material: SecretBytes) -> Result<WrappedKey, HsmError> {
+        let (kek, wrap) = (self.kek, self.preferred_wrap());
+        self.run(move |session| {
+            let mut template = root_key_template();
+            template.push(Attribute::KeyType(KeyType::AES));
+            let key = create_with_value(session, template, &material)?;
+            wrap_and_destroy(session, wrap, kek, key)
+        })
+        .await
+    }
+
+    /// Generates `bytes` of standard-key material in the HSM and returns it wrapped.
+    pub async fn generate_standard_key(&self, bytes: usize) -> Result<WrappedKey, HsmError> {
+        let (kek, wrap) = (self.kek, self.preferred_wrap());
+        self.run(move |session| {
+            let mut template = standard_key_template();
+            template.push(Attribute::ValueLen((bytes as c_ulong).into()));
+            let key = session.generate_key(&Mechanism::GenericSecretKeyGen, &template)?;
+            wrap_and_destroy(session, wrap, kek, key)
+        })
+        .await
+    }
+
+    /// Puts caller-supplied standard-key material into the HSM and returns it wrapped.
+    pub async fn import_standard_key(
+        &self,
+        material: SecretBytes,
+    ) -> Result<WrappedKey, HsmError> {
+        let (kek, wrap) = (self.kek, self.preferred_wrap());
+        self.run(move |session| {
+            let mut template = standard_key_template();
+            template.push(Attribute::KeyType(KeyType::GENERIC_SECRET));
+            let key = create_with_value(session, template, &material)?;
+            wrap_and_destroy(session, wrap, kek, key)
+        })
+        .await
+    }
+
+    /// Unwraps a standard key's blob and reads its payload.
+    pub async fn unwrap_standard_key(&self, wrapped: WrappedKey) -> Result<SecretBytes, HsmError> {
+        let kek = self.kek;
+        let wrap = self.mechanism_for(wrapped.format)?;
+        self.run(move |session| {
+            let mut template = standard_key_template();
+            template.push(Attribute::KeyType(KeyType::GENERIC_SECRET));
+            let key = session.unwrap_key(&wrap.mechanism(), kek, &wrapped.blob, &template)?;
+            let read = session.get_attributes(key, &[AttributeType::Value]);
+            let destroyed = session.destroy_object(key);
+            let mut attributes = read?;
+            destroyed?;
+            match attributes.pop() {
+                Some(Attribute::Value(value)) => Ok(SecretBytes::new(value)),
+                _ => Err(HsmError::Binding("CKA_VALUE missing".into())),
+            }
+        })
+        .await
+    }
+
+    /// Asks the token for its info: fails when the token or module is gone.
+    pub async fn ping(&self) -> Result<(), HsmError> {
+        let (ctx, slot) = (self.ctx.clone(), self.slot);
+        tokio::task::spawn_blocking(move || ctx.get_token_info(slot).map(|_| ()))
+            .await
+            .map_err(|e| HsmError::Worker(e.to_string()))?
+            .map_err(HsmError::from)
+    }
+
+    /// Closes every session and finalizes the module. Call once, after the server has
+    /// stopped and in-flight calls have finished.
+    pub fn shutdown(&self) {
+        self.pool.close_all();
+        if let Some(anchor) = self.anchor.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            if let Err(e) = anchor.logout() {
+                tracing::debug!(error = %HsmError::from(e), "logout at shutdown");
+            }
+            if let Err(e) = anchor.close() {
+                tracing::warn!(error = %HsmError::from(e), "closing anchor session");
+            }
+        }
+        if let Err(e) = self.ctx.clone().finalize() {
+            tracing::warn!(error = %HsmError::from(e), "C_Finalize");
+        }
+    }
+}
+
+fn initialize(ctx: &Pkcs11) -> Result<(), HsmError> {
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) => Ok(()),
+        Err(cryptoki::error::Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn login(session: &Session, pin: &SecretBytes) -> Result<(), HsmError> {
+    let pin = std::str::from_utf8(pin.expose())
+        .map_err(|_| HsmError::Pin("the PIN is not UTF-8".into()))?;
+    let pin = AuthPin::from(pin.to_owned());
+    match session.login(UserType::User, Some(&pin)) {
+        Ok(()) => Ok(()),
+        Err(cryptoki::error::Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// SoftHSM renumbers slots when tokens are created, so slots are found by token label.
+fn find_slot_by_label(ctx: &Pkcs11, label: &str) -> Result<Slot, HsmError> {
+    for slot in ctx.get_slots_with_initialized_token()? {
+        let info = ctx.get_token_info(slot)?;
+        if info.label().trim_end() == label {
+            return Ok(slot);
+        }
+    }
+    Err(HsmError::TokenNotFound {
+        label: label.to_owned(),
+    })
+}
+
+fn probe_wrap_mechanisms(
+    ctx: &Pkcs11,
+    slot: Slot,
+) -> (Option<WrapMechanism>, Option<WrapMechanism>) {
+    let offered = |mechanism: MechanismType| ctx.get_mechanism_info(slot, mechanism).is_ok();
+    let rfc5649 = if offered(MechanismType::AES_KEY_WRAP_PAD) {
+        Some(WrapMechanism::AesKeyWrapPad)
+    } else if offered(kwp_type()) {
+        Some(WrapMechanism::AesKeyWrapKwp)
+    } else {
+        None
+    };
+    let rfc3394 = offered(MechanismType::AES_KEY_WRAP).then_some(WrapMechanism::AesKeyWrap);
+    (rfc5649, rfc3394)
+}
+
+fn find_or_create_kek(
+    session: &Session,
+    label: &str,
+    may_create: bool,
+) -> Result<ObjectHandle, HsmError> {
+    let problem = |problem: &str| HsmError::MasterKey {
+        label: label.to_owned(),
+        problem: problem.to_owned(),
+    };
+    let found = session.find_objects(&[
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::Token(true),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ])?;
+    let kek = match found.as_slice() {
+        [kek] => *kek,
+        [] if may_create => {
+            tracing::info!(label, "creating the master key-encryption key in the HSM");
+            session.generate_key(
+                &Mechanism::AesKeyGen,
+                &[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::AES),
+                    Attribute::ValueLen(32.into()),
+                    Attribute::Token(true),
+                    Attribute::Private(true),
+                    Attribute::Sensitive(true),
+                    Attribute::Extractable(false),
+                    Attribute::Wrap(true),
+                    Attribute::Unwrap(true),
+                    Attribute::Encrypt(false),
+                    Attribute::Decrypt(false),
+                    Attribute::Sign(false),
+                    Attribute::Verify(false),
+                    Attribute::Derive(false),
+                    Attribute::Label(label.as_bytes().to_vec()),
+                ],
+            )?
+        }
+        [] => {
+            return Err(problem(
+                "not found on the token, but the store holds keys wrapped under a master key; \
+                 refusing to create a new one over existing data (check the token label and \
+                 the master key label in the configuration)",
+            ));
+        }
+        _ => return Err(problem("more than one key carries this label")),
+    };
+
+    // Refuse a KEK that someone created weaker than ours.
+    let attributes = session.get_attributes(
+        kek,
+        &[
+            AttributeType::Sensitive,
+            AttributeType::Extractable,
+            AttributeType::Unwrap,
+        ],
+    )?;
+    for attribute in attributes {
+        let acceptable = match attribute {
+            Attribute::Sensitive(v) => v,
+            Attribute::Extractable(v) => !v,
+            Attribute::Unwrap(v) => v,
+            _ => true,
+        };
+        if !acceptable {
+            return Err(problem(
+                "must be CKA_SENSITIVE, not CKA_EXTRACTABLE, and allow CKA_UNWRAP",
+            ));
+        }
+    }
+    Ok(kek)
+}
+
+/// Root keys: usable for AES-GCM inside the HSM, never readable.
+fn root_key_template() -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        // Needed once, to wrap the fresh key under the KEK; the object is then destroyed.
+        Attribute::Extractable(true),
+        Attribute::Encrypt(true),
+        Attribute::Decrypt(true),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+    ]
+}
+
+/// Standard keys: their payload is returned to authorised callers, so not sensitive.
+fn standard_key_template() -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(false),
+        Attribute::Extractable(true),
+    ]
+}
+
+/// C_CreateObject with CKA_VALUE, wiping the template's copy of the material afterwards.
+fn create_with_value(
+    session: &Session,
+    mut template: Vec<Attribute>,
+    material: &SecretBytes,
+) -> Result<ObjectHandle, HsmError> {
+    template.push(Attribute::Value(material.expose().to_vec()));
+    let created = session.create_object(&template);
+    for attribute in &mut template {
+        if let Attribute::Value(value) = attribute {
+            zeroize::Zeroize::zeroize(value);
+        }
+    }
+    Ok(created?)
+}
+
+/// Wraps `key` under the KEK, then destroys the session object whatever happened.
+fn wrap_and_destroy(
+    session: &Session,
+    wrap: WrapMechanism,
+    kek: ObjectHandle,
+    key: ObjectHandle,
+) -> Result<WrappedKey, HsmError> {
+    let wrapped = session.wrap_key(&wrap.mechanism(), kek, key);
+    let destroyed = session.destroy_object(key);
+    let blob = wrapped?;
+    destroyed?;
+    Ok(WrappedKey {
+        format: wrap.format(),
+        blob,
+    })
+}

@@ -1,0 +1,57 @@
+//! Buffers for secrets that pass through the process: zeroized on drop, redacted in Debug.
+
+use zeroize::Zeroizing;
+
+/// Key material, plaintext data keys or PINs. `Debug` shows only the length.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretBytes(Zeroizing<Vec<u8>>);
+
+impl SecretBytes {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(Zeroizing::new(bytes))
+    }
+
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Hands the bytes to a consumer that takes ownership (for example a protobuf
+    /// response); the consumer is then responsible for them.
+    pub fn into_unprotected(self) -> Vec<u8> {
+        let mut inner = self.0;
+        std::mem::take(&mut *inner)
+    }
+}
+
+impl From<Vec<u8>> for SecretBytes {
+    fn from(bytes: Vec<u8>) -> Self {
+        Self::new(bytes)
+    }
+}
+
+impl std::fmt::Debug for SecretBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SecretBytes([REDACTED; {}])", self.0.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_never_shows_the_bytes() {
+        let secret = SecretBytes::new(b"super-secret-key-material".to_vec());
+        let shown = format!("{secret:?}");
+        assert!(!shown.contains("super"));
+        assert!(shown.contains("REDACTED; 25"));
+    }
+}

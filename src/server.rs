@@ -1,0 +1,141 @@
+//! Wires the store, the HSM, the domain and the gRPC services together, and runs them
+//! until the shutdown future completes.
+
+use std::future::Future;
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::api::{ImportTokenApi, KeyApi};
+use crate::config::Config;
+use crate::domain::keys::KeyManager;
+use crate::hsm::{Hsm, HsmError};
+use crate::proto::import_token_service_server::ImportTokenServiceServer;
+use crate::proto::key_service_server::KeyServiceServer;
+use crate::store::{GroupFlusher, KeyStore, SledStore, StoreError};
+
+/// How often the health service asks the token whether it is still there.
+const HSM_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("HSM: {0}")]
+    Hsm(#[from] HsmError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("start-up task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Runs the service until `shutdown` resolves, then stops accepting, lets in-flight calls
+/// finish, flushes the store, closes the HSM sessions and finalizes the module.
+pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+    if let Some(parent) = config.store_path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| StoreError::Flush(e.to_string()))?;
+    }
+    let store = Arc::new(SledStore::open(&config.store_path)?);
+    let may_create_kek = !store.has_keys()?;
+    let hsm_config = config.hsm.clone();
+    let hsm = Arc::new(
+        tokio::task::spawn_blocking(move || Hsm::open(&hsm_config, may_create_kek)).await??,
+    );
+    let caps = hsm.capabilities();
+    tracing::info!(
+        token = %config.hsm.token_label,
+        rfc5649 = caps.rfc5649_mechanism.unwrap_or("none"),
+        rfc3394 = caps.rfc3394,
+        aes_gcm = caps.aes_gcm,
+        pool_size = config.hsm.pool_size,
+        "HSM ready"
+    );
+
+    let flusher = GroupFlusher::start(store.db());
+    let keys = Arc::new(KeyManager::new(
+        Arc::clone(&hsm),
+        store.clone() as Arc<dyn KeyStore>,
+        flusher.clone(),
+    ));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let monitor = tokio::spawn(monitor_hsm(Arc::clone(&hsm), health));
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: config.listen.to_string(),
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: config.listen.to_string(),
+        source,
+    })?;
+    tracing::info!(%local, "listening");
+    // A machine-readable line on stdout, so scripts and tests can find an ephemeral port.
+    println!("kms listening on {local}");
+    let _ = std::io::stdout().flush();
+
+    let served = Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(KeyServiceServer::new(KeyApi::new(Arc::clone(&keys))))
+        .add_service(ImportTokenServiceServer::new(ImportTokenApi))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+
+    tracing::info!("stopped accepting; closing down");
+    monitor.abort();
+    let flushed = flusher.flush().await;
+    drop(keys);
+    tokio::task::spawn_blocking(move || hsm.shutdown()).await?;
+    served?;
+    flushed?;
+    tracing::info!("shutdown complete");
+    Ok(())
+}
+
+/// Keeps the health service in step with the token: NOT_SERVING while it does not answer.
+async fn monitor_hsm(hsm: Arc<Hsm>, health: HealthReporter) {
+    let services = ["", "kms.v1.KeyService", "kms.v1.ImportTokenService"];
+    let mut last = None;
+    loop {
+        let status = match hsm.ping().await {
+            Ok(()) => ServingStatus::Serving,
+            Err(e) => {
+                tracing::error!(error = %e, "HSM health check failed");
+                ServingStatus::NotServing
+            }
+        };
+        if last != Some(status) {
+            for service in services {
+                health.set_service_status(service, status).await;
+            }
+            last = Some(status);
+        }
+        tokio::time::sleep(HSM_HEALTH_INTERVAL).await;
+    }
+}

@@ -1,0 +1,91 @@
+//! Persistence of key metadata and KEK-wrapped blobs, behind a small trait so the domain
+//! does not see sled.
+//!
+//! Writes are made durable by [`GroupFlusher`]: a mutating call flushes before it is
+//! acknowledged, and concurrent callers share one fsync.
+
+mod flush;
+mod sled_store;
+
+pub use flush::GroupFlusher;
+pub use sled_store::SledStore;
+
+use uuid::Uuid;
+
+use crate::domain::model::{KeyFilter, KeyRecord, VersionRecord};
+
+/// Version of the on-disk layout (trees and key encodings) written by this build.
+pub const STORE_SCHEMA: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sled::Error),
+
+    #[error("record {what} is corrupt: {reason}")]
+    Corrupt { what: String, reason: String },
+
+    #[error(
+        "the database at {path} has schema version {found}, this build reads version {expected}"
+    )]
+    SchemaMismatch {
+        path: String,
+        found: u32,
+        expected: u32,
+    },
+
+    /// The record changed since it was read; the caller may re-read and retry.
+    #[error("the record was changed concurrently")]
+    Conflict,
+
+    #[error("flushing the database failed: {0}")]
+    Flush(String),
+
+    #[error("the store's flush worker stopped")]
+    FlushWorkerGone,
+}
+
+/// What the domain needs from storage. Every method is short and synchronous; durability
+/// is requested separately through [`GroupFlusher`].
+pub trait KeyStore: Send + Sync + 'static {
+    /// True when any key record exists, in any instance.
+    fn has_keys(&self) -> Result<bool, StoreError>;
+
+    /// Inserts a new key and its first version (if any), updating the instance counters.
+    fn insert_key(
+        &self,
+        key: &KeyRecord,
+        version: Option<&VersionRecord>,
+    ) -> Result<(), StoreError>;
+
+    fn get_key(&self, instance: &str, id: Uuid) -> Result<Option<KeyRecord>, StoreError>;
+
+    /// Replaces `previous` by `next` if the stored record still equals `previous`
+    /// (otherwise `StoreError::Conflict`), adjusting counters and the list index.
+    /// `erase_material` also erases the wrapped blob of every version of the key.
+    fn replace_key(
+        &self,
+        previous: &KeyRecord,
+        next: &KeyRecord,
+        erase_material: bool,
+    ) -> Result<(), StoreError>;
+
+    fn get_version(&self, key_id: Uuid, version_id: Uuid)
+    -> Result<Option<VersionRecord>, StoreError>;
+
+    /// Every version of a key, newest first.
+    fn list_versions(&self, key_id: Uuid) -> Result<Vec<VersionRecord>, StoreError>;
+
+    /// One page of an instance's keys in creation order (then id), and the total
+    /// number matching the filter.
+    fn list_keys(
+        &self,
+        instance: &str,
+        filter: &KeyFilter,
+        offset: usize,
+        limit: usize,
+    ) -> Result<(Vec<KeyRecord>, u64), StoreError>;
+
+    /// Number of an instance's keys matching the filter, from counters (no scan).
+    fn count_keys(&self, instance: &str, filter: &KeyFilter) -> Result<u64, StoreError>;
+}

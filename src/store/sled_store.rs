@@ -1,0 +1,376 @@
+//! The sled implementation of [`KeyStore`].
+//!
+//! Trees and their keys (instance ids never contain NUL, so `instance 0x00` is a safe prefix):
+//! - `keys`:     instance 0x00 key-uuid                      -> KeyRecord (JSON)
+//! - `order`:    instance 0x00 created-ms(BE u64) key-uuid   -> [state, extractable]
+//!   (the ListKeys index: creation order then id, filterable without reading records)
+//! - `counters`: instance 0x00 state extractable             -> count (BE u64)
+//!   (CountKeys sums at most ten counters; updated in the same transaction as records)
+//! - `versions`: key-uuid created-ms(BE u64) version-uuid    -> VersionRecord (JSON)
+//! - `meta`:     "schema_version"                            -> BE u32
+
+use std::path::Path;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sled::transaction::{
+    ConflictableTransactionError, TransactionError, TransactionalTree,
+};
+use sled::{Transactional, Tree};
+use uuid::Uuid;
+
+use super::{KeyStore, STORE_SCHEMA, StoreError};
+use crate::domain::model::{KeyFilter, KeyRecord, KeyState, VersionRecord};
+
+const SCHEMA_KEY: &[u8] = b"schema_version";
+
+pub struct SledStore {
+    db: sled::Db,
+    keys: Tree,
+    order: Tree,
+    counters: Tree,
+    versions: Tree,
+}
+
+impl SledStore {
+    /// Opens (creating if absent) the database and checks its schema version.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new().path(path).open()?;
+        let meta = db.open_tree("meta")?;
+        match meta.get(SCHEMA_KEY)? {
+            Some(raw) => {
+                let found = u32::from_be_bytes(raw.as_ref().try_into().map_err(|_| {
+                    StoreError::Corrupt {
+                        what: "schema_version".into(),
+                        reason: "not 4 bytes".into(),
+                    }
+                })?);
+                if found != STORE_SCHEMA {
+                    return Err(StoreError::SchemaMismatch {
+                        path: path.display().to_string(),
+                        found,
+                        expected: STORE_SCHEMA,
+                    });
+                }
+            }
+            None => {
+                meta.insert(SCHEMA_KEY, &STORE_SCHEMA.to_be_bytes())?;
+                db.flush()?;
+            }
+        }
+        Ok(Self {
+            keys: db.open_tree("keys")?,
+            order: db.open_tree("order")?,
+            counters: db.open_tree("counters")?,
+            versions: db.open_tree("versions")?,
+            db,
+        })
+    }
+
+    /// The handle the group flusher syncs.
+    pub fn db(&self) -> sled::Db {
+        self.db.clone()
+    }
+}
+
+fn instance_prefix(instance: &str) -> Vec<u8> {
+    let mut prefix = Vec::with_capacity(instance.len() + 1);
+    prefix.extend_from_slice(instance.as_bytes());
+    prefix.push(0);
+    prefix
+}
+
+fn key_key(instance: &str, id: Uuid) -> Vec<u8> {
+    let mut k = instance_prefix(instance);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+fn order_key(key: &KeyRecord) -> Vec<u8> {
+    let mut k = instance_prefix(&key.instance);
+    k.extend_from_slice(&(key.created_at as u64).to_be_bytes());
+    k.extend_from_slice(key.id.as_bytes());
+    k
+}
+
+fn order_value(key: &KeyRecord) -> [u8; 2] {
+    [key.state.code(), key.extractable as u8]
+}
+
+fn counter_key(instance: &str, state: KeyState, extractable: bool) -> Vec<u8> {
+    let mut k = instance_prefix(instance);
+    k.push(state.code());
+    k.push(extractable as u8);
+    k
+}
+
+fn version_key(version: &VersionRecord) -> Vec<u8> {
+    let mut k = version.key_id.as_bytes().to_vec();
+    k.extend_from_slice(&(version.created_at as u64).to_be_bytes());
+    k.extend_from_slice(version.id.as_bytes());
+    k
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("records always serialize")
+}
+
+fn decode<T: DeserializeOwned>(what: &str, raw: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(raw).map_err(|e| StoreError::Corrupt {
+        what: what.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
+
+fn add_to_counter(
+    counters: &TransactionalTree,
+    key: &KeyRecord,
+    delta: i64,
+) -> TxResult<()> {
+    let ck = counter_key(&key.instance, key.state, key.extractable);
+    let current = counters
+        .get(&ck)?
+        .map(|raw| u64::from_be_bytes(raw.as_ref().try_into().unwrap_or([0; 8])))
+        .unwrap_or(0);
+    let next = (current as i64 + delta).max(0) as u64;
+    counters.insert(ck, &next.to_be_bytes())?;
+    Ok(())
+}
+
+fn unpack<T>(result: Result<T, TransactionError<StoreError>>) -> Result<T, StoreError> {
+    result.map_err(|e| match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => StoreError::Database(e),
+    })
+}
+
+impl KeyStore for SledStore {
+    fn has_keys(&self) -> Result<bool, StoreError> {
+        Ok(!self.keys.is_empty())
+    }
+
+    fn insert_key(
+        &self,
+        key: &KeyRecord,
+        version: Option<&VersionRecord>,
+    ) -> Result<(), StoreError> {
+        let record = encode(key);
+        let version_entry = version.map(|v| (version_key(v), encode(v)));
+        unpack(
+            (&self.keys, &self.order, &self.counters, &self.versions).transaction(
+                |(keys, order, counters, versions)| {
+                    keys.insert(key_key(&key.instance, key.id), record.as_slice())?;
+                    order.insert(order_key(key), &order_value(key))?;
+                    add_to_counter(counters, key, 1)?;
+                    if let Some((vk, vv)) = &version_entry {
+                        versions.insert(vk.as_slice(), vv.as_slice())?;
+                    }
+                    Ok(())
+                },
+            ),
+        )
+    }
+
+    fn get_key(&self, instance: &str, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
+        self.keys
+            .get(key_key(instance, id))?
+            .map(|raw| decode("key", &raw))
+            .transpose()
+    }
+
+    fn replace_key(
+        &self,
+        previous: &KeyRecord,
+        next: &KeyRecord,
+        erase_material: bool,
+    ) -> Result<(), StoreError> {
+        let expected = encode(previous);
+        let record = encode(next);
+        // Versions to erase are read outside the transaction; a version added
+        // concurrently changes the key record, which makes the compare below fail.
+        let mut erased = Vec::new();
+        if erase_material {
+            for version in self.list_versions(previous.id)? {
+                let key = version_key(&version);
+                erased.push((key, encode(&VersionRecord { wrapped: None, ..version })));
+            }
+        }
+        unpack(
+            (&self.keys, &self.order, &self.counters, &self.versions).transaction(
+                |(keys, order, counters, versions)| {
+                    let kk = key_key(&previous.instance, previous.id);
+                    match keys.get(&kk)? {
+                        Some(current) if current.as_ref() == expected.as_slice() => {}
+                        _ => return Err(ConflictableTransactionError::Abort(StoreError::Conflict)),
+                    }
+                    keys.insert(kk, record.as_slice())?;
+                    order.insert(order_key(next), &order_value(next))?;
+                    add_to_counter(counters, previous, -1)?;
+                    add_to_counter(counters, next, 1)?;
+                    for (vk, vv) in &erased {
+                        versions.insert(vk.as_slice(), vv.as_slice())?;
+                    }
+                    Ok(())
+                },
+            ),
+        )
+    }
+
+    fn get_version(
+        &self,
+        key_id: Uuid,
+        version_id: Uuid,
+    ) -> Result<Option<VersionRecord>, StoreError> {
+        for entry in self.versions.scan_prefix(key_id.as_bytes()) {
+            let (k, v) = entry?;
+            if k.ends_with(version_id.as_bytes()) {
+                return Ok(Some(decode("version", &v)?));
+            }
+        }
+        Ok(None)
+    }
+
+    fn list_versions(&self, key_id: Uuid) -> Result<Vec<VersionRecord>, StoreError> {
+        self.versions
+            .scan_prefix(key_id.as_bytes())
+            .rev()
+            .map(|entry| decode("version", &entry?.1))
+            .collect()
+    }
+
+    fn list_keys(
+        &self,
+        instance: &str,
+        filter: &KeyFilter,
+        offset: usize,
+        limit: usize,
+    ) -> Result<(Vec<KeyRecord>, u64), StoreError> {
+        let total = self.count_keys(instance, filter)?;
+        let prefix = instance_prefix(instance);
+        let mut page = Vec::with_capacity(limit.min(total as usize));
+        let mut skipped = 0usize;
+        for entry in self.order.scan_prefix(&prefix) {
+            if page.len() >= limit {
+                break;
+            }
+            let (k, v) = entry?;
+            let state = v.first().and_then(|c| KeyState::from_code(*c));
+            let extractable = v.get(1).is_some_and(|e| *e == 1);
+            let Some(state) = state else {
+                return Err(StoreError::Corrupt {
+                    what: "order index".into(),
+                    reason: "bad state byte".into(),
+                });
+            };
+            if !filter.matches(state, extractable) {
+                continue;
+            }
+            if skipped < offset {
+                skipped += 1;
+                continue;
+            }
+            let id_bytes: [u8; 16] = k[k.len() - 16..].try_into().expect("16 bytes");
+            let id = Uuid::from_bytes(id_bytes);
+            match self.get_key(instance, id)? {
+                Some(record) => page.push(record),
+                None => {
+                    return Err(StoreError::Corrupt {
+                        what: format!("order index entry for {id}"),
+                        reason: "no key record".into(),
+                    });
+                }
+            }
+        }
+        Ok((page, total))
+    }
+
+    fn count_keys(&self, instance: &str, filter: &KeyFilter) -> Result<u64, StoreError> {
+        let mut total = 0u64;
+        for state in KeyState::ALL {
+            for extractable in [false, true] {
+                if !filter.matches(state, extractable) {
+                    continue;
+                }
+                if let Some(raw) = self.counters.get(counter_key(instance, state, extractable))? {
+                    total += u64::from_be_bytes(raw.as_ref().try_into().map_err(|_| {
+                        StoreError::Corrupt {
+                            what: "counter".into(),
+                            reason: "not 8 bytes".into(),
+                        }
+                    })?);
+                }
+            }
+        }
+        Ok(total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::model::{KeyOrigin, RECORD_SCHEMA};
+
+    fn key(instance: &str, created_at: i64, state: KeyState, extractable: bool) -> KeyRecord {
+        KeyRecord {
+            schema: RECORD_SCHEMA,
+            id: Uuid::new_v4(),
+            instance: instance.into(),
+            name: "k".into(),
+            description: String::new(),
+            state,
+            extractable,
+            created_at,
+            updated_at: created_at,
+            expires_at: None,
+            origin: KeyOrigin::Generated,
+            size_bits: 256,
+            current_version: None,
+            imported: false,
+            expiration_model: None,
+            valid_to: None,
+            destroyed_at: None,
+        }
+    }
+
+    #[test]
+    fn counters_follow_inserts_and_state_changes_per_instance() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let a = key("a", 1, KeyState::Active, false);
+        store.insert_key(&a, None).unwrap();
+        store.insert_key(&key("a", 2, KeyState::Active, true), None).unwrap();
+        store.insert_key(&key("b", 3, KeyState::Active, true), None).unwrap();
+        let all = KeyFilter::default();
+        assert_eq!(store.count_keys("a", &all).unwrap(), 2);
+        assert_eq!(store.count_keys("b", &all).unwrap(), 1);
+
+        let destroyed = KeyRecord { state: KeyState::Destroyed, ..a.clone() };
+        store.replace_key(&a, &destroyed, true).unwrap();
+        let active = KeyFilter { states: vec![KeyState::Active], extractable: None };
+        assert_eq!(store.count_keys("a", &active).unwrap(), 1);
+        assert_eq!(store.count_keys("a", &all).unwrap(), 2);
+        // A stale `previous` is refused and changes nothing.
+        assert!(matches!(
+            store.replace_key(&a, &destroyed, false),
+            Err(StoreError::Conflict)
+        ));
+        assert_eq!(store.count_keys("a", &active).unwrap(), 1);
+    }
+
+    #[test]
+    fn schema_version_mismatch_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            let meta = store.db.open_tree("meta").unwrap();
+            meta.insert(SCHEMA_KEY, &99u32.to_be_bytes()).unwrap();
+            store.db.flush().unwrap();
+        }
+        assert!(matches!(
+            SledStore::open(dir.path()),
+            Err(StoreError::SchemaMismatch { found: 99, .. })
+        ));
+    }
+}
