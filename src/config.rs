@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -18,6 +19,7 @@ pub const DEFAULT_DATA_DIR: &str = "./kms-data";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 /// Environment variable holding the PIN itself, when used.
 pub const PIN_ENV: &str = "KMS_HSM_PIN";
+pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 30;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -41,6 +43,7 @@ pub enum ConfigError {
 struct FileConfig {
     listen: Option<String>,
     data_dir: Option<PathBuf>,
+    shutdown_grace_secs: Option<u64>,
     hsm: Option<HsmSection>,
     log: Option<LogSection>,
 }
@@ -82,6 +85,8 @@ pub struct Config {
     pub embedded: Option<EmbeddedSoftHsm>,
     pub log_format: LogFormat,
     pub log_filter: String,
+    /// How long in-flight calls may take to finish after SIGTERM/SIGINT.
+    pub shutdown_grace: Duration,
 }
 
 /// Reads environment variables; a seam so tests need not touch the process environment.
@@ -142,12 +147,13 @@ impl Config {
             Some(embedded) => embedded.hsm_config(module),
             None => HsmConfig {
                 module,
-                token_label: section.token_label.clone().ok_or_else(|| {
-                    ConfigError::Invalid {
+                token_label: section
+                    .token_label
+                    .clone()
+                    .ok_or_else(|| ConfigError::Invalid {
                         name: "hsm.token_label".into(),
                         reason: "required when an [hsm] section is given".into(),
-                    }
-                })?,
+                    })?,
                 pin: match (&section.pin_file, &section.pin_env) {
                     (Some(file), None) => PinSource::File(file.clone()),
                     (None, Some(var)) => PinSource::Env(var.clone()),
@@ -207,7 +213,18 @@ impl Config {
             .or(log.filter)
             .unwrap_or_else(|| "info".into());
 
+        let shutdown_grace_secs = match env.var("KMS_SHUTDOWN_GRACE_SECS") {
+            Some(text) => text.parse().map_err(|_| ConfigError::Invalid {
+                name: "KMS_SHUTDOWN_GRACE_SECS".into(),
+                reason: format!("{text:?} is not a number of seconds"),
+            })?,
+            None => file
+                .shutdown_grace_secs
+                .unwrap_or(DEFAULT_SHUTDOWN_GRACE_SECS),
+        };
+
         Ok(Config {
+            shutdown_grace: Duration::from_secs(shutdown_grace_secs),
             listen,
             store_path: data_dir.join("db"),
             data_dir,

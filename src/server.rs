@@ -98,14 +98,36 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
     println!("kms listening on {local}");
     let _ = std::io::stdout().flush();
 
-    let served = Server::builder()
+    // Once the signal arrives, in-flight calls get `shutdown_grace` to finish; a client
+    // that never lets its connection close must not keep the process (and the HSM
+    // sessions) alive forever.
+    let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = signalled_tx.send(());
+    };
+    let grace = config.shutdown_grace;
+    let deadline = async move {
+        if signalled_rx.await.is_ok() {
+            tokio::time::sleep(grace).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    let server = Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(KeyServiceServer::new(KeyApi::new(Arc::clone(&keys))))
         .add_service(ImportTokenServiceServer::new(ImportTokenApi))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await;
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+    let served = tokio::select! {
+        served = server => served,
+        () = deadline => {
+            tracing::warn!(?grace, "in-flight calls did not finish within the grace period; closing connections");
+            Ok(())
+        }
+    };
 
     tracing::info!("stopped accepting; closing down");
     monitor.abort();

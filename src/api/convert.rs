@@ -47,7 +47,10 @@ fn key_state_from(field: &'static str, value: i32) -> Result<KeyState, KmsError>
         Ok(proto::KeyState::Suspended) => Ok(KeyState::Suspended),
         Ok(proto::KeyState::Deactivated) => Ok(KeyState::Deactivated),
         Ok(proto::KeyState::Destroyed) => Ok(KeyState::Destroyed),
-        Err(_) => Err(KmsError::invalid(field, format!("unknown key state {value}"))),
+        Err(_) => Err(KmsError::invalid(
+            field,
+            format!("unknown key state {value}"),
+        )),
     }
 }
 

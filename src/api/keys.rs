@@ -26,9 +26,8 @@ fn new_key(request: proto::CreateKeyRequest) -> Result<NewKey, KmsError> {
     let secure_import = !request.encrypted_payload.is_empty()
         || !request.encrypted_nonce.is_empty()
         || !request.iv.is_empty();
-    let origin = proto::KeyOrigin::try_from(request.origin).map_err(|_| {
-        KmsError::invalid("origin", format!("unknown origin {}", request.origin))
-    })?;
+    let origin = proto::KeyOrigin::try_from(request.origin)
+        .map_err(|_| KmsError::invalid("origin", format!("unknown origin {}", request.origin)))?;
     proto::WrappingAlgorithm::try_from(request.encryption_algorithm).map_err(|_| {
         KmsError::invalid(
             "encryption_algorithm",
@@ -99,9 +98,12 @@ impl KeyService for KeyApi {
         let result = async {
             let new_key = new_key(request.into_inner())?;
             let key = self.keys.create_key(&ctx, new_key).await?;
-            Ok((key.id, proto::CreateKeyResponse {
-                key: Some(convert::key(&key)),
-            }))
+            Ok((
+                key.id,
+                proto::CreateKeyResponse {
+                    key: Some(convert::key(&key)),
+                },
+            ))
         }
         .await;
         let key_id = result.as_ref().ok().map(|(id, _)| *id);

@@ -67,8 +67,7 @@ impl KeyManager {
         ctx: &CallerContext,
         request: NewKey,
     ) -> Result<KeyRecord, KmsError> {
-        let (origin, imported, size_bits, wrapped) = match (request.extractable, request.material)
-        {
+        let (origin, imported, size_bits, wrapped) = match (request.extractable, request.material) {
             (false, Material::Generate) => (
                 KeyOrigin::Generated,
                 false,

@@ -51,12 +51,18 @@ pub enum HsmError {
 impl HsmError {
     /// The token or module is gone: report NOT_SERVING / UNAVAILABLE rather than INTERNAL.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, HsmError::Unavailable { .. } | HsmError::SessionBroken { .. })
+        matches!(
+            self,
+            HsmError::Unavailable { .. } | HsmError::SessionBroken { .. }
+        )
     }
 
     /// The pooled session must be dropped and a new one opened.
     pub fn breaks_session(&self) -> bool {
-        matches!(self, HsmError::SessionBroken { .. } | HsmError::Unavailable { .. })
+        matches!(
+            self,
+            HsmError::SessionBroken { .. } | HsmError::Unavailable { .. }
+        )
     }
 }
 
@@ -87,9 +93,7 @@ fn classify(rv: RvError, function: String) -> HsmError {
         | RvError::SessionClosed
         | RvError::UserNotLoggedIn
         | RvError::OperationActive => HsmError::SessionBroken { function, rv },
-        RvError::PinIncorrect | RvError::PinLocked | RvError::PinLenRange => {
-            HsmError::PinIncorrect
-        }
+        RvError::PinIncorrect | RvError::PinLocked | RvError::PinLenRange => HsmError::PinIncorrect,
         RvError::EncryptedDataInvalid
         | RvError::EncryptedDataLenRange
         | RvError::WrappedKeyInvalid

@@ -92,24 +92,27 @@ pub enum WrapFormat {
 /// The token's mechanism for each wrap format, chosen by probing at start-up.
 #[derive(Clone, Copy, Debug)]
 enum WrapMechanism {
-    AesKeyWrapPad,
-    AesKeyWrapKwp,
-    AesKeyWrap,
+    /// CKM_AES_KEY_WRAP_PAD (0x210A).
+    Pad,
+    /// CKM_AES_KEY_WRAP_KWP (0x210B).
+    Kwp,
+    /// CKM_AES_KEY_WRAP (0x2109).
+    Rfc3394Wrap,
 }
 
 impl WrapMechanism {
     fn format(self) -> WrapFormat {
         match self {
-            WrapMechanism::AesKeyWrapPad | WrapMechanism::AesKeyWrapKwp => WrapFormat::Rfc5649,
-            WrapMechanism::AesKeyWrap => WrapFormat::Rfc3394,
+            WrapMechanism::Pad | WrapMechanism::Kwp => WrapFormat::Rfc5649,
+            WrapMechanism::Rfc3394Wrap => WrapFormat::Rfc3394,
         }
     }
 
     fn mechanism(self) -> Mechanism<'static> {
         match self {
-            WrapMechanism::AesKeyWrapPad => Mechanism::AesKeyWrapPad,
-            WrapMechanism::AesKeyWrap => Mechanism::AesKeyWrap,
-            WrapMechanism::AesKeyWrapKwp => {
+            WrapMechanism::Pad => Mechanism::AesKeyWrapPad,
+            WrapMechanism::Rfc3394Wrap => Mechanism::AesKeyWrap,
+            WrapMechanism::Kwp => {
                 Mechanism::VendorDefined(VendorDefinedMechanism::new::<()>(kwp_type(), None))
             }
         }
@@ -180,12 +183,10 @@ impl Hsm {
         drop(pin);
 
         let (rfc5649, rfc3394) = probe_wrap_mechanisms(&ctx, slot);
-        let aes_gcm = ctx
-            .get_mechanism_info(slot, MechanismType::AES_GCM)
-            .is_ok();
+        let aes_gcm = ctx.get_mechanism_info(slot, MechanismType::AES_GCM).is_ok();
         let capabilities = Capabilities {
             rfc5649_mechanism: rfc5649.map(|m| match m {
-                WrapMechanism::AesKeyWrapPad => "CKM_AES_KEY_WRAP_PAD",
+                WrapMechanism::Pad => "CKM_AES_KEY_WRAP_PAD",
                 _ => "CKM_AES_KEY_WRAP_KWP",
             }),
             rfc3394: rfc3394.is_some(),
@@ -293,10 +294,7 @@ impl Hsm {
     }
 
     /// Puts caller-supplied standard-key material into the HSM and returns it wrapped.
-    pub async fn import_standard_key(
-        &self,
-        material: SecretBytes,
-    ) -> Result<WrappedKey, HsmError> {
+    pub async fn import_standard_key(&self, material: SecretBytes) -> Result<WrappedKey, HsmError> {
         let (kek, wrap) = (self.kek, self.preferred_wrap());
         self.run(move |session| {
             let mut template = standard_key_template();
@@ -392,13 +390,13 @@ fn probe_wrap_mechanisms(
 ) -> (Option<WrapMechanism>, Option<WrapMechanism>) {
     let offered = |mechanism: MechanismType| ctx.get_mechanism_info(slot, mechanism).is_ok();
     let rfc5649 = if offered(MechanismType::AES_KEY_WRAP_PAD) {
-        Some(WrapMechanism::AesKeyWrapPad)
+        Some(WrapMechanism::Pad)
     } else if offered(kwp_type()) {
-        Some(WrapMechanism::AesKeyWrapKwp)
+        Some(WrapMechanism::Kwp)
     } else {
         None
     };
-    let rfc3394 = offered(MechanismType::AES_KEY_WRAP).then_some(WrapMechanism::AesKeyWrap);
+    let rfc3394 = offered(MechanismType::AES_KEY_WRAP).then_some(WrapMechanism::Rfc3394Wrap);
     (rfc5649, rfc3394)
 }
 

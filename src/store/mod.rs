@@ -70,8 +70,11 @@ pub trait KeyStore: Send + Sync + 'static {
         erase_material: bool,
     ) -> Result<(), StoreError>;
 
-    fn get_version(&self, key_id: Uuid, version_id: Uuid)
-    -> Result<Option<VersionRecord>, StoreError>;
+    fn get_version(
+        &self,
+        key_id: Uuid,
+        version_id: Uuid,
+    ) -> Result<Option<VersionRecord>, StoreError>;
 
     /// Every version of a key, newest first.
     fn list_versions(&self, key_id: Uuid) -> Result<Vec<VersionRecord>, StoreError>;

@@ -13,9 +13,7 @@ use std::path::Path;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use sled::transaction::{
-    ConflictableTransactionError, TransactionError, TransactionalTree,
-};
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use sled::{Transactional, Tree};
 use uuid::Uuid;
 
@@ -124,11 +122,7 @@ fn decode<T: DeserializeOwned>(what: &str, raw: &[u8]) -> Result<T, StoreError> 
 
 type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
 
-fn add_to_counter(
-    counters: &TransactionalTree,
-    key: &KeyRecord,
-    delta: i64,
-) -> TxResult<()> {
+fn add_to_counter(counters: &TransactionalTree, key: &KeyRecord, delta: i64) -> TxResult<()> {
     let ck = counter_key(&key.instance, key.state, key.extractable);
     let current = counters
         .get(&ck)?
@@ -194,7 +188,13 @@ impl KeyStore for SledStore {
         if erase_material {
             for version in self.list_versions(previous.id)? {
                 let key = version_key(&version);
-                erased.push((key, encode(&VersionRecord { wrapped: None, ..version })));
+                erased.push((
+                    key,
+                    encode(&VersionRecord {
+                        wrapped: None,
+                        ..version
+                    }),
+                ));
             }
         }
         unpack(
@@ -293,7 +293,10 @@ impl KeyStore for SledStore {
                 if !filter.matches(state, extractable) {
                     continue;
                 }
-                if let Some(raw) = self.counters.get(counter_key(instance, state, extractable))? {
+                if let Some(raw) = self
+                    .counters
+                    .get(counter_key(instance, state, extractable))?
+                {
                     total += u64::from_be_bytes(raw.as_ref().try_into().map_err(|_| {
                         StoreError::Corrupt {
                             what: "counter".into(),
@@ -340,15 +343,25 @@ mod tests {
         let store = SledStore::open(dir.path()).unwrap();
         let a = key("a", 1, KeyState::Active, false);
         store.insert_key(&a, None).unwrap();
-        store.insert_key(&key("a", 2, KeyState::Active, true), None).unwrap();
-        store.insert_key(&key("b", 3, KeyState::Active, true), None).unwrap();
+        store
+            .insert_key(&key("a", 2, KeyState::Active, true), None)
+            .unwrap();
+        store
+            .insert_key(&key("b", 3, KeyState::Active, true), None)
+            .unwrap();
         let all = KeyFilter::default();
         assert_eq!(store.count_keys("a", &all).unwrap(), 2);
         assert_eq!(store.count_keys("b", &all).unwrap(), 1);
 
-        let destroyed = KeyRecord { state: KeyState::Destroyed, ..a.clone() };
+        let destroyed = KeyRecord {
+            state: KeyState::Destroyed,
+            ..a.clone()
+        };
         store.replace_key(&a, &destroyed, true).unwrap();
-        let active = KeyFilter { states: vec![KeyState::Active], extractable: None };
+        let active = KeyFilter {
+            states: vec![KeyState::Active],
+            extractable: None,
+        };
         assert_eq!(store.count_keys("a", &active).unwrap(), 1);
         assert_eq!(store.count_keys("a", &all).unwrap(), 2);
         // A stale `previous` is refused and changes nothing.

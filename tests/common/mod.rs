@@ -1,0 +1,267 @@
+//! The SoftHSM test harness: a fresh token in a temporary directory (made by the
+//! project's own `softhsm/create-token.sh`), the real `kms` binary on 127.0.0.1 port 0,
+//! and readiness by the gRPC health check.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use kms::proto::key_service_client::KeyServiceClient;
+use tempfile::TempDir;
+use tonic::Request;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+pub const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+const STARTUP_DEADLINE: Duration = Duration::from_secs(60);
+
+/// A SoftHSM token of its own, in a temporary directory.
+pub struct TestToken {
+    pub dir: TempDir,
+    pub conf: PathBuf,
+    pub label: String,
+    pub pin_file: PathBuf,
+}
+
+impl TestToken {
+    pub fn create() -> TestToken {
+        Self::create_labelled("kms-test")
+    }
+
+    pub fn create_labelled(label: &str) -> TestToken {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("softhsm/create-token.sh");
+        let output = Command::new("bash")
+            .arg(&script)
+            .arg(dir.path())
+            .arg(label)
+            .output()
+            .expect("run create-token.sh");
+        assert!(
+            output.status.success(),
+            "create-token.sh failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        TestToken {
+            conf: dir.path().join("softhsm2.conf"),
+            pin_file: dir.path().join("user.pin"),
+            label: label.to_owned(),
+            dir,
+        }
+    }
+
+    pub fn user_pin(&self) -> String {
+        std::fs::read_to_string(&self.pin_file)
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+}
+
+/// A running `kms serve`. Killed on drop.
+pub struct TestServer {
+    child: Option<Child>,
+    pub addr: String,
+    pub log_file: PathBuf,
+    pub data_dir: PathBuf,
+}
+
+/// How to start the server.
+pub struct ServerSetup<'a> {
+    pub token: Option<&'a TestToken>,
+    pub data_dir: &'a Path,
+    pub extra_env: Vec<(String, String)>,
+}
+
+impl TestServer {
+    /// The server on `token`, with its database under `data_dir`.
+    pub async fn start(token: &TestToken, data_dir: &Path) -> TestServer {
+        Self::try_start(ServerSetup {
+            token: Some(token),
+            data_dir,
+            extra_env: vec![],
+        })
+        .await
+        .unwrap_or_else(|failure| panic!("server did not start: {failure}"))
+    }
+
+    /// Starts the server; on failure returns its exit status and log.
+    pub async fn try_start(setup: ServerSetup<'_>) -> Result<TestServer, String> {
+        std::fs::create_dir_all(setup.data_dir).unwrap();
+        let log_file = setup.data_dir.join(format!(
+            "server-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kms"));
+        command.arg("serve");
+        command
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("KMS_LISTEN", "127.0.0.1:0")
+            .env("KMS_DATA_DIR", setup.data_dir)
+            .env("KMS_LOG", "info,kms=debug");
+        if let Some(token) = setup.token {
+            let config = setup.data_dir.join("kms.toml");
+            std::fs::write(
+                &config,
+                format!(
+                    "[hsm]\nmodule = {MODULE:?}\ntoken_label = {:?}\npin_file = {:?}\npool_size = 8\n",
+                    token.label, token.pin_file
+                ),
+            )
+            .unwrap();
+            command
+                .arg("--config")
+                .arg(&config)
+                .env("SOFTHSM2_CONF", &token.conf);
+        }
+        for (k, v) in &setup.extra_env {
+            command.env(k, v);
+        }
+        let log = std::fs::File::create(&log_file).unwrap();
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn kms");
+
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            // Keep draining so the server never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let addr = match rx.recv_timeout(STARTUP_DEADLINE) {
+            Ok(line) => line
+                .strip_prefix("kms listening on ")
+                .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+                .to_owned(),
+            Err(_) => {
+                let status = child.wait().ok();
+                return Err(format!(
+                    "exit {status:?}; log:\n{}",
+                    std::fs::read_to_string(&log_file).unwrap_or_default()
+                ));
+            }
+        };
+        let server = TestServer {
+            child: Some(child),
+            addr,
+            log_file,
+            data_dir: setup.data_dir.to_owned(),
+        };
+        server.wait_until_serving().await;
+        Ok(server)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url())
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    pub async fn keys(&self) -> KeyServiceClient<Channel> {
+        KeyServiceClient::new(self.channel().await)
+    }
+
+    /// Polls the health service until KeyService reports SERVING.
+    async fn wait_until_serving(&self) {
+        let deadline = Instant::now() + STARTUP_DEADLINE;
+        loop {
+            if let Ok(channel) = Channel::from_shared(self.url()).unwrap().connect().await {
+                let mut health = HealthClient::new(channel);
+                let reply = health
+                    .check(HealthCheckRequest {
+                        service: "kms.v1.KeyService".into(),
+                    })
+                    .await;
+                if let Ok(reply) = reply
+                    && reply.get_ref().status == ServingStatus::Serving as i32
+                {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "server never reported SERVING");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_file).unwrap_or_default()
+    }
+
+    /// SIGTERM, then wait for the process to exit. Waits on the blocking pool so that the
+    /// test's own runtime keeps driving its client connections meanwhile.
+    pub async fn stop(mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        tokio::task::spawn_blocking(move || {
+            signal(&child, "TERM");
+            child.wait().unwrap()
+        })
+        .await
+        .unwrap()
+    }
+
+    /// SIGKILL: no chance to flush or close anything.
+    pub async fn kill(mut self) {
+        let mut child = self.child.take().unwrap();
+        tokio::task::spawn_blocking(move || {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        })
+        .await
+        .unwrap();
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Wraps a message with the instance header.
+pub fn req<T>(instance: &str, message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert(
+        "bluemix-instance",
+        MetadataValue::try_from(instance).unwrap(),
+    );
+    request
+}
+
+/// A random instance id, so tests never share tenants by accident.
+pub fn instance() -> String {
+    format!("inst-{}", uuid::Uuid::new_v4())
+}

@@ -1,0 +1,119 @@
+//! Opens the token the service uses, through PKCS#11 from outside the service, and checks
+//! what lives there: one master KEK that can never be read or extracted, and nothing else.
+//!
+//! One test in this binary: it sets SOFTHSM2_CONF for its own process before loading
+//! the module.
+
+mod common;
+
+use common::{MODULE, TestServer, TestToken, instance, req};
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::object::{Attribute, AttributeInfo, AttributeType, ObjectClass};
+use cryptoki::session::UserType;
+use cryptoki::types::AuthPin;
+use kms::proto::{CreateKeyRequest, DeleteKeyRequest};
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_token_holds_only_a_sensitive_non_extractable_kek() {
+    let token = TestToken::create();
+    let data = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&token, data.path()).await;
+    let mut keys = server.keys().await;
+    let tenant = instance();
+    for i in 0..6 {
+        let key = keys
+            .create_key(req(
+                &tenant,
+                CreateKeyRequest {
+                    name: format!("k{i}"),
+                    extractable: i % 2 == 1,
+                    payload: (i >= 4).then(|| vec![7; 32]),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .key
+            .unwrap();
+        if i == 0 {
+            keys.delete_key(req(&tenant, DeleteKeyRequest { id: key.id }))
+                .await
+                .unwrap();
+        }
+    }
+
+    // SAFETY: the only test in this binary, on a current-thread runtime; nothing else
+    // reads the environment concurrently.
+    unsafe { std::env::set_var("SOFTHSM2_CONF", &token.conf) };
+    let ctx = Pkcs11::new(MODULE).unwrap();
+    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .unwrap();
+    let slot = ctx
+        .get_slots_with_initialized_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| ctx.get_token_info(*s).unwrap().label().trim_end() == token.label)
+        .expect("token by label");
+    let session = ctx.open_ro_session(slot).unwrap();
+    session
+        .login(UserType::User, Some(&AuthPin::from(token.user_pin())))
+        .unwrap();
+
+    let everything = session.find_objects(&[]).unwrap();
+    assert_eq!(
+        everything.len(),
+        1,
+        "the service leaves no stray token objects, only the KEK"
+    );
+    let kek = everything[0];
+    let attributes = session
+        .get_attributes(
+            kek,
+            &[
+                AttributeType::Class,
+                AttributeType::Label,
+                AttributeType::Sensitive,
+                AttributeType::Extractable,
+                AttributeType::AlwaysSensitive,
+                AttributeType::NeverExtractable,
+                AttributeType::Encrypt,
+                AttributeType::Decrypt,
+                AttributeType::Wrap,
+                AttributeType::Unwrap,
+                AttributeType::ValueLen,
+            ],
+        )
+        .unwrap();
+    let expect = [
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::Label(b"kms-master-kek".to_vec()),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::AlwaysSensitive(true),
+        Attribute::NeverExtractable(true),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Wrap(true),
+        Attribute::Unwrap(true),
+        Attribute::ValueLen(32.into()),
+    ];
+    assert_eq!(attributes, expect);
+
+    // CKA_VALUE cannot be read, by anyone holding the PIN.
+    let value = session
+        .get_attribute_info(kek, &[AttributeType::Value])
+        .unwrap();
+    assert!(
+        matches!(value.as_slice(), [AttributeInfo::Sensitive]),
+        "CKA_VALUE must be sensitive: {value:?}"
+    );
+
+    // Still nothing else once the server has stopped.
+    drop(keys);
+    assert!(server.stop().await.success());
+    assert_eq!(session.find_objects(&[]).unwrap().len(), 1);
+    session.logout().unwrap();
+    drop(session);
+    ctx.finalize().unwrap();
+}

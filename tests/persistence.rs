@@ -1,0 +1,279 @@
+//! Durability and start-up: restart, kill -9, the embedded default, and refusing to run
+//! with a missing master key over existing data.
+
+mod common;
+
+use common::{ServerSetup, TestServer, TestToken, instance, req};
+use kms::proto::{
+    CountKeysRequest, CreateKeyRequest, DeleteKeyRequest, GetKeyRequest, KeyState, ListKeysRequest,
+};
+
+#[tokio::test]
+async fn keys_survive_a_graceful_restart_and_stay_usable() {
+    let token = TestToken::create();
+    let data = tempfile::tempdir().unwrap();
+    let tenant = instance();
+
+    let server = TestServer::start(&token, data.path()).await;
+    let mut keys = server.keys().await;
+    let root = keys
+        .create_key(req(
+            &tenant,
+            CreateKeyRequest {
+                name: "root".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap();
+    let material = vec![0x42; 48];
+    let standard = keys
+        .create_key(req(
+            &tenant,
+            CreateKeyRequest {
+                name: "std".into(),
+                extractable: true,
+                payload: Some(material.clone()),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap();
+    let gone = keys
+        .create_key(req(
+            &tenant,
+            CreateKeyRequest {
+                name: "gone".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap();
+    keys.delete_key(req(
+        &tenant,
+        DeleteKeyRequest {
+            id: gone.id.clone(),
+        },
+    ))
+    .await
+    .unwrap();
+    drop(keys);
+
+    let status = server.stop().await;
+    assert!(status.success(), "graceful shutdown exits 0: {status:?}");
+
+    let server = TestServer::start(&token, data.path()).await;
+    assert!(
+        !server.log().contains("creating the master key"),
+        "the existing KEK is found, not replaced"
+    );
+    let mut keys = server.keys().await;
+    let listing = keys
+        .list_keys(req(&tenant, ListKeysRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<_> = listing.keys.iter().map(|k| k.name.as_str()).collect();
+    assert_eq!(names, ["root", "std", "gone"]);
+    assert_eq!(listing.keys[0], root);
+    assert_eq!(listing.keys[2].state, KeyState::Destroyed as i32);
+
+    // The standard key's blob still unwraps under the same KEK.
+    let payload = keys
+        .get_key(req(&tenant, GetKeyRequest { id: standard.id }))
+        .await
+        .unwrap()
+        .into_inner()
+        .payload;
+    assert_eq!(payload, Some(material));
+    // And the store still accepts new keys.
+    keys.create_key(req(
+        &tenant,
+        CreateKeyRequest {
+            name: "after-restart".into(),
+            ..Default::default()
+        },
+    ))
+    .await
+    .unwrap();
+    let count = keys
+        .count_keys(req(&tenant, CountKeysRequest::default()))
+        .await
+        .unwrap()
+        .into_inner()
+        .count;
+    assert_eq!(count, 4);
+}
+
+#[tokio::test]
+async fn acknowledged_writes_survive_kill_9() {
+    let token = TestToken::create();
+    let data = tempfile::tempdir().unwrap();
+    let tenant = instance();
+    let server = TestServer::start(&token, data.path()).await;
+    let mut keys = server.keys().await;
+
+    // Concurrent creates share flushes; every acknowledged one must survive.
+    let mut tasks = Vec::new();
+    for i in 0..24 {
+        let mut client = keys.clone();
+        let tenant = tenant.clone();
+        tasks.push(tokio::spawn(async move {
+            client
+                .create_key(req(
+                    &tenant,
+                    CreateKeyRequest {
+                        name: format!("k{i}"),
+                        extractable: i % 2 == 0,
+                        ..Default::default()
+                    },
+                ))
+                .await
+                .unwrap()
+                .into_inner()
+                .key
+                .unwrap()
+                .id
+        }));
+    }
+    let mut acknowledged = Vec::new();
+    for task in tasks {
+        acknowledged.push(task.await.unwrap());
+    }
+    let last = acknowledged[0].clone();
+    keys.delete_key(req(&tenant, DeleteKeyRequest { id: last.clone() }))
+        .await
+        .unwrap();
+    drop(keys);
+    server.kill().await;
+
+    let server = TestServer::start(&token, data.path()).await;
+    let mut keys = server.keys().await;
+    for id in &acknowledged {
+        let key = keys
+            .get_key(req(&tenant, GetKeyRequest { id: id.clone() }))
+            .await
+            .unwrap_or_else(|e| panic!("acknowledged key {id} lost: {e}"))
+            .into_inner()
+            .key
+            .unwrap();
+        let expected = if *id == last {
+            KeyState::Destroyed
+        } else {
+            KeyState::Active
+        };
+        assert_eq!(key.state, expected as i32);
+    }
+    let active = keys
+        .count_keys(req(
+            &tenant,
+            CountKeysRequest {
+                state: vec![KeyState::Active as i32],
+                extractable: None,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .count;
+    assert_eq!(active, 23, "counters are as durable as the records");
+}
+
+#[tokio::test]
+async fn refuses_to_start_when_the_master_key_is_missing_but_keys_exist() {
+    let token = TestToken::create();
+    let data = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&token, data.path()).await;
+    let mut keys = server.keys().await;
+    keys.create_key(req(
+        &instance(),
+        CreateKeyRequest {
+            name: "k".into(),
+            ..Default::default()
+        },
+    ))
+    .await
+    .unwrap();
+    drop(keys);
+    assert!(server.stop().await.success());
+
+    // Same label, but a brand-new token: it has no KEK.
+    let other = TestToken::create_labelled(&token.label);
+    let failure = TestServer::try_start(ServerSetup {
+        token: Some(&other),
+        data_dir: data.path(),
+        extra_env: vec![],
+    })
+    .await
+    .err()
+    .expect("the server must refuse to start");
+    assert!(
+        failure.contains("refusing to create a new one"),
+        "{failure}"
+    );
+    assert!(!failure.contains("exit Some(ExitStatus(unix_wait_status(0)))"));
+}
+
+#[tokio::test]
+async fn embedded_default_creates_token_and_database_under_the_data_dir() {
+    let data = tempfile::tempdir().unwrap();
+    let tenant = instance();
+    let setup = || ServerSetup {
+        token: None,
+        data_dir: data.path(),
+        extra_env: vec![],
+    };
+    let server = TestServer::try_start(setup()).await.unwrap();
+    let softhsm = data.path().join("softhsm");
+    for file in ["softhsm2.conf", "user.pin", "so.pin"] {
+        assert!(softhsm.join(file).exists(), "{file} created");
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(softhsm.join("user.pin"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "the PIN file is owner-only");
+    assert!(data.path().join("db").exists());
+
+    let mut keys = server.keys().await;
+    let id = keys
+        .create_key(req(
+            &tenant,
+            CreateKeyRequest {
+                name: "embedded".into(),
+                extractable: true,
+                payload: Some(vec![3; 32]),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap()
+        .id;
+    drop(keys);
+    assert!(server.stop().await.success());
+
+    // Second start reuses the token, the PIN and the KEK.
+    let server = TestServer::try_start(setup()).await.unwrap();
+    assert!(!server.log().contains("created the embedded SoftHSM token"));
+    let mut keys = server.keys().await;
+    let payload = keys
+        .get_key(req(&tenant, GetKeyRequest { id }))
+        .await
+        .unwrap()
+        .into_inner()
+        .payload;
+    assert_eq!(payload, Some(vec![3; 32]));
+}
