@@ -11,7 +11,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::hsm::provision::{
-    DEFAULT_KEK_LABEL, DEFAULT_SOFTHSM_MODULE, EmbeddedSoftHsm, default_pool_size,
+    DEFAULT_KEK_LABEL, DEFAULT_KEY_CACHE_SIZE, DEFAULT_SOFTHSM_MODULE, EmbeddedSoftHsm,
+    default_pool_size,
 };
 use crate::hsm::{HsmConfig, PinSource};
 
@@ -57,6 +58,7 @@ struct HsmSection {
     pin_env: Option<String>,
     kek_label: Option<String>,
     pool_size: Option<usize>,
+    key_cache_size: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -170,6 +172,7 @@ impl Config {
                     .clone()
                     .unwrap_or_else(|| DEFAULT_KEK_LABEL.into()),
                 pool_size: section.pool_size.unwrap_or_else(default_pool_size),
+                key_cache_size: section.key_cache_size.unwrap_or(DEFAULT_KEY_CACHE_SIZE),
             },
         };
         if let Some(label) = env.var("KMS_HSM_TOKEN_LABEL") {
@@ -188,6 +191,18 @@ impl Config {
                 name: "KMS_HSM_POOL_SIZE".into(),
                 reason: format!("{size:?} is not a number"),
             })?;
+        }
+        if let Some(size) = env.var("KMS_HSM_KEY_CACHE_SIZE") {
+            hsm.key_cache_size = size.parse().map_err(|_| ConfigError::Invalid {
+                name: "KMS_HSM_KEY_CACHE_SIZE".into(),
+                reason: format!("{size:?} is not a number"),
+            })?;
+        }
+        if hsm.key_cache_size == 0 {
+            return Err(ConfigError::Invalid {
+                name: "hsm.key_cache_size".into(),
+                reason: "must be at least 1".into(),
+            });
         }
         if hsm.pool_size == 0 || hsm.pool_size > 1024 {
             return Err(ConfigError::Invalid {

@@ -4,8 +4,8 @@ mod common;
 
 use common::{TestServer, TestToken, instance, req};
 use kms::proto::{
-    CountKeysRequest, CreateKeyRequest, DeleteKeyRequest, GetKeyRequest, Key, KeyOrigin, KeyState,
-    ListKeysRequest, WrapKeyRequest,
+    CountKeysRequest, CreateKeyRequest, DeleteKeyRequest, GetKeyRequest, ImportKeyMaterialRequest,
+    Key, KeyOrigin, KeyState, ListKeysRequest,
 };
 use tonic::Code;
 
@@ -478,12 +478,11 @@ async fn rpcs_not_built_yet_answer_unimplemented() {
     let (_t, _d, server) = server().await;
     let mut keys = server.keys().await;
     let err = keys
-        .wrap_key(req(
+        .import_key_material(req(
             &instance(),
-            WrapKeyRequest {
-                id: uuid::Uuid::new_v4().to_string(),
-                plaintext: None,
-                aad: vec![],
+            ImportKeyMaterialRequest {
+                key_id: uuid::Uuid::new_v4().to_string(),
+                ..Default::default()
             },
         ))
         .await

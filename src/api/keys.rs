@@ -6,6 +6,7 @@ use tonic::{Request, Response, Status};
 
 use super::{caller_context, convert, finish, parse_key_id};
 use crate::domain::KmsError;
+use crate::domain::ciphertext::{MAX_AAD_ENTRIES, MAX_AAD_ENTRY_BYTES, MAX_PLAINTEXT};
 use crate::domain::keys::{KeyManager, Material, NewKey};
 use crate::domain::model::now_millis;
 use crate::proto;
@@ -182,51 +183,191 @@ impl KeyService for KeyApi {
 
     async fn wrap_key(
         &self,
-        _: Request<proto::WrapKeyRequest>,
+        request: Request<proto::WrapKeyRequest>,
     ) -> Result<Response<proto::WrapKeyResponse>, Status> {
-        Err(unimplemented("WrapKey"))
+        let ctx = caller_context(&request)?;
+        let request = request.into_inner();
+        let id = parse_key_id("id", &request.id);
+        let key_id = id.as_ref().ok().copied();
+        let result = async {
+            let id = id?;
+            let plaintext = match request.plaintext {
+                None => None,
+                Some(p) if (1..=MAX_PLAINTEXT).contains(&p.len()) => Some(SecretBytes::new(p)),
+                Some(p) => {
+                    let len = p.len();
+                    drop(SecretBytes::new(p));
+                    return Err(KmsError::invalid(
+                        "plaintext",
+                        format!("must be 1..{MAX_PLAINTEXT} bytes; got {len}"),
+                    ));
+                }
+            };
+            check_aad(&request.aad)?;
+            let wrapped = self.keys.wrap(&ctx, id, plaintext, &request.aad).await?;
+            Ok(proto::WrapKeyResponse {
+                ciphertext: wrapped.ciphertext,
+                plaintext: wrapped
+                    .generated_plaintext
+                    .map(SecretBytes::into_unprotected)
+                    .unwrap_or_default(),
+                key_version_id: wrapped.version_id.to_string(),
+            })
+        }
+        .await;
+        finish(&ctx, "WrapKey", key_id, result)
     }
 
     async fn unwrap_key(
         &self,
-        _: Request<proto::UnwrapKeyRequest>,
+        request: Request<proto::UnwrapKeyRequest>,
     ) -> Result<Response<proto::UnwrapKeyResponse>, Status> {
-        Err(unimplemented("UnwrapKey"))
+        let ctx = caller_context(&request)?;
+        let request = request.into_inner();
+        let id = parse_key_id("id", &request.id);
+        let key_id = id.as_ref().ok().copied();
+        let result = async {
+            let id = id?;
+            check_ciphertext(&request.ciphertext)?;
+            check_aad(&request.aad)?;
+            let unwrapped = self
+                .keys
+                .unwrap(&ctx, id, &request.ciphertext, &request.aad)
+                .await?;
+            let (rewrapped_ciphertext, rewrapped_version) = match unwrapped.rewrapped {
+                Some((ciphertext, version)) => (ciphertext, version.to_string()),
+                None => (Vec::new(), String::new()),
+            };
+            Ok(proto::UnwrapKeyResponse {
+                plaintext: unwrapped.plaintext.into_unprotected(),
+                key_version_id: unwrapped.version_id.to_string(),
+                rewrapped_ciphertext,
+                rewrapped_key_version_id: rewrapped_version,
+            })
+        }
+        .await;
+        finish(&ctx, "UnwrapKey", key_id, result)
     }
 
     async fn rewrap_key(
         &self,
-        _: Request<proto::RewrapKeyRequest>,
+        request: Request<proto::RewrapKeyRequest>,
     ) -> Result<Response<proto::RewrapKeyResponse>, Status> {
-        Err(unimplemented("RewrapKey"))
+        let ctx = caller_context(&request)?;
+        let request = request.into_inner();
+        let id = parse_key_id("id", &request.id);
+        let key_id = id.as_ref().ok().copied();
+        let result = async {
+            let id = id?;
+            check_ciphertext(&request.ciphertext)?;
+            check_aad(&request.aad)?;
+            let (ciphertext, version) = self
+                .keys
+                .rewrap(&ctx, id, &request.ciphertext, &request.aad)
+                .await?;
+            Ok(proto::RewrapKeyResponse {
+                ciphertext,
+                key_version_id: version.to_string(),
+            })
+        }
+        .await;
+        finish(&ctx, "RewrapKey", key_id, result)
     }
 
     async fn rotate_key(
         &self,
-        _: Request<proto::RotateKeyRequest>,
+        request: Request<proto::RotateKeyRequest>,
     ) -> Result<Response<proto::RotateKeyResponse>, Status> {
-        Err(unimplemented("RotateKey"))
+        let ctx = caller_context(&request)?;
+        let request = request.into_inner();
+        let id = parse_key_id("id", &request.id);
+        let key_id = id.as_ref().ok().copied();
+        let result = async {
+            let id = id?;
+            proto::WrappingAlgorithm::try_from(request.encryption_algorithm).map_err(|_| {
+                KmsError::invalid(
+                    "encryption_algorithm",
+                    format!("unknown algorithm {}", request.encryption_algorithm),
+                )
+            })?;
+            if !request.encrypted_payload.is_empty()
+                || !request.encrypted_nonce.is_empty()
+                || !request.iv.is_empty()
+            {
+                return Err(KmsError::Unimplemented(
+                    "RotateKey with encrypted_payload (secure import)",
+                ));
+            }
+            let material = request.payload.map(SecretBytes::new);
+            let key = self.keys.rotate_key(&ctx, id, material).await?;
+            Ok(proto::RotateKeyResponse {
+                key: Some(convert::key(&key)),
+            })
+        }
+        .await;
+        finish(&ctx, "RotateKey", key_id, result)
     }
 
     async fn list_key_versions(
         &self,
-        _: Request<proto::ListKeyVersionsRequest>,
+        request: Request<proto::ListKeyVersionsRequest>,
     ) -> Result<Response<proto::ListKeyVersionsResponse>, Status> {
-        Err(unimplemented("ListKeyVersions"))
+        let ctx = caller_context(&request)?;
+        let request = request.into_inner();
+        let id = parse_key_id("id", &request.id);
+        let key_id = id.as_ref().ok().copied();
+        let result = (|| {
+            let id = id?;
+            let limit = convert::limit(request.limit)?;
+            let (versions, total) =
+                self.keys
+                    .list_key_versions(&ctx, id, request.offset as usize, limit)?;
+            Ok(proto::ListKeyVersionsResponse {
+                versions: versions
+                    .iter()
+                    .map(|v| proto::KeyVersion {
+                        id: v.id.to_string(),
+                        creation_date: Some(convert::timestamp(v.created_at)),
+                    })
+                    .collect(),
+                total_count: total,
+            })
+        })();
+        finish(&ctx, "ListKeyVersions", key_id, result)
     }
 
     async fn disable_key(
         &self,
-        _: Request<proto::DisableKeyRequest>,
+        request: Request<proto::DisableKeyRequest>,
     ) -> Result<Response<proto::KeyResponse>, Status> {
-        Err(unimplemented("DisableKey"))
+        let ctx = caller_context(&request)?;
+        let id = parse_key_id("id", &request.get_ref().id);
+        let key_id = id.as_ref().ok().copied();
+        let result = async {
+            let key = self.keys.disable_key(&ctx, id?).await?;
+            Ok(proto::KeyResponse {
+                key: Some(convert::key(&key)),
+            })
+        }
+        .await;
+        finish(&ctx, "DisableKey", key_id, result)
     }
 
     async fn enable_key(
         &self,
-        _: Request<proto::EnableKeyRequest>,
+        request: Request<proto::EnableKeyRequest>,
     ) -> Result<Response<proto::KeyResponse>, Status> {
-        Err(unimplemented("EnableKey"))
+        let ctx = caller_context(&request)?;
+        let id = parse_key_id("id", &request.get_ref().id);
+        let key_id = id.as_ref().ok().copied();
+        let result = async {
+            let key = self.keys.enable_key(&ctx, id?).await?;
+            Ok(proto::KeyResponse {
+                key: Some(convert::key(&key)),
+            })
+        }
+        .await;
+        finish(&ctx, "EnableKey", key_id, result)
     }
 
     async fn get_parameters_for_import(
@@ -249,6 +390,37 @@ impl KeyService for KeyApi {
     ) -> Result<Response<proto::KeyResponse>, Status> {
         Err(unimplemented("DeleteImportedKeyMaterial"))
     }
+}
+
+/// At most 126 entries of 0..255 bytes each.
+fn check_aad(aad: &[String]) -> Result<(), KmsError> {
+    if aad.len() > MAX_AAD_ENTRIES {
+        return Err(KmsError::invalid(
+            "aad",
+            format!("at most {MAX_AAD_ENTRIES} entries; got {}", aad.len()),
+        ));
+    }
+    if let Some((index, entry)) = aad
+        .iter()
+        .enumerate()
+        .find(|(_, a)| a.len() > MAX_AAD_ENTRY_BYTES)
+    {
+        return Err(KmsError::invalid(
+            "aad",
+            format!(
+                "entry {index} is {} bytes; at most {MAX_AAD_ENTRY_BYTES}",
+                entry.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_ciphertext(ciphertext: &[u8]) -> Result<(), KmsError> {
+    if ciphertext.is_empty() {
+        return Err(KmsError::invalid("ciphertext", "required"));
+    }
+    Ok(())
 }
 
 pub(super) fn unimplemented(rpc: &'static str) -> Status {

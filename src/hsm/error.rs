@@ -29,6 +29,10 @@ pub enum HsmError {
     #[error("the HSM rejected the input: {function} returned {rv}")]
     Rejected { function: String, rv: RvError },
 
+    /// A key object handle is no longer valid (its session closed).
+    #[error("{function}: the key object is gone ({rv})")]
+    StaleObject { function: String, rv: RvError },
+
     #[error("{function} failed: {rv}")]
     Pkcs11 { function: String, rv: RvError },
 
@@ -63,6 +67,22 @@ impl HsmError {
             self,
             HsmError::SessionBroken { .. } | HsmError::Unavailable { .. }
         )
+    }
+}
+
+impl HsmError {
+    /// Reclassifies an error from an AEAD decryption. Tokens report a failed GCM tag
+    /// check in different ways: the standard CKR_ENCRYPTED_DATA_INVALID, but SoftHSM 2.6
+    /// returns CKR_GENERAL_ERROR and others CKR_FUNCTION_FAILED. For a decryption whose
+    /// inputs the service built itself, all three mean "does not authenticate".
+    pub(crate) fn reclassify_aead_decrypt(self) -> HsmError {
+        match self {
+            HsmError::Pkcs11 {
+                function,
+                rv: rv @ (RvError::GeneralError | RvError::FunctionFailed),
+            } => HsmError::Rejected { function, rv },
+            other => other,
+        }
     }
 }
 
@@ -101,6 +121,9 @@ fn classify(rv: RvError, function: String) -> HsmError {
         | RvError::UnwrappingKeyHandleInvalid
         | RvError::DataInvalid
         | RvError::DataLenRange => HsmError::Rejected { function, rv },
+        RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid => {
+            HsmError::StaleObject { function, rv }
+        }
         _ => HsmError::Pkcs11 { function, rv },
     }
 }
@@ -123,5 +146,11 @@ mod tests {
         ));
         let other = classify(RvError::GeneralError, "C_GenerateKey".into());
         assert!(!other.is_unavailable() && !other.breaks_session());
+        assert!(matches!(
+            other.reclassify_aead_decrypt(),
+            HsmError::Rejected { .. }
+        ));
+        let gone = classify(RvError::DeviceRemoved, "C_Decrypt".into());
+        assert!(gone.reclassify_aead_decrypt().is_unavailable());
     }
 }

@@ -14,6 +14,7 @@
 //! - standard keys: generic-secret session objects, `CKA_SENSITIVE=FALSE` because their
 //!   payload is handed back on GetKey, stored KEK-wrapped like root keys.
 
+mod cache;
 mod error;
 mod pool;
 pub mod provision;
@@ -24,6 +25,7 @@ use std::sync::{Arc, Mutex};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::RvError;
+use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::mechanism::vendor_defined::VendorDefinedMechanism;
 use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
@@ -32,6 +34,8 @@ use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 use serde::{Deserialize, Serialize};
 
+pub use cache::VersionId;
+use cache::{CachedKey, KeyCache};
 pub use error::HsmError;
 use pool::SessionPool;
 
@@ -49,6 +53,8 @@ pub struct HsmConfig {
     pub pin: PinSource,
     pub kek_label: String,
     pub pool_size: usize,
+    /// How many unwrapped root-key versions to keep in the HSM.
+    pub key_cache_size: usize,
 }
 
 /// Where the user PIN comes from. Never the command line.
@@ -154,6 +160,26 @@ pub struct Hsm {
     rfc3394: Option<WrapMechanism>,
     capabilities: Capabilities,
     token_label: String,
+    cache: Arc<KeyCache>,
+}
+
+/// AES-GCM parameters: 96-bit IV, 128-bit tag.
+pub const GCM_IV_LEN: usize = 12;
+pub const GCM_TAG_LEN: usize = 16;
+
+/// One root-key version as the HSM needs it: its identity (for the cache) and its
+/// KEK-wrapped blob (for a cache miss).
+#[derive(Clone, Debug)]
+pub struct KeyVersionRef {
+    pub id: VersionId,
+    pub wrapped: WrappedKey,
+}
+
+/// AES-GCM output: the IV the HSM drew and ciphertext||tag.
+#[derive(Clone, Debug)]
+pub struct Sealed {
+    pub iv: [u8; GCM_IV_LEN],
+    pub ciphertext: Vec<u8>,
 }
 
 impl std::fmt::Debug for Hsm {
@@ -210,6 +236,7 @@ impl Hsm {
             rfc3394,
             capabilities,
             token_label: config.token_label.clone(),
+            cache: Arc::new(KeyCache::new(config.key_cache_size.max(1))),
         })
     }
 
@@ -224,12 +251,19 @@ impl Hsm {
         F: FnOnce(&Session) -> Result<T, HsmError> + Send + 'static,
     {
         let mut guard = self.pool.checkout().await?;
+        let cache = Arc::clone(&self.cache);
         tokio::task::spawn_blocking(move || {
-            let result = guard.session().and_then(job);
+            let result = guard.session().and_then(|session| {
+                cache.graveyard.destroy_all(session);
+                job(session)
+            });
             if let Err(e) = &result
                 && e.breaks_session()
             {
                 guard.mark_broken();
+                // Objects created in the dead session died with it; forget them all
+                // rather than risk using a handle the token may hand out again.
+                cache.clear();
             }
             result
         })
@@ -325,6 +359,64 @@ impl Hsm {
         .await
     }
 
+    /// AES-GCM encrypts `plaintext` (or, when `None`, a fresh data key of
+    /// `data_key_len` bytes from the HSM's RNG) under a root-key version, with an IV
+    /// from the HSM's RNG. Returns the plaintext used and the sealed output.
+    pub async fn seal(
+        &self,
+        key: KeyVersionRef,
+        plaintext: Option<SecretBytes>,
+        data_key_len: usize,
+        aad: Vec<u8>,
+    ) -> Result<(SecretBytes, Sealed), HsmError> {
+        let (kek, cache) = (self.kek, Arc::clone(&self.cache));
+        let wrap = self.mechanism_for(key.wrapped.format)?;
+        self.run(move |session| {
+            let plaintext = match plaintext {
+                Some(p) => p,
+                None => SecretBytes::new(session.generate_random_vec(data_key_len as u32)?),
+            };
+            let mut iv = [0u8; GCM_IV_LEN];
+            session.generate_random_slice(&mut iv)?;
+            let ciphertext = with_key_object(session, &cache, kek, wrap, &key, |handle| {
+                let mut iv = iv;
+                let params = GcmParams::new(&mut iv, &aad, (GCM_TAG_LEN as c_ulong * 8).into())?;
+                Ok(session.encrypt(&Mechanism::AesGcm(params), handle, plaintext.expose())?)
+            })?;
+            Ok((plaintext, Sealed { iv, ciphertext }))
+        })
+        .await
+    }
+
+    /// AES-GCM decrypts under a root-key version. Authentication failure is
+    /// `HsmError::Rejected`.
+    pub async fn unseal(
+        &self,
+        key: KeyVersionRef,
+        sealed: Sealed,
+        aad: Vec<u8>,
+    ) -> Result<SecretBytes, HsmError> {
+        let (kek, cache) = (self.kek, Arc::clone(&self.cache));
+        let wrap = self.mechanism_for(key.wrapped.format)?;
+        self.run(move |session| {
+            with_key_object(session, &cache, kek, wrap, &key, |handle| {
+                let mut iv = sealed.iv;
+                let params = GcmParams::new(&mut iv, &aad, (GCM_TAG_LEN as c_ulong * 8).into())?;
+                let plaintext = session
+                    .decrypt(&Mechanism::AesGcm(params), handle, &sealed.ciphertext)
+                    .map_err(|e| HsmError::from(e).reclassify_aead_decrypt())?;
+                Ok(SecretBytes::new(plaintext))
+            })
+        })
+        .await
+    }
+
+    /// Drops cached objects of a key (rotation, disable, delete); they are destroyed
+    /// once no call uses them.
+    pub fn forget_key(&self, key_id: &uuid::Uuid) {
+        self.cache.invalidate_key(key_id);
+    }
+
     /// Asks the token for its info: fails when the token or module is gone.
     pub async fn ping(&self) -> Result<(), HsmError> {
         let (ctx, slot) = (self.ctx.clone(), self.slot);
@@ -337,6 +429,15 @@ impl Hsm {
     /// Closes every session and finalizes the module. Call once, after the server has
     /// stopped and in-flight calls have finished.
     pub fn shutdown(&self) {
+        self.cache.clear();
+        if let Some(anchor) = self
+            .anchor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            self.cache.graveyard.destroy_all(anchor);
+        }
         self.pool.close_all();
         if let Some(anchor) = self.anchor.lock().unwrap_or_else(|e| e.into_inner()).take() {
             if let Err(e) = anchor.logout() {
@@ -472,6 +573,49 @@ fn find_or_create_kek(
         }
     }
     Ok(kek)
+}
+
+/// Runs `op` with the key version's object: from the cache, or unwrapped now and cached.
+/// A cached object that vanished (its session died) is dropped and unwrapped again once.
+fn with_key_object<T>(
+    session: &Session,
+    cache: &KeyCache,
+    kek: ObjectHandle,
+    wrap: WrapMechanism,
+    key: &KeyVersionRef,
+    op: impl Fn(ObjectHandle) -> Result<T, HsmError>,
+) -> Result<T, HsmError> {
+    if let Some(cached) = cache.get(&key.id) {
+        match op(cached.handle) {
+            Err(HsmError::StaleObject { .. }) => cache.invalidate_key(&key.id.key_id),
+            other => return other,
+        }
+    }
+    let entry: Arc<CachedKey> = cache.insert(key.id, unwrap_root_key(session, kek, wrap, key)?);
+    op(entry.handle)
+}
+
+/// Unwraps a root-key blob into a non-extractable, sensitive session object that can
+/// only encrypt and decrypt.
+fn unwrap_root_key(
+    session: &Session,
+    kek: ObjectHandle,
+    wrap: WrapMechanism,
+    key: &KeyVersionRef,
+) -> Result<ObjectHandle, HsmError> {
+    let template = [
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Encrypt(true),
+        Attribute::Decrypt(true),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+    ];
+    Ok(session.unwrap_key(&wrap.mechanism(), kek, &key.wrapped.blob, &template)?)
 }
 
 /// Root keys: usable for AES-GCM inside the HSM, never readable.

@@ -19,6 +19,7 @@ use super::{HsmConfig, HsmError, PinSource, initialize};
 pub const DEFAULT_SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 pub const DEFAULT_TOKEN_LABEL: &str = "kms";
 pub const DEFAULT_KEK_LABEL: &str = "kms-master-kek";
+pub const DEFAULT_KEY_CACHE_SIZE: usize = 1024;
 
 /// Files of the embedded token under the data directory.
 #[derive(Debug, Clone)]
@@ -76,6 +77,7 @@ impl EmbeddedSoftHsm {
             pin: PinSource::File(self.user_pin_file.clone()),
             kek_label: DEFAULT_KEK_LABEL.into(),
             pool_size: default_pool_size(),
+            key_cache_size: DEFAULT_KEY_CACHE_SIZE,
         }
     }
 

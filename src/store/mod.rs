@@ -62,11 +62,13 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// Replaces `previous` by `next` if the stored record still equals `previous`
     /// (otherwise `StoreError::Conflict`), adjusting counters and the list index.
-    /// `erase_material` also erases the wrapped blob of every version of the key.
+    /// `new_version` is added in the same transaction (rotation); `erase_material` also
+    /// erases the wrapped blob of every existing version of the key.
     fn replace_key(
         &self,
         previous: &KeyRecord,
         next: &KeyRecord,
+        new_version: Option<&VersionRecord>,
         erase_material: bool,
     ) -> Result<(), StoreError>;
 

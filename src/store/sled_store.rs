@@ -178,9 +178,11 @@ impl KeyStore for SledStore {
         &self,
         previous: &KeyRecord,
         next: &KeyRecord,
+        new_version: Option<&VersionRecord>,
         erase_material: bool,
     ) -> Result<(), StoreError> {
         let expected = encode(previous);
+        let added = new_version.map(|v| (version_key(v), encode(v)));
         let record = encode(next);
         // Versions to erase are read outside the transaction; a version added
         // concurrently changes the key record, which makes the compare below fail.
@@ -209,7 +211,7 @@ impl KeyStore for SledStore {
                     order.insert(order_key(next), &order_value(next))?;
                     add_to_counter(counters, previous, -1)?;
                     add_to_counter(counters, next, 1)?;
-                    for (vk, vv) in &erased {
+                    for (vk, vv) in erased.iter().chain(added.iter()) {
                         versions.insert(vk.as_slice(), vv.as_slice())?;
                     }
                     Ok(())
@@ -357,7 +359,7 @@ mod tests {
             state: KeyState::Destroyed,
             ..a.clone()
         };
-        store.replace_key(&a, &destroyed, true).unwrap();
+        store.replace_key(&a, &destroyed, None, true).unwrap();
         let active = KeyFilter {
             states: vec![KeyState::Active],
             extractable: None,
@@ -366,7 +368,7 @@ mod tests {
         assert_eq!(store.count_keys("a", &all).unwrap(), 2);
         // A stale `previous` is refused and changes nothing.
         assert!(matches!(
-            store.replace_key(&a, &destroyed, false),
+            store.replace_key(&a, &destroyed, None, false),
             Err(StoreError::Conflict)
         ));
         assert_eq!(store.count_keys("a", &active).unwrap(), 1);
