@@ -2,6 +2,7 @@
 //! metadata and KEK-wrapped blobs.
 
 pub mod api;
+pub mod bench;
 pub mod config;
 pub mod domain;
 pub mod hsm;

@@ -18,6 +18,7 @@ mod cache;
 mod error;
 mod pool;
 pub mod provision;
+mod random;
 
 use std::os::raw::c_ulong;
 use std::path::PathBuf;
@@ -38,6 +39,7 @@ pub use cache::VersionId;
 use cache::{CachedKey, KeyCache};
 pub use error::HsmError;
 use pool::SessionPool;
+use random::RandomReserve;
 
 use crate::secret::SecretBytes;
 
@@ -154,13 +156,14 @@ pub struct Hsm {
     ctx: Pkcs11,
     slot: Slot,
     anchor: Mutex<Option<Session>>,
-    pool: Arc<SessionPool>,
+    pool: SessionPool,
     kek: ObjectHandle,
     rfc5649: Option<WrapMechanism>,
     rfc3394: Option<WrapMechanism>,
     capabilities: Capabilities,
     token_label: String,
     cache: Arc<KeyCache>,
+    random: Arc<RandomReserve>,
 }
 
 /// AES-GCM parameters: 96-bit IV, 128-bit tag.
@@ -225,7 +228,7 @@ impl Hsm {
         }
 
         let kek = find_or_create_kek(&anchor, &config.kek_label, may_create_kek)?;
-        let pool = SessionPool::new(ctx.clone(), slot, config.pool_size.max(1));
+        let pool = SessionPool::start(ctx.clone(), slot, config.pool_size.max(1))?;
         Ok(Hsm {
             ctx,
             slot,
@@ -237,6 +240,7 @@ impl Hsm {
             capabilities,
             token_label: config.token_label.clone(),
             cache: Arc::new(KeyCache::new(config.key_cache_size.max(1))),
+            random: Arc::default(),
         })
     }
 
@@ -244,31 +248,33 @@ impl Hsm {
         &self.capabilities
     }
 
-    /// Runs one blocking PKCS#11 job on a pooled session, off the async executor.
+    /// Runs one PKCS#11 job on a pooled session's worker thread, off the async executor.
     async fn run<T, F>(&self, job: F) -> Result<T, HsmError>
     where
         T: Send + 'static,
         F: FnOnce(&Session) -> Result<T, HsmError> + Send + 'static,
     {
-        let mut guard = self.pool.checkout().await?;
+        let (reply, result) = tokio::sync::oneshot::channel();
         let cache = Arc::clone(&self.cache);
-        tokio::task::spawn_blocking(move || {
-            let result = guard.session().and_then(|session| {
+        self.pool.submit(Box::new(move |worker| {
+            let result = worker.session().and_then(|session| {
                 cache.graveyard.destroy_all(session);
                 job(session)
             });
             if let Err(e) = &result
                 && e.breaks_session()
             {
-                guard.mark_broken();
+                worker.discard();
                 // Objects created in the dead session died with it; forget them all
                 // rather than risk using a handle the token may hand out again.
                 cache.clear();
             }
-            result
-        })
-        .await
-        .map_err(|e| HsmError::Worker(e.to_string()))?
+            // The caller may have gone away (cancelled RPC); the result is dropped.
+            let _ = reply.send(result);
+        }))?;
+        result
+            .await
+            .map_err(|_| HsmError::Worker("the HSM worker dropped the job".into()))?
     }
 
     /// The mechanism used for new blobs: RFC 5649 when offered, since it wraps any length.
@@ -369,15 +375,19 @@ impl Hsm {
         data_key_len: usize,
         aad: Vec<u8>,
     ) -> Result<(SecretBytes, Sealed), HsmError> {
-        let (kek, cache) = (self.kek, Arc::clone(&self.cache));
+        let (kek, cache, random) = (self.kek, Arc::clone(&self.cache), Arc::clone(&self.random));
         let wrap = self.mechanism_for(key.wrapped.format)?;
         self.run(move |session| {
             let plaintext = match plaintext {
                 Some(p) => p,
-                None => SecretBytes::new(session.generate_random_vec(data_key_len as u32)?),
+                None => {
+                    let mut key = SecretBytes::new(vec![0; data_key_len]);
+                    random.fill(session, key.expose_mut())?;
+                    key
+                }
             };
             let mut iv = [0u8; GCM_IV_LEN];
-            session.generate_random_slice(&mut iv)?;
+            random.fill(session, &mut iv)?;
             let ciphertext = with_key_object(session, &cache, kek, wrap, &key, |handle| {
                 let mut iv = iv;
                 let params = GcmParams::new(&mut iv, &aad, (GCM_TAG_LEN as c_ulong * 8).into())?;
