@@ -1,0 +1,53 @@
+//! `kms bench` runs against a real server and reports every scenario. No timing is
+//! asserted: throughput is measured by running the tool, not by tests.
+
+mod common;
+
+use common::{TestServer, TestToken};
+
+#[tokio::test]
+async fn bench_reports_every_scenario_against_a_running_server() {
+    let token = TestToken::create();
+    let data = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&token, data.path()).await;
+    let url = server.url();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_kms"))
+            .args([
+                "bench",
+                "--addr",
+                &url,
+                "--concurrency",
+                "4",
+                "--seconds",
+                "1",
+                "--warmup-seconds",
+                "0",
+                "--keys",
+                "10",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "bench failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for row in [
+        "| Health/Check (baseline) |",
+        "| WrapKey |",
+        "| UnwrapKey |",
+        "| UnwrapKey, many keys |",
+    ] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(row))
+            .unwrap_or_else(|| panic!("no row {row} in:\n{stdout}"));
+        let ops: f64 = line.split('|').nth(2).unwrap().trim().parse().unwrap();
+        assert!(ops > 0.0, "{line}");
+    }
+}
