@@ -388,14 +388,17 @@ impl KeyManager {
         aad: &[String],
     ) -> Result<(SecretBytes, Vec<u8>, Uuid), KmsError> {
         let version_id = key.current_version.ok_or_else(|| missing_material(key))?;
-        let version = self
-            .version_ref(key.id, version_id)?
-            .ok_or_else(|| missing_material(key))?;
+        let version = self.version_ref(key.id, version_id);
         let additional = ciphertext::additional_data(key.id, version_id, aad);
-        let (plaintext, sealed) = self
+        let (plaintext, sealed) = match self
             .hsm
             .seal(version, plaintext, DATA_KEY_BYTES, additional)
-            .await?;
+            .await
+        {
+            Ok(sealed) => sealed,
+            Err(HsmError::NoSuchBlob) => return Err(missing_material(key)),
+            Err(e) => return Err(e.into()),
+        };
         Ok((
             plaintext,
             ciphertext::encode(version_id, &sealed),
@@ -411,30 +414,29 @@ impl KeyManager {
         aad: &[String],
     ) -> Result<(Uuid, SecretBytes), KmsError> {
         let (version_id, sealed) = ciphertext::decode(bytes).ok_or_else(undecryptable)?;
-        let version = self
-            .version_ref(key.id, version_id)?
-            .ok_or_else(undecryptable)?;
+        let version = self.version_ref(key.id, version_id);
         let additional = ciphertext::additional_data(key.id, version_id, aad);
         match self.hsm.unseal(version, sealed, additional).await {
             Ok(plaintext) => Ok((version_id, plaintext)),
-            Err(HsmError::Rejected { .. }) => Err(undecryptable()),
+            // A version id that is not one of this key's is as undecryptable as a bad tag.
+            Err(HsmError::Rejected { .. } | HsmError::NoSuchBlob) => Err(undecryptable()),
             Err(e) => Err(e.into()),
         }
     }
 
-    fn version_ref(
-        &self,
-        key_id: Uuid,
-        version_id: Uuid,
-    ) -> Result<Option<KeyVersionRef>, KmsError> {
-        Ok(self
-            .store
-            .get_version(key_id, version_id)?
-            .and_then(|v| v.wrapped)
-            .map(|wrapped| KeyVersionRef {
-                id: VersionId { key_id, version_id },
-                wrapped,
-            }))
+    /// A key version for the HSM; its blob is read from the store only if the HSM does
+    /// not already hold the version unwrapped.
+    fn version_ref(&self, key_id: Uuid, version_id: Uuid) -> KeyVersionRef {
+        let store = Arc::clone(&self.store);
+        KeyVersionRef {
+            id: VersionId { key_id, version_id },
+            load: Box::new(move || {
+                store
+                    .get_version(key_id, version_id)
+                    .map(|v| v.and_then(|v| v.wrapped))
+                    .map_err(|e| e.to_string())
+            }),
+        }
     }
 
     /// Reads a key and applies the time-driven transition (expiration date passed:

@@ -42,6 +42,13 @@ pub enum HsmError {
     #[error("master key {label:?}: {problem}")]
     MasterKey { label: String, problem: String },
 
+    /// No blob is stored for the requested key version (unknown or erased).
+    #[error("no key blob is stored for this key version")]
+    NoSuchBlob,
+
+    #[error("reading the key blob from storage failed: {0}")]
+    BlobLoad(String),
+
     #[error("embedded token setup: {0}")]
     Setup(String),
 

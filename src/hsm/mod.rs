@@ -170,12 +170,15 @@ pub struct Hsm {
 pub const GCM_IV_LEN: usize = 12;
 pub const GCM_TAG_LEN: usize = 16;
 
-/// One root-key version as the HSM needs it: its identity (for the cache) and its
-/// KEK-wrapped blob (for a cache miss).
-#[derive(Clone, Debug)]
+/// Reads a version's KEK-wrapped blob from storage: `Ok(None)` when there is none (an
+/// unknown or erased version). Called only on a cache miss, on the HSM worker thread.
+pub type BlobLoader = Box<dyn FnOnce() -> Result<Option<WrappedKey>, String> + Send>;
+
+/// One root-key version as the HSM needs it: its identity (for the cache) and how to get
+/// its blob when the cache does not hold it.
 pub struct KeyVersionRef {
     pub id: VersionId,
-    pub wrapped: WrappedKey,
+    pub load: BlobLoader,
 }
 
 /// AES-GCM output: the IV the HSM drew and ciphertext||tag.
@@ -284,17 +287,15 @@ impl Hsm {
             .expect("open() refuses a token without key wrap")
     }
 
-    fn mechanism_for(&self, format: WrapFormat) -> Result<WrapMechanism, HsmError> {
-        match format {
-            WrapFormat::Rfc5649 => self.rfc5649,
-            WrapFormat::Rfc3394 => self.rfc3394,
+    fn wrap_mechanisms(&self) -> WrapMechanisms {
+        WrapMechanisms {
+            rfc5649: self.rfc5649,
+            rfc3394: self.rfc3394,
         }
-        .ok_or(HsmError::MechanismMissing {
-            what: match format {
-                WrapFormat::Rfc5649 => "RFC 5649 AES key wrap for this stored blob",
-                WrapFormat::Rfc3394 => "RFC 3394 AES key wrap for this stored blob",
-            },
-        })
+    }
+
+    fn mechanism_for(&self, format: WrapFormat) -> Result<WrapMechanism, HsmError> {
+        self.wrap_mechanisms().for_format(format)
     }
 
     /// Generates an AES root key of `bits` in the HSM and returns it wrapped under the KEK.
@@ -376,7 +377,7 @@ impl Hsm {
         aad: Vec<u8>,
     ) -> Result<(SecretBytes, Sealed), HsmError> {
         let (kek, cache, random) = (self.kek, Arc::clone(&self.cache), Arc::clone(&self.random));
-        let wrap = self.mechanism_for(key.wrapped.format)?;
+        let wraps = self.wrap_mechanisms();
         self.run(move |session| {
             let plaintext = match plaintext {
                 Some(p) => p,
@@ -388,7 +389,7 @@ impl Hsm {
             };
             let mut iv = [0u8; GCM_IV_LEN];
             random.fill(session, &mut iv)?;
-            let ciphertext = with_key_object(session, &cache, kek, wrap, &key, |handle| {
+            let ciphertext = with_key_object(session, &cache, kek, wraps, key, |handle| {
                 let mut iv = iv;
                 let params = GcmParams::new(&mut iv, &aad, (GCM_TAG_LEN as c_ulong * 8).into())?;
                 Ok(session.encrypt(&Mechanism::AesGcm(params), handle, plaintext.expose())?)
@@ -407,9 +408,9 @@ impl Hsm {
         aad: Vec<u8>,
     ) -> Result<SecretBytes, HsmError> {
         let (kek, cache) = (self.kek, Arc::clone(&self.cache));
-        let wrap = self.mechanism_for(key.wrapped.format)?;
+        let wraps = self.wrap_mechanisms();
         self.run(move |session| {
-            with_key_object(session, &cache, kek, wrap, &key, |handle| {
+            with_key_object(session, &cache, kek, wraps, key, |handle| {
                 let mut iv = sealed.iv;
                 let params = GcmParams::new(&mut iv, &aad, (GCM_TAG_LEN as c_ulong * 8).into())?;
                 let plaintext = session
@@ -585,14 +586,37 @@ fn find_or_create_kek(
     Ok(kek)
 }
 
-/// Runs `op` with the key version's object: from the cache, or unwrapped now and cached.
-/// A cached object that vanished (its session died) is dropped and unwrapped again once.
+/// The token's mechanism for each wrap format (Copy, so jobs can carry it).
+#[derive(Clone, Copy)]
+struct WrapMechanisms {
+    rfc5649: Option<WrapMechanism>,
+    rfc3394: Option<WrapMechanism>,
+}
+
+impl WrapMechanisms {
+    fn for_format(self, format: WrapFormat) -> Result<WrapMechanism, HsmError> {
+        match format {
+            WrapFormat::Rfc5649 => self.rfc5649,
+            WrapFormat::Rfc3394 => self.rfc3394,
+        }
+        .ok_or(HsmError::MechanismMissing {
+            what: match format {
+                WrapFormat::Rfc5649 => "RFC 5649 AES key wrap for this stored blob",
+                WrapFormat::Rfc3394 => "RFC 3394 AES key wrap for this stored blob",
+            },
+        })
+    }
+}
+
+/// Runs `op` with the key version's object: from the cache, or unwrapped now (loading
+/// the blob) and cached. A cached object that vanished (its session died) is dropped and
+/// unwrapped again once.
 fn with_key_object<T>(
     session: &Session,
     cache: &KeyCache,
     kek: ObjectHandle,
-    wrap: WrapMechanism,
-    key: &KeyVersionRef,
+    wraps: WrapMechanisms,
+    key: KeyVersionRef,
     op: impl Fn(ObjectHandle) -> Result<T, HsmError>,
 ) -> Result<T, HsmError> {
     if let Some(cached) = cache.get(&key.id) {
@@ -601,7 +625,12 @@ fn with_key_object<T>(
             other => return other,
         }
     }
-    let entry: Arc<CachedKey> = cache.insert(key.id, unwrap_root_key(session, kek, wrap, key)?);
+    let wrapped = (key.load)()
+        .map_err(HsmError::BlobLoad)?
+        .ok_or(HsmError::NoSuchBlob)?;
+    let wrap = wraps.for_format(wrapped.format)?;
+    let entry: Arc<CachedKey> =
+        cache.insert(key.id, unwrap_root_key(session, kek, wrap, &wrapped)?);
     op(entry.handle)
 }
 
@@ -611,7 +640,7 @@ fn unwrap_root_key(
     session: &Session,
     kek: ObjectHandle,
     wrap: WrapMechanism,
-    key: &KeyVersionRef,
+    wrapped: &WrappedKey,
 ) -> Result<ObjectHandle, HsmError> {
     let template = [
         Attribute::Class(ObjectClass::SECRET_KEY),
@@ -625,7 +654,7 @@ fn unwrap_root_key(
         Attribute::Wrap(false),
         Attribute::Unwrap(false),
     ];
-    Ok(session.unwrap_key(&wrap.mechanism(), kek, &key.wrapped.blob, &template)?)
+    Ok(session.unwrap_key(&wrap.mechanism(), kek, &wrapped.blob, &template)?)
 }
 
 /// Root keys: usable for AES-GCM inside the HSM, never readable.
