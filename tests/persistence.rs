@@ -277,3 +277,115 @@ async fn embedded_default_creates_token_and_database_under_the_data_dir() {
         .payload;
     assert_eq!(payload, Some(vec![3; 32]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_finishes_calls_and_every_acknowledged_result_holds() {
+    use kms::proto::{UnwrapKeyRequest, WrapKeyRequest};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let token = TestToken::create();
+    let data = tempfile::tempdir().unwrap();
+    let tenant = instance();
+    let server = TestServer::start(&token, data.path()).await;
+    let mut keys = server.keys().await;
+    let id = keys
+        .create_key(req(
+            &tenant,
+            CreateKeyRequest {
+                name: "busy".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap()
+        .id;
+
+    let signalled = Arc::new(AtomicBool::new(false));
+    let mut callers = Vec::new();
+    for worker in 0..16 {
+        let (mut client, tenant, id) = (keys.clone(), tenant.clone(), id.clone());
+        let signalled = Arc::clone(&signalled);
+        callers.push(tokio::spawn(async move {
+            let mut acknowledged = Vec::new();
+            for round in 0.. {
+                let plaintext = format!("{worker}-{round}").into_bytes();
+                let result = client
+                    .wrap_key(req(
+                        &tenant,
+                        WrapKeyRequest {
+                            id: id.clone(),
+                            plaintext: Some(plaintext.clone()),
+                            aad: vec![],
+                        },
+                    ))
+                    .await;
+                match result {
+                    Ok(response) => {
+                        acknowledged.push((plaintext, response.into_inner().ciphertext))
+                    }
+                    Err(status) => {
+                        // Only once shutdown began, and only as "not served", never a
+                        // broken answer.
+                        assert!(signalled.load(Ordering::SeqCst), "{status:?}");
+                        assert!(
+                            matches!(
+                                status.code(),
+                                tonic::Code::Unavailable
+                                    | tonic::Code::Unknown
+                                    | tonic::Code::Cancelled
+                            ),
+                            "{status:?}"
+                        );
+                        break;
+                    }
+                }
+            }
+            acknowledged
+        }));
+    }
+    // Let the load build up, then stop the server under it.
+    while callers.iter().all(|c| !c.is_finished()) && server.log().matches("WrapKey").count() < 200
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    signalled.store(true, Ordering::SeqCst);
+    let log_file = server.log_file.clone();
+    let status = server.stop().await;
+    assert!(status.success(), "{status:?}");
+
+    let mut acknowledged = Vec::new();
+    for caller in callers {
+        acknowledged.extend(caller.await.unwrap());
+    }
+    assert!(acknowledged.len() >= 200);
+    // Every call the server completed reached its caller: none was cut off mid-flight.
+    let log = std::fs::read_to_string(log_file).unwrap();
+    let completed = log
+        .lines()
+        .filter(|l| l.contains("operation=\"WrapKey\"") && l.contains("outcome=\"ok\""))
+        .count();
+    assert_eq!(completed, acknowledged.len());
+    assert!(log.contains("shutdown complete"));
+
+    let server = TestServer::start(&token, data.path()).await;
+    let mut keys = server.keys().await;
+    for (plaintext, ciphertext) in acknowledged {
+        let opened = keys
+            .unwrap_key(req(
+                &tenant,
+                UnwrapKeyRequest {
+                    id: id.clone(),
+                    ciphertext,
+                    aad: vec![],
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(opened.plaintext, plaintext);
+    }
+}
