@@ -1,14 +1,17 @@
 //! `kms.v1.KeyService`.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
+use uuid::Uuid;
 
 use super::{caller_context, convert, finish, parse_key_id};
-use crate::domain::KmsError;
 use crate::domain::ciphertext::{MAX_AAD_ENTRIES, MAX_AAD_ENTRY_BYTES, MAX_PLAINTEXT};
 use crate::domain::keys::{KeyManager, Material, NewKey};
+use crate::domain::model::KeyRecord;
 use crate::domain::model::now_millis;
+use crate::domain::{CallerContext, KmsError};
 use crate::proto;
 use crate::proto::key_service_server::KeyService;
 use crate::secret::SecretBytes;
@@ -170,15 +173,7 @@ impl KeyService for KeyApi {
     ) -> Result<Response<proto::KeyResponse>, Status> {
         let ctx = caller_context(&request)?;
         let id = parse_key_id("id", &request.get_ref().id);
-        let key_id = id.as_ref().ok().copied();
-        let result = async {
-            let key = self.keys.delete_key(&ctx, id?).await?;
-            Ok(proto::KeyResponse {
-                key: Some(convert::key(&key)),
-            })
-        }
-        .await;
-        finish(&ctx, "DeleteKey", key_id, result)
+        key_response(&ctx, "DeleteKey", id, |id| self.keys.delete_key(&ctx, id)).await
     }
 
     async fn wrap_key(
@@ -342,15 +337,7 @@ impl KeyService for KeyApi {
     ) -> Result<Response<proto::KeyResponse>, Status> {
         let ctx = caller_context(&request)?;
         let id = parse_key_id("id", &request.get_ref().id);
-        let key_id = id.as_ref().ok().copied();
-        let result = async {
-            let key = self.keys.disable_key(&ctx, id?).await?;
-            Ok(proto::KeyResponse {
-                key: Some(convert::key(&key)),
-            })
-        }
-        .await;
-        finish(&ctx, "DisableKey", key_id, result)
+        key_response(&ctx, "DisableKey", id, |id| self.keys.disable_key(&ctx, id)).await
     }
 
     async fn enable_key(
@@ -359,15 +346,7 @@ impl KeyService for KeyApi {
     ) -> Result<Response<proto::KeyResponse>, Status> {
         let ctx = caller_context(&request)?;
         let id = parse_key_id("id", &request.get_ref().id);
-        let key_id = id.as_ref().ok().copied();
-        let result = async {
-            let key = self.keys.enable_key(&ctx, id?).await?;
-            Ok(proto::KeyResponse {
-                key: Some(convert::key(&key)),
-            })
-        }
-        .await;
-        finish(&ctx, "EnableKey", key_id, result)
+        key_response(&ctx, "EnableKey", id, |id| self.keys.enable_key(&ctx, id)).await
     }
 
     async fn get_parameters_for_import(
@@ -390,6 +369,26 @@ impl KeyService for KeyApi {
     ) -> Result<Response<proto::KeyResponse>, Status> {
         Err(unimplemented("DeleteImportedKeyMaterial"))
     }
+}
+
+/// The shape shared by the RPCs that take a key id and answer with the key.
+async fn key_response<Fut>(
+    ctx: &CallerContext,
+    operation: &'static str,
+    id: Result<Uuid, KmsError>,
+    call: impl FnOnce(Uuid) -> Fut,
+) -> Result<Response<proto::KeyResponse>, Status>
+where
+    Fut: Future<Output = Result<KeyRecord, KmsError>>,
+{
+    let key_id = id.as_ref().ok().copied();
+    let result = match id {
+        Ok(id) => call(id).await.map(|key| proto::KeyResponse {
+            key: Some(convert::key(&key)),
+        }),
+        Err(e) => Err(e),
+    };
+    finish(ctx, operation, key_id, result)
 }
 
 /// At most 126 entries of 0..255 bytes each.

@@ -21,7 +21,7 @@ use super::model::{
     KeyFilter, KeyOrigin, KeyRecord, KeyState, Millis, RECORD_SCHEMA, VersionRecord, now_millis,
 };
 use super::{CallerContext, KmsError};
-use crate::hsm::{Hsm, HsmError, KeyVersionRef, VersionId};
+use crate::hsm::{Hsm, HsmError, KeyKind, KeyVersionRef, NewMaterial, VersionId};
 use crate::secret::SecretBytes;
 use crate::store::{GroupFlusher, KeyStore, StoreError};
 
@@ -72,42 +72,33 @@ impl KeyManager {
         ctx: &CallerContext,
         request: NewKey,
     ) -> Result<KeyRecord, KmsError> {
-        let (origin, imported, size_bits, wrapped) = match (request.extractable, request.material) {
-            (false, Material::Generate) => (
-                KeyOrigin::Generated,
-                false,
-                GENERATED_ROOT_KEY_BITS,
-                self.hsm.generate_root_key(GENERATED_ROOT_KEY_BITS).await?,
-            ),
-            (true, Material::Generate) => (
-                KeyOrigin::Generated,
-                false,
-                GENERATED_STANDARD_KEY_BITS,
-                self.hsm
-                    .generate_standard_key(GENERATED_STANDARD_KEY_BITS as usize / 8)
-                    .await?,
-            ),
-            (false, Material::Plaintext(material)) => {
-                check_size(&material, &ROOT_KEY_IMPORT_BYTES, "root")?;
-                let bits = material.len() as u32 * 8;
-                (
-                    KeyOrigin::Imported,
-                    true,
-                    bits,
-                    self.hsm.import_root_key(material).await?,
-                )
+        let kind = if request.extractable {
+            KeyKind::Standard
+        } else {
+            KeyKind::Root
+        };
+        let (origin, size_bits, material) = match request.material {
+            Material::Generate => {
+                let bits = match kind {
+                    KeyKind::Root => GENERATED_ROOT_KEY_BITS,
+                    KeyKind::Standard => GENERATED_STANDARD_KEY_BITS,
+                };
+                let bytes = bits as usize / 8;
+                (KeyOrigin::Generated, bits, NewMaterial::Generate { bytes })
             }
-            (true, Material::Plaintext(material)) => {
-                check_size(&material, &STANDARD_KEY_IMPORT_BYTES, "standard")?;
+            Material::Plaintext(material) => {
+                match kind {
+                    KeyKind::Root => check_size(&material, &ROOT_KEY_IMPORT_BYTES, "root")?,
+                    KeyKind::Standard => {
+                        check_size(&material, &STANDARD_KEY_IMPORT_BYTES, "standard")?
+                    }
+                }
                 let bits = material.len() as u32 * 8;
-                (
-                    KeyOrigin::Imported,
-                    true,
-                    bits,
-                    self.hsm.import_standard_key(material).await?,
-                )
+                (KeyOrigin::Imported, bits, NewMaterial::Import(material))
             }
         };
+        let imported = origin == KeyOrigin::Imported;
+        let wrapped = self.hsm.create_wrapped_key(kind, material).await?;
 
         let now = now_millis();
         let key_id = Uuid::new_v4();
@@ -244,7 +235,12 @@ impl KeyManager {
         require_root(&key, "RotateKey")?;
         require_state(&key, "RotateKey", &[KeyState::Active])?;
         let wrapped = match (key.imported, material) {
-            (false, None) => self.hsm.generate_root_key(key.size_bits).await?,
+            (false, None) => {
+                let bytes = key.size_bits as usize / 8;
+                self.hsm
+                    .create_wrapped_key(KeyKind::Root, NewMaterial::Generate { bytes })
+                    .await?
+            }
             (false, Some(_)) => {
                 return Err(KmsError::invalid(
                     "payload",
@@ -260,7 +256,9 @@ impl KeyManager {
             (true, Some(material)) => {
                 let bytes = key.size_bits as usize / 8;
                 check_size(&material, &[bytes], "new root")?;
-                self.hsm.import_root_key(material).await?
+                self.hsm
+                    .create_wrapped_key(KeyKind::Root, NewMaterial::Import(material))
+                    .await?
             }
         };
         let latest = self

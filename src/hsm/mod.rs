@@ -135,6 +135,23 @@ fn kwp_type() -> MechanismType {
     unsafe { std::mem::transmute::<c_ulong, MechanismType>(CKM_AES_KEY_WRAP_KWP) }
 }
 
+/// Root keys are AES keys that never leave the HSM; standard keys are generic secrets
+/// whose payload is handed back to authorised callers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyKind {
+    Root,
+    Standard,
+}
+
+/// Where a new key's material comes from.
+#[derive(Debug)]
+pub enum NewMaterial {
+    /// The HSM generates this many bytes.
+    Generate { bytes: usize },
+    /// Caller-supplied material, put into the HSM as is.
+    Import(SecretBytes),
+}
+
 /// A key wrapped under the master KEK, as stored.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WrappedKey {
@@ -298,49 +315,33 @@ impl Hsm {
         self.wrap_mechanisms().for_format(format)
     }
 
-    /// Generates an AES root key of `bits` in the HSM and returns it wrapped under the KEK.
-    pub async fn generate_root_key(&self, bits: u32) -> Result<WrappedKey, HsmError> {
+    /// Creates a key in the HSM (generated there, or from caller-supplied material) and
+    /// returns it wrapped under the KEK; the HSM object is destroyed before returning.
+    pub async fn create_wrapped_key(
+        &self,
+        kind: KeyKind,
+        material: NewMaterial,
+    ) -> Result<WrappedKey, HsmError> {
         let (kek, wrap) = (self.kek, self.preferred_wrap());
         self.run(move |session| {
-            let mut template = root_key_template();
-            template.push(Attribute::ValueLen(((bits / 8) as c_ulong).into()));
-            let key = session.generate_key(&Mechanism::AesKeyGen, &template)?;
-            wrap_and_destroy(session, wrap, kek, key)
-        })
-        .await
-    }
-
-    /// Puts caller-supplied AES material into the HSM as a root key and returns it wrapped.
-    pub async fn import_root_key(&self, material: SecretBytes) -> Result<WrappedKey, HsmError> {
-        let (kek, wrap) = (self.kek, self.preferred_wrap());
-        self.run(move |session| {
-            let mut template = root_key_template();
-            template.push(Attribute::KeyType(KeyType::AES));
-            let key = create_with_value(session, template, &material)?;
-            wrap_and_destroy(session, wrap, kek, key)
-        })
-        .await
-    }
-
-    /// Generates `bytes` of standard-key material in the HSM and returns it wrapped.
-    pub async fn generate_standard_key(&self, bytes: usize) -> Result<WrappedKey, HsmError> {
-        let (kek, wrap) = (self.kek, self.preferred_wrap());
-        self.run(move |session| {
-            let mut template = standard_key_template();
-            template.push(Attribute::ValueLen((bytes as c_ulong).into()));
-            let key = session.generate_key(&Mechanism::GenericSecretKeyGen, &template)?;
-            wrap_and_destroy(session, wrap, kek, key)
-        })
-        .await
-    }
-
-    /// Puts caller-supplied standard-key material into the HSM and returns it wrapped.
-    pub async fn import_standard_key(&self, material: SecretBytes) -> Result<WrappedKey, HsmError> {
-        let (kek, wrap) = (self.kek, self.preferred_wrap());
-        self.run(move |session| {
-            let mut template = standard_key_template();
-            template.push(Attribute::KeyType(KeyType::GENERIC_SECRET));
-            let key = create_with_value(session, template, &material)?;
+            let (mut template, key_type, generator) = match kind {
+                KeyKind::Root => (root_key_template(), KeyType::AES, Mechanism::AesKeyGen),
+                KeyKind::Standard => (
+                    standard_key_template(),
+                    KeyType::GENERIC_SECRET,
+                    Mechanism::GenericSecretKeyGen,
+                ),
+            };
+            let key = match material {
+                NewMaterial::Generate { bytes } => {
+                    template.push(Attribute::ValueLen((bytes as c_ulong).into()));
+                    session.generate_key(&generator, &template)?
+                }
+                NewMaterial::Import(material) => {
+                    template.push(Attribute::KeyType(key_type));
+                    create_with_value(session, template, &material)?
+                }
+            };
             wrap_and_destroy(session, wrap, kek, key)
         })
         .await
