@@ -45,5 +45,6 @@ if ! softhsm2-util --show-slots 2>/dev/null | grep -q "Label:[[:space:]]*$label[
 fi
 
 echo "SOFTHSM2_CONF=$conf"
+echo "KMS_HSM_MODULE=$module"
 echo "KMS_HSM_TOKEN_LABEL=$label"
 echo "KMS_HSM_PIN_FILE=$dir/user.pin"

@@ -1,6 +1,7 @@
-//! The SoftHSM test harness: a fresh token in a temporary directory (made by the
-//! project's own `softhsm/create-token.sh`), the real `kms` binary on 127.0.0.1 port 0,
-//! and readiness by the gRPC health check.
+//! The test harness: a fresh PKCS#11 token in a temporary directory (made by the
+//! project's own `softhsm/create-token.sh`, or `kryoptic/create-token.sh` when
+//! `KMS_TEST_TOKEN=kryoptic`), the real `kms` binary on 127.0.0.1 port 0, and readiness
+//! by the gRPC health check.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
@@ -18,15 +19,21 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-pub const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 const STARTUP_DEADLINE: Duration = Duration::from_secs(60);
 
-/// A SoftHSM token of its own, in a temporary directory.
+/// A token of its own, in a temporary directory.
 pub struct TestToken {
     pub dir: TempDir,
-    pub conf: PathBuf,
     pub label: String,
     pub pin_file: PathBuf,
+    pub module: PathBuf,
+    /// What the module needs in its environment (SOFTHSM2_CONF or KRYOPTIC_CONF).
+    pub env: Vec<(String, String)>,
+}
+
+/// Which soft token the suite runs against: `KMS_TEST_TOKEN` = softhsm (default) or kryoptic.
+pub fn token_kind() -> String {
+    std::env::var("KMS_TEST_TOKEN").unwrap_or_else(|_| "softhsm".into())
 }
 
 impl TestToken {
@@ -36,7 +43,9 @@ impl TestToken {
 
     pub fn create_labelled(label: &str) -> TestToken {
         let dir = tempfile::tempdir().expect("temp dir");
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("softhsm/create-token.sh");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(token_kind())
+            .join("create-token.sh");
         let output = Command::new("bash")
             .arg(&script)
             .arg(dir.path())
@@ -48,10 +57,26 @@ impl TestToken {
             "create-token.sh failed: {}",
             String::from_utf8_lossy(&output.stderr)
         );
+        // The script prints the environment to use the token, one NAME=value a line.
+        let printed = String::from_utf8(output.stdout).unwrap();
+        let value = |name: &str| {
+            printed
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}=")))
+                .unwrap_or_else(|| panic!("create-token.sh printed no {name}"))
+                .to_owned()
+        };
+        let env = printed
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .filter(|(k, _)| !k.starts_with("KMS_"))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
         TestToken {
-            conf: dir.path().join("softhsm2.conf"),
-            pin_file: dir.path().join("user.pin"),
+            pin_file: PathBuf::from(value("KMS_HSM_PIN_FILE")),
+            module: PathBuf::from(value("KMS_HSM_MODULE")),
             label: label.to_owned(),
+            env,
             dir,
         }
     }
@@ -114,15 +139,15 @@ impl TestServer {
             std::fs::write(
                 &config,
                 format!(
-                    "[hsm]\nmodule = {MODULE:?}\ntoken_label = {:?}\npin_file = {:?}\npool_size = 8\n",
-                    token.label, token.pin_file
+                    "[hsm]\nmodule = {:?}\ntoken_label = {:?}\npin_file = {:?}\npool_size = 8\n",
+                    token.module, token.label, token.pin_file
                 ),
             )
             .unwrap();
-            command
-                .arg("--config")
-                .arg(&config)
-                .env("SOFTHSM2_CONF", &token.conf);
+            command.arg("--config").arg(&config);
+            for (name, value) in &token.env {
+                command.env(name, value);
+            }
         }
         for (k, v) in &setup.extra_env {
             command.env(k, v);
