@@ -82,3 +82,50 @@ async fn reflection_lists_and_describes_the_services_and_health_reports_serving(
         assert_eq!(status, ServingStatus::Serving as i32, "service {service:?}");
     }
 }
+
+/// When the token disappears under the running server, health turns NOT_SERVING.
+/// SoftHSM only: its file object store notices the missing token directory.
+#[tokio::test]
+async fn health_reports_not_serving_when_the_token_goes_away() {
+    if common::token_kind() != "softhsm" {
+        eprintln!("skipped: needs SoftHSM's file-backed token directory");
+        return;
+    }
+    let token = TestToken::create();
+    let data = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&token, data.path()).await;
+    let mut health = HealthClient::new(server.channel().await);
+    let status = |health: &mut HealthClient<tonic::transport::Channel>| {
+        let mut health = health.clone();
+        async move {
+            health
+                .check(HealthCheckRequest {
+                    service: "kms.v1.KeyService".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .status
+        }
+    };
+    assert_eq!(status(&mut health).await, ServingStatus::Serving as i32);
+
+    std::fs::rename(
+        token.dir.path().join("tokens"),
+        token.dir.path().join("tokens.gone"),
+    )
+    .unwrap();
+    // The monitor checks every 2 s; poll the health service, not the clock.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if status(&mut health).await == ServingStatus::NotServing as i32 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never reported NOT_SERVING"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(server.log().contains("HSM health check failed"));
+}
