@@ -85,7 +85,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_tracing(&config);
+    let _log_writer = init_tracing(&config);
 
     if let Some(embedded) = &config.embedded {
         if let Err(e) = embedded.prepare_files() {
@@ -143,18 +143,25 @@ fn bench(options: kms::bench::BenchOptions) -> ExitCode {
     }
 }
 
-fn init_tracing(config: &Config) {
+/// Logs go to stderr through a buffered writer thread, so request paths never wait on a
+/// write syscall. Lines are never dropped: when the buffer is full, logging waits. The
+/// returned guard flushes what is buffered when `main` returns.
+fn init_tracing(config: &Config) -> tracing_appender::non_blocking::WorkerGuard {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log_filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match config.log_format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
+    guard
 }
 
 async fn shutdown_signal() {

@@ -179,7 +179,8 @@ async fn wrap_and_unwrap_round_trip_with_and_without_plaintext() {
     let other = wrap(&mut keys, &tenant, &id, None, vec![]).await.unwrap();
     assert_ne!(other.plaintext, generated.plaintext);
 
-    assert!(!server.log().contains(&format!("{:?}", generated.plaintext)));
+    let log = server.settled_log().await;
+    assert!(!log.contains(&format!("{:?}", generated.plaintext)));
 }
 
 #[tokio::test]

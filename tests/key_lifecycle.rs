@@ -128,7 +128,7 @@ async fn standard_keys_return_their_payload_generated_or_imported() {
     }
 
     // The material must not show up in the server's logs.
-    let log = server.log();
+    let log = server.settled_log().await;
     assert!(!log.contains(&hex(&payload_a)));
 }
 
@@ -470,7 +470,7 @@ async fn correlation_id_is_echoed_or_generated() {
         err.metadata().get("correlation-id").unwrap(),
         supplied.as_str()
     );
-    assert!(server.log().contains(&supplied));
+    assert!(server.log_eventually(&supplied).await);
 }
 
 #[tokio::test]

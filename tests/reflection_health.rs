@@ -127,5 +127,5 @@ async fn health_reports_not_serving_when_the_token_goes_away() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    assert!(server.log().contains("HSM health check failed"));
+    assert!(server.log_eventually("HSM health check failed").await);
 }

@@ -189,6 +189,12 @@ impl TestServer {
             data_dir: setup.data_dir.to_owned(),
         };
         server.wait_until_serving().await;
+        // Logs are written by a buffered thread: once the "listening" line is in the
+        // file, every start-up line before it is too.
+        assert!(
+            server.log_eventually("listening").await,
+            "no listening line in the log"
+        );
         Ok(server)
     }
 
@@ -234,6 +240,18 @@ impl TestServer {
         std::fs::read_to_string(&self.log_file).unwrap_or_default()
     }
 
+    /// Waits (up to 10 s) for `needle` to reach the log, which is written asynchronously.
+    pub async fn log_eventually(&self, needle: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.log().contains(needle) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
     /// SIGTERM, then wait for the process to exit. Waits on the blocking pool so that the
     /// test's own runtime keeps driving its client connections meanwhile.
     pub async fn stop(mut self) -> ExitStatus {
@@ -274,6 +292,23 @@ fn signal(child: &Child, name: &str) {
         .status()
         .unwrap();
     assert!(status.success());
+}
+
+impl TestServer {
+    /// The log as of now, including every call answered before this one: makes a
+    /// marked call and waits for its line, so absence checks cannot pass by racing the
+    /// asynchronous log writer.
+    pub async fn settled_log(&self) -> String {
+        let marker = uuid::Uuid::new_v4().to_string();
+        let mut request = req(&instance(), kms::proto::CountKeysRequest::default());
+        request.metadata_mut().insert(
+            "correlation-id",
+            MetadataValue::try_from(marker.as_str()).unwrap(),
+        );
+        self.keys().await.count_keys(request).await.unwrap();
+        assert!(self.log_eventually(&marker).await, "marker never logged");
+        self.log()
+    }
 }
 
 /// Wraps a message with the instance header.
