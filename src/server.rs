@@ -22,6 +22,8 @@ use crate::store::{GroupFlusher, KeyStore, SledStore, StoreError};
 
 /// How often the health service asks the token whether it is still there.
 const HSM_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+/// How often expired keys are looked for.
+const EXPIRY_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -71,6 +73,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
         flusher.clone(),
     ));
 
+    let sweeper = tokio::spawn(sweep_expired_keys(Arc::clone(&keys)));
     let (health, health_service) = tonic_health::server::health_reporter();
     let monitor = tokio::spawn(monitor_hsm(Arc::clone(&hsm), health));
 
@@ -137,6 +140,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
 
     tracing::info!("stopped accepting; closing down");
     monitor.abort();
+    sweeper.abort();
     let flushed = flusher.flush().await;
     drop(keys);
     tokio::task::spawn_blocking(move || hsm.shutdown()).await?;
@@ -144,6 +148,17 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
     flushed?;
     tracing::info!("shutdown complete");
     Ok(())
+}
+
+/// Moves keys whose expiration date passed to DEACTIVATED, so lists and counts are
+/// right even for keys nobody uses. (Any use of a key applies the same rule at once.)
+async fn sweep_expired_keys(keys: Arc<KeyManager>) {
+    loop {
+        if let Err(e) = keys.expire_due() {
+            tracing::error!(error = %e, "expiry sweep failed");
+        }
+        tokio::time::sleep(EXPIRY_SWEEP_INTERVAL).await;
+    }
 }
 
 /// Keeps the health service in step with the token: NOT_SERVING while it does not answer.

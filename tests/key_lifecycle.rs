@@ -493,3 +493,80 @@ async fn rpcs_not_built_yet_answer_unimplemented() {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+#[tokio::test]
+async fn expired_keys_are_deactivated_in_counts_and_lists_without_being_used() {
+    let (_t, _d, server) = server().await;
+    let mut keys = server.keys().await;
+    let tenant = instance();
+    let soon = std::time::SystemTime::now() + std::time::Duration::from_millis(1200);
+    let soon = soon.duration_since(std::time::UNIX_EPOCH).unwrap();
+    keys.create_key(req(
+        &tenant,
+        CreateKeyRequest {
+            name: "short-lived".into(),
+            expiration_date: Some(prost_types::Timestamp {
+                seconds: soon.as_secs() as i64,
+                nanos: soon.subsec_nanos() as i32,
+            }),
+            ..Default::default()
+        },
+    ))
+    .await
+    .unwrap();
+    keys.create_key(req(&tenant, create("long-lived", false, None)))
+        .await
+        .unwrap();
+    let count = |state: KeyState| CountKeysRequest {
+        state: vec![state as i32],
+        extractable: None,
+    };
+    assert_eq!(
+        keys.count_keys(req(&tenant, count(KeyState::Active)))
+            .await
+            .unwrap()
+            .into_inner()
+            .count,
+        2
+    );
+
+    // Nobody names the key; the server's sweep must notice the date on its own.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let deactivated = keys
+            .count_keys(req(&tenant, count(KeyState::Deactivated)))
+            .await
+            .unwrap()
+            .into_inner()
+            .count;
+        if deactivated == 1 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never deactivated");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let active = keys
+        .count_keys(req(&tenant, count(KeyState::Active)))
+        .await
+        .unwrap()
+        .into_inner()
+        .count;
+    assert_eq!(active, 1);
+    let listed = keys
+        .list_keys(req(&tenant, ListKeysRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    let states: Vec<_> = listed
+        .keys
+        .iter()
+        .map(|k| (k.name.as_str(), k.state))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("short-lived", KeyState::Deactivated as i32),
+            ("long-lived", KeyState::Active as i32)
+        ]
+    );
+}

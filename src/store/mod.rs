@@ -12,7 +12,7 @@ pub use sled_store::SledStore;
 
 use uuid::Uuid;
 
-use crate::domain::model::{KeyFilter, KeyRecord, VersionRecord};
+use crate::domain::model::{KeyFilter, KeyRecord, Millis, VersionRecord};
 
 /// Version of the on-disk layout (trees and key encodings) written by this build.
 pub const STORE_SCHEMA: u32 = 1;
@@ -93,4 +93,8 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// Number of an instance's keys matching the filter, from counters (no scan).
     fn count_keys(&self, instance: &str, filter: &KeyFilter) -> Result<u64, StoreError>;
+
+    /// Up to `limit` ACTIVE or SUSPENDED keys whose expiration date is at or before
+    /// `now`, as (instance, key id), from an index kept with the records.
+    fn due_for_expiry(&self, now: Millis, limit: usize) -> Result<Vec<(String, Uuid)>, StoreError>;
 }

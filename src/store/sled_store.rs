@@ -7,6 +7,8 @@
 //! - `counters`: instance 0x00 state extractable             -> count (BE u64)
 //!   (CountKeys sums at most ten counters; updated in the same transaction as records)
 //! - `versions`: key-uuid created-ms(BE u64) version-uuid    -> VersionRecord (JSON)
+//! - `expiry`:   expires-ms(BE u64) instance 0x00 key-uuid   -> ()
+//!   (ACTIVE and SUSPENDED keys with an expiration date, for the expiry sweep)
 //! - `meta`:     "schema_version"                            -> BE u32
 
 use std::path::Path;
@@ -18,7 +20,7 @@ use sled::{Transactional, Tree};
 use uuid::Uuid;
 
 use super::{KeyStore, STORE_SCHEMA, StoreError};
-use crate::domain::model::{KeyFilter, KeyRecord, KeyState, VersionRecord};
+use crate::domain::model::{KeyFilter, KeyRecord, KeyState, Millis, VersionRecord};
 
 const SCHEMA_KEY: &[u8] = b"schema_version";
 
@@ -28,6 +30,7 @@ pub struct SledStore {
     order: Tree,
     counters: Tree,
     versions: Tree,
+    expiry: Tree,
 }
 
 impl SledStore {
@@ -61,6 +64,7 @@ impl SledStore {
             order: db.open_tree("order")?,
             counters: db.open_tree("counters")?,
             versions: db.open_tree("versions")?,
+            expiry: db.open_tree("expiry")?,
             db,
         })
     }
@@ -100,6 +104,17 @@ fn counter_key(instance: &str, state: KeyState, extractable: bool) -> Vec<u8> {
     k.push(state.code());
     k.push(extractable as u8);
     k
+}
+
+/// The expiry-index entry of a key, if it should have one.
+fn expiry_key(key: &KeyRecord) -> Option<Vec<u8>> {
+    let at = key.expires_at?;
+    if !matches!(key.state, KeyState::Active | KeyState::Suspended) {
+        return None;
+    }
+    let mut k = (at.max(0) as u64).to_be_bytes().to_vec();
+    k.extend_from_slice(&key_key(&key.instance, key.id));
+    Some(k)
 }
 
 fn version_key(version: &VersionRecord) -> Vec<u8> {
@@ -152,18 +167,27 @@ impl KeyStore for SledStore {
     ) -> Result<(), StoreError> {
         let record = encode(key);
         let version_entry = version.map(|v| (version_key(v), encode(v)));
+        let expiry_entry = expiry_key(key);
         unpack(
-            (&self.keys, &self.order, &self.counters, &self.versions).transaction(
-                |(keys, order, counters, versions)| {
+            (
+                &self.keys,
+                &self.order,
+                &self.counters,
+                &self.versions,
+                &self.expiry,
+            )
+                .transaction(|(keys, order, counters, versions, expiry)| {
                     keys.insert(key_key(&key.instance, key.id), record.as_slice())?;
                     order.insert(order_key(key), &order_value(key))?;
                     add_to_counter(counters, key, 1)?;
+                    if let Some(entry) = &expiry_entry {
+                        expiry.insert(entry.as_slice(), &[])?;
+                    }
                     if let Some((vk, vv)) = &version_entry {
                         versions.insert(vk.as_slice(), vv.as_slice())?;
                     }
                     Ok(())
-                },
-            ),
+                }),
         )
     }
 
@@ -199,9 +223,16 @@ impl KeyStore for SledStore {
                 ));
             }
         }
+        let (old_expiry, new_expiry) = (expiry_key(previous), expiry_key(next));
         unpack(
-            (&self.keys, &self.order, &self.counters, &self.versions).transaction(
-                |(keys, order, counters, versions)| {
+            (
+                &self.keys,
+                &self.order,
+                &self.counters,
+                &self.versions,
+                &self.expiry,
+            )
+                .transaction(|(keys, order, counters, versions, expiry)| {
                     let kk = key_key(&previous.instance, previous.id);
                     match keys.get(&kk)? {
                         Some(current) if current.as_ref() == expected.as_slice() => {}
@@ -214,9 +245,16 @@ impl KeyStore for SledStore {
                     for (vk, vv) in erased.iter().chain(added.iter()) {
                         versions.insert(vk.as_slice(), vv.as_slice())?;
                     }
+                    if old_expiry != new_expiry {
+                        if let Some(entry) = &old_expiry {
+                            expiry.remove(entry.as_slice())?;
+                        }
+                        if let Some(entry) = &new_expiry {
+                            expiry.insert(entry.as_slice(), &[])?;
+                        }
+                    }
                     Ok(())
-                },
-            ),
+                }),
         )
     }
 
@@ -288,6 +326,15 @@ impl KeyStore for SledStore {
         Ok((page, total))
     }
 
+    fn due_for_expiry(&self, now: Millis, limit: usize) -> Result<Vec<(String, Uuid)>, StoreError> {
+        let end = ((now.max(0) as u64) + 1).to_be_bytes();
+        self.expiry
+            .range(..end.as_slice())
+            .take(limit)
+            .map(|entry| Self::decode_expiry_entry(&entry?.0))
+            .collect()
+    }
+
     fn count_keys(&self, instance: &str, filter: &KeyFilter) -> Result<u64, StoreError> {
         let mut total = 0u64;
         for state in KeyState::ALL {
@@ -309,6 +356,26 @@ impl KeyStore for SledStore {
             }
         }
         Ok(total)
+    }
+}
+
+impl SledStore {
+    fn decode_expiry_entry(entry: &[u8]) -> Result<(String, Uuid), StoreError> {
+        let corrupt = || StoreError::Corrupt {
+            what: "expiry index".into(),
+            reason: "malformed entry".into(),
+        };
+        if entry.len() < 8 + 1 + 16 {
+            return Err(corrupt());
+        }
+        let rest = &entry[8..];
+        let (instance, id) = rest.split_at(rest.len() - 16);
+        let instance = instance.strip_suffix(&[0]).ok_or_else(corrupt)?;
+        let instance = String::from_utf8(instance.to_vec()).map_err(|_| corrupt())?;
+        Ok((
+            instance,
+            Uuid::from_bytes(id.try_into().map_err(|_| corrupt())?),
+        ))
     }
 }
 
@@ -372,6 +439,29 @@ mod tests {
             Err(StoreError::Conflict)
         ));
         assert_eq!(store.count_keys("a", &active).unwrap(), 1);
+    }
+
+    #[test]
+    fn expiry_index_follows_state_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let mut a = key("a", 1, KeyState::Active, false);
+        a.expires_at = Some(100);
+        store.insert_key(&a, None).unwrap();
+        store
+            .insert_key(&key("a", 2, KeyState::Active, false), None)
+            .unwrap();
+        assert!(store.due_for_expiry(99, 10).unwrap().is_empty());
+        assert_eq!(
+            store.due_for_expiry(100, 10).unwrap(),
+            [("a".to_string(), a.id)]
+        );
+        let deactivated = KeyRecord {
+            state: KeyState::Deactivated,
+            ..a.clone()
+        };
+        store.replace_key(&a, &deactivated, None, false).unwrap();
+        assert!(store.due_for_expiry(1000, 10).unwrap().is_empty());
     }
 
     #[test]
