@@ -33,13 +33,7 @@ async fn bad_inputs_are_refused_naming_the_field_and_change_nothing() {
     let server = TestServer::start(&token, data.path()).await;
     let mut keys = server.keys().await;
     let tenant = instance();
-    let existing = keys
-        .create_key(req(&tenant, named("existing")))
-        .await
-        .unwrap()
-        .into_inner()
-        .key
-        .unwrap();
+    let existing = common::create_key(&mut keys, &tenant, named("existing")).await;
     let before = total(&mut keys, &tenant).await;
 
     let now = std::time::SystemTime::now()

@@ -46,13 +46,7 @@ async fn root_key(keys: &mut Client, tenant: &str) -> String {
 }
 
 async fn create(keys: &mut Client, tenant: &str, request: CreateKeyRequest) -> String {
-    keys.create_key(req(tenant, request))
-        .await
-        .unwrap()
-        .into_inner()
-        .key
-        .unwrap()
-        .id
+    common::create_key(keys, tenant, request).await.id
 }
 
 fn strings(list: &[&str]) -> Vec<String> {

@@ -33,13 +33,7 @@ async fn root_key_is_generated_in_the_hsm_and_never_returns_material() {
 
     let mut request = create("payments-root", false, None);
     request.description = "wraps payment DEKs".into();
-    let created = keys
-        .create_key(req(&tenant, request))
-        .await
-        .unwrap()
-        .into_inner()
-        .key
-        .unwrap();
+    let created = common::create_key(&mut keys, &tenant, request).await;
     assert_eq!(created.state, KeyState::Active as i32);
     assert_eq!(created.origin, KeyOrigin::Generated as i32);
     assert_eq!(created.size_bits, 256);
@@ -70,13 +64,7 @@ async fn standard_keys_return_their_payload_generated_or_imported() {
     let mut keys = server.keys().await;
     let tenant = instance();
 
-    let generated = keys
-        .create_key(req(&tenant, create("std-gen", true, None)))
-        .await
-        .unwrap()
-        .into_inner()
-        .key
-        .unwrap();
+    let generated = common::create_key(&mut keys, &tenant, create("std-gen", true, None)).await;
     let payload_a = keys
         .get_key(req(
             &tenant,
@@ -106,16 +94,12 @@ async fn standard_keys_return_their_payload_generated_or_imported() {
 
     for len in [32usize, 48, 64] {
         let material: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
-        let imported = keys
-            .create_key(req(
-                &tenant,
-                create("std-imp", true, Some(material.clone())),
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .key
-            .unwrap();
+        let imported = common::create_key(
+            &mut keys,
+            &tenant,
+            create("std-imp", true, Some(material.clone())),
+        )
+        .await;
         assert_eq!(imported.origin, KeyOrigin::Imported as i32);
         assert!(imported.imported);
         assert_eq!(imported.size_bits as usize, len * 8);
@@ -233,13 +217,12 @@ async fn listing_pages_in_creation_order_with_filters_and_totals() {
     let mut created: Vec<Key> = Vec::new();
     for i in 0..9 {
         let extractable = i % 3 == 0;
-        let key = keys
-            .create_key(req(&tenant, create(&format!("k{i}"), extractable, None)))
-            .await
-            .unwrap()
-            .into_inner()
-            .key
-            .unwrap();
+        let key = common::create_key(
+            &mut keys,
+            &tenant,
+            create(&format!("k{i}"), extractable, None),
+        )
+        .await;
         created.push(key);
     }
     // Destroy two root keys.

@@ -16,48 +16,36 @@ async fn keys_survive_a_graceful_restart_and_stay_usable() {
 
     let server = TestServer::start(&token, data.path()).await;
     let mut keys = server.keys().await;
-    let root = keys
-        .create_key(req(
-            &tenant,
-            CreateKeyRequest {
-                name: "root".into(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .key
-        .unwrap();
+    let root = common::create_key(
+        &mut keys,
+        &tenant,
+        CreateKeyRequest {
+            name: "root".into(),
+            ..Default::default()
+        },
+    )
+    .await;
     let material = vec![0x42; 48];
-    let standard = keys
-        .create_key(req(
-            &tenant,
-            CreateKeyRequest {
-                name: "std".into(),
-                extractable: true,
-                payload: Some(material.clone()),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .key
-        .unwrap();
-    let gone = keys
-        .create_key(req(
-            &tenant,
-            CreateKeyRequest {
-                name: "gone".into(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .key
-        .unwrap();
+    let standard = common::create_key(
+        &mut keys,
+        &tenant,
+        CreateKeyRequest {
+            name: "std".into(),
+            extractable: true,
+            payload: Some(material.clone()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let gone = common::create_key(
+        &mut keys,
+        &tenant,
+        CreateKeyRequest {
+            name: "gone".into(),
+            ..Default::default()
+        },
+    )
+    .await;
     keys.delete_key(req(
         &tenant,
         DeleteKeyRequest {
@@ -128,21 +116,17 @@ async fn acknowledged_writes_survive_kill_9() {
         let mut client = keys.clone();
         let tenant = tenant.clone();
         tasks.push(tokio::spawn(async move {
-            client
-                .create_key(req(
-                    &tenant,
-                    CreateKeyRequest {
-                        name: format!("k{i}"),
-                        extractable: i % 2 == 0,
-                        ..Default::default()
-                    },
-                ))
-                .await
-                .unwrap()
-                .into_inner()
-                .key
-                .unwrap()
-                .id
+            common::create_key(
+                &mut client,
+                &tenant,
+                CreateKeyRequest {
+                    name: format!("k{i}"),
+                    extractable: i % 2 == 0,
+                    ..Default::default()
+                },
+            )
+            .await
+            .id
         }));
     }
     let mut acknowledged = Vec::new();
@@ -289,20 +273,16 @@ async fn sigterm_under_load_finishes_calls_and_every_acknowledged_result_holds()
     let tenant = instance();
     let server = TestServer::start(&token, data.path()).await;
     let mut keys = server.keys().await;
-    let id = keys
-        .create_key(req(
-            &tenant,
-            CreateKeyRequest {
-                name: "busy".into(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .key
-        .unwrap()
-        .id;
+    let id = common::create_key(
+        &mut keys,
+        &tenant,
+        CreateKeyRequest {
+            name: "busy".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .id;
 
     let signalled = Arc::new(AtomicBool::new(false));
     let mut callers = Vec::new();

@@ -311,6 +311,20 @@ impl TestServer {
     }
 }
 
+/// CreateKey in `tenant`, returning the created key's metadata.
+pub async fn create_key(
+    keys: &mut KeyServiceClient<Channel>,
+    tenant: &str,
+    request: kms::proto::CreateKeyRequest,
+) -> kms::proto::Key {
+    keys.create_key(req(tenant, request))
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap()
+}
+
 /// Wraps a message with the instance header.
 pub fn req<T>(instance: &str, message: T) -> Request<T> {
     let mut request = Request::new(message);
