@@ -69,6 +69,17 @@ impl SledStore {
         })
     }
 
+    /// Every tree a key's records live in: each key transaction spans them all.
+    fn key_trees(&self) -> (&Tree, &Tree, &Tree, &Tree, &Tree) {
+        (
+            &self.keys,
+            &self.order,
+            &self.counters,
+            &self.versions,
+            &self.expiry,
+        )
+    }
+
     /// The handle the group flusher syncs.
     pub fn db(&self) -> sled::Db {
         self.db.clone()
@@ -169,13 +180,7 @@ impl KeyStore for SledStore {
         let version_entry = version.map(|v| (version_key(v), encode(v)));
         let expiry_entry = expiry_key(key);
         unpack(
-            (
-                &self.keys,
-                &self.order,
-                &self.counters,
-                &self.versions,
-                &self.expiry,
-            )
+            self.key_trees()
                 .transaction(|(keys, order, counters, versions, expiry)| {
                     keys.insert(key_key(&key.instance, key.id), record.as_slice())?;
                     order.insert(order_key(key), &order_value(key))?;
@@ -225,13 +230,7 @@ impl KeyStore for SledStore {
         }
         let (old_expiry, new_expiry) = (expiry_key(previous), expiry_key(next));
         unpack(
-            (
-                &self.keys,
-                &self.order,
-                &self.counters,
-                &self.versions,
-                &self.expiry,
-            )
+            self.key_trees()
                 .transaction(|(keys, order, counters, versions, expiry)| {
                     let kk = key_key(&previous.instance, previous.id);
                     match keys.get(&kk)? {
