@@ -90,7 +90,8 @@ pub(crate) fn finish<T>(
     key_id: Option<Uuid>,
     result: Result<T, KmsError>,
 ) -> Result<Response<T>, Status> {
-    let key_id = key_id.map(|id| id.to_string()).unwrap_or_default();
+    // Formatted only if the event is actually logged.
+    let key_id = key_id.map(tracing::field::display);
     match result {
         Ok(message) => {
             tracing::info!(
