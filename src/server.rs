@@ -31,6 +31,11 @@ pub enum ServeError {
     Store(#[from] StoreError),
     #[error("HSM: {0}")]
     Hsm(#[from] HsmError),
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: String,
@@ -48,7 +53,10 @@ pub enum ServeError {
 /// finish, flushes the store, closes the HSM sessions and finalizes the module.
 pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
     if let Some(parent) = config.store_path.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| StoreError::Flush(e.to_string()))?;
+        std::fs::create_dir_all(parent).map_err(|source| ServeError::DataDir {
+            path: parent.display().to_string(),
+            source,
+        })?;
     }
     let store = Arc::new(SledStore::open(&config.store_path)?);
     let may_create_kek = !store.has_keys()?;
