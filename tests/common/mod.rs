@@ -97,6 +97,19 @@ pub struct TestServer {
     pub data_dir: PathBuf,
 }
 
+/// A server that exited (or never printed its address) instead of starting.
+#[derive(Debug)]
+pub struct StartFailure {
+    pub status: Option<ExitStatus>,
+    pub log: String,
+}
+
+impl std::fmt::Display for StartFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit {:?}; log:\n{}", self.status, self.log)
+    }
+}
+
 /// How to start the server.
 pub struct ServerSetup<'a> {
     pub token: Option<&'a TestToken>,
@@ -117,7 +130,7 @@ impl TestServer {
     }
 
     /// Starts the server; on failure returns its exit status and log.
-    pub async fn try_start(setup: ServerSetup<'_>) -> Result<TestServer, String> {
+    pub async fn try_start(setup: ServerSetup<'_>) -> Result<TestServer, StartFailure> {
         std::fs::create_dir_all(setup.data_dir).unwrap();
         let log_file = setup.data_dir.join(format!(
             "server-{}.log",
@@ -175,11 +188,10 @@ impl TestServer {
                 .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
                 .to_owned(),
             Err(_) => {
-                let status = child.wait().ok();
-                return Err(format!(
-                    "exit {status:?}; log:\n{}",
-                    std::fs::read_to_string(&log_file).unwrap_or_default()
-                ));
+                return Err(StartFailure {
+                    status: child.wait().ok(),
+                    log: std::fs::read_to_string(&log_file).unwrap_or_default(),
+                });
             }
         };
         let server = TestServer {
