@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
-# Installs what kms needs on a Debian machine: SoftHSMv2 (the development and test HSM).
+# Installs what kms needs on a Debian machine: SoftHSMv2 (the development and test HSM),
+# OpenSSL's headers (the OAEP decoder of the SHA-256 fallback and the import client link
+# libcrypto) and, with --test, Python's `cryptography` package, which the tests use as an
+# independent implementation of the client half of key import.
 # Rust comes from rustup; protoc comes from crates.io at build time.
 set -euo pipefail
 
 need=()
+have_pkg() { dpkg -s "$1" >/dev/null 2>&1; }
 [ -e /usr/lib/softhsm/libsofthsm2.so ] && command -v softhsm2-util >/dev/null 2>&1 || need+=(softhsm2)
+for pkg in libssl-dev pkg-config; do have_pkg "$pkg" || need+=("$pkg"); done
+if [ "${1:-}" = "--test" ]; then
+  python3 -c 'import cryptography.hazmat.primitives.ciphers.aead' >/dev/null 2>&1 || need+=(python3-cryptography)
+fi
 command -v cargo >/dev/null 2>&1 || { echo "cargo not found: install Rust with rustup first" >&2; exit 1; }
 
 if [ ${#need[@]} -gt 0 ]; then

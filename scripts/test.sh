@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 tokens=${KMS_TEST_TOKENS:-softhsm kryoptic}
-bash scripts/deps.sh
+bash scripts/deps.sh --test
 for token in $tokens; do
   echo "== tests against $token" >&2
   case "$token" in

@@ -47,7 +47,33 @@ struct FileConfig {
     shutdown_grace_secs: Option<u64>,
     hsm: Option<HsmSection>,
     log: Option<LogSection>,
+    import: Option<ImportSection>,
 }
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportSection {
+    rsa_pool_size: Option<usize>,
+    min_token_expiration_secs: Option<u32>,
+    parameters_lifetime_secs: Option<u64>,
+}
+
+/// Key import settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImportConfig {
+    /// Pre-generated RSA key pairs kept per size (2048, 3072, 4096); 0 turns the pool
+    /// off, so every pair is generated on the request path.
+    pub rsa_pool_size: usize,
+    /// Lower bound of CreateImportToken's expiration. 300 s as in the API contract; a
+    /// test deployment may lower it to exercise expiry quickly.
+    pub min_token_expiration_secs: u32,
+    /// How long GetParametersForImport's token and public key stay valid (24 h).
+    pub parameters_lifetime: Duration,
+}
+
+pub const DEFAULT_RSA_POOL_SIZE: usize = 2;
+pub const DEFAULT_MIN_TOKEN_EXPIRATION_SECS: u32 = 300;
+pub const DEFAULT_PARAMETERS_LIFETIME_SECS: u64 = 24 * 60 * 60;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -59,6 +85,7 @@ struct HsmSection {
     kek_label: Option<String>,
     pool_size: Option<usize>,
     key_cache_size: Option<usize>,
+    oaep_fallback: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -89,6 +116,7 @@ pub struct Config {
     pub log_filter: String,
     /// How long in-flight calls may take to finish after SIGTERM/SIGINT.
     pub shutdown_grace: Duration,
+    pub import: ImportConfig,
 }
 
 /// Reads environment variables; a seam so tests need not touch the process environment.
@@ -173,8 +201,15 @@ impl Config {
                     .unwrap_or_else(|| DEFAULT_KEK_LABEL.into()),
                 pool_size: section.pool_size.unwrap_or_else(default_pool_size),
                 key_cache_size: section.key_cache_size.unwrap_or(DEFAULT_KEY_CACHE_SIZE),
+                oaep_fallback: true,
             },
         };
+        if let Some(fallback) = section.oaep_fallback {
+            hsm.oaep_fallback = fallback;
+        }
+        if let Some(fallback) = parsed_var::<bool>(env, "KMS_HSM_OAEP_FALLBACK")? {
+            hsm.oaep_fallback = fallback;
+        }
         if let Some(label) = env.var("KMS_HSM_TOKEN_LABEL") {
             hsm.token_label = label;
         }
@@ -238,7 +273,43 @@ impl Config {
                 .unwrap_or(DEFAULT_SHUTDOWN_GRACE_SECS),
         };
 
+        let section = file.import.unwrap_or_default();
+        let import = ImportConfig {
+            rsa_pool_size: parsed_var(env, "KMS_IMPORT_RSA_POOL_SIZE")?
+                .or(section.rsa_pool_size)
+                .unwrap_or(DEFAULT_RSA_POOL_SIZE),
+            min_token_expiration_secs: parsed_var(env, "KMS_IMPORT_MIN_TOKEN_EXPIRATION_SECS")?
+                .or(section.min_token_expiration_secs)
+                .unwrap_or(DEFAULT_MIN_TOKEN_EXPIRATION_SECS),
+            parameters_lifetime: Duration::from_secs(
+                parsed_var(env, "KMS_IMPORT_PARAMETERS_LIFETIME_SECS")?
+                    .or(section.parameters_lifetime_secs)
+                    .unwrap_or(DEFAULT_PARAMETERS_LIFETIME_SECS),
+            ),
+        };
+        if import.rsa_pool_size > 64 {
+            return Err(ConfigError::Invalid {
+                name: "import.rsa_pool_size".into(),
+                reason: "must be 0..64".into(),
+            });
+        }
+        if !(1..=DEFAULT_MIN_TOKEN_EXPIRATION_SECS).contains(&import.min_token_expiration_secs) {
+            return Err(ConfigError::Invalid {
+                name: "import.min_token_expiration_secs".into(),
+                reason: format!("must be 1..{DEFAULT_MIN_TOKEN_EXPIRATION_SECS}"),
+            });
+        }
+        if import.parameters_lifetime.is_zero()
+            || import.parameters_lifetime > Duration::from_secs(DEFAULT_PARAMETERS_LIFETIME_SECS)
+        {
+            return Err(ConfigError::Invalid {
+                name: "import.parameters_lifetime_secs".into(),
+                reason: format!("must be 1..{DEFAULT_PARAMETERS_LIFETIME_SECS}"),
+            });
+        }
+
         Ok(Config {
+            import,
             shutdown_grace: Duration::from_secs(shutdown_grace_secs),
             listen,
             store_path: data_dir.join("db"),
@@ -249,6 +320,18 @@ impl Config {
             log_filter,
         })
     }
+}
+
+/// An environment variable parsed as `T`, naming the variable when it does not parse.
+fn parsed_var<T: std::str::FromStr>(env: &dyn Env, name: &str) -> Result<Option<T>, ConfigError> {
+    env.var(name)
+        .map(|text| {
+            text.parse().map_err(|_| ConfigError::Invalid {
+                name: name.into(),
+                reason: format!("{text:?} is not a valid value"),
+            })
+        })
+        .transpose()
 }
 
 #[cfg(test)]

@@ -15,7 +15,8 @@ use tonic_health::server::HealthReporter;
 use crate::api::{ImportTokenApi, KeyApi};
 use crate::config::Config;
 use crate::domain::keys::KeyManager;
-use crate::hsm::{Hsm, HsmError};
+use crate::hsm::oaep::OaepHash;
+use crate::hsm::{Hsm, HsmError, OaepSupport};
 use crate::proto::import_token_service_server::ImportTokenServiceServer;
 use crate::proto::key_service_server::KeyServiceServer;
 use crate::store::{GroupFlusher, KeyStore, SledStore, StoreError};
@@ -71,8 +72,26 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
         rfc3394 = caps.rfc3394,
         aes_gcm = caps.aes_gcm,
         pool_size = config.hsm.pool_size,
+        oaep_sha1 = ?caps.oaep_sha1,
+        oaep_sha256 = ?caps.oaep_sha256,
         "HSM ready"
     );
+    for hash in OaepHash::ALL {
+        match caps.oaep(hash) {
+            OaepSupport::Native => {}
+            OaepSupport::Fallback => tracing::warn!(
+                algorithm = hash.algorithm_name(),
+                "the token cannot decrypt this RSA-OAEP variant natively: using the \
+                 fallback (raw RSA in the HSM, OAEP padding removed in this process by \
+                 OpenSSL); set hsm.oaep_fallback = false to refuse it instead"
+            ),
+            OaepSupport::Unavailable => tracing::warn!(
+                algorithm = hash.algorithm_name(),
+                "the token cannot decrypt this RSA-OAEP variant and the fallback is off \
+                 or impossible: imports using it will be refused"
+            ),
+        }
+    }
 
     let flusher = GroupFlusher::start(store.db());
     let keys = Arc::new(KeyManager::new(

@@ -49,6 +49,10 @@ pub enum HsmError {
     #[error("reading the key blob from storage failed: {0}")]
     BlobLoad(String),
 
+    /// Key import input that the HSM (or the OAEP decoder) refused.
+    #[error("key import refused: {0}")]
+    ImportRefused(#[from] super::rsa::ImportRefusal),
+
     #[error("embedded token setup: {0}")]
     Setup(String),
 

@@ -16,9 +16,11 @@
 
 mod cache;
 mod error;
+pub mod oaep;
 mod pool;
 pub mod provision;
 mod random;
+mod rsa;
 
 use std::os::raw::c_ulong;
 use std::path::PathBuf;
@@ -40,6 +42,11 @@ use cache::{CachedKey, KeyCache};
 pub use error::HsmError;
 use pool::SessionPool;
 use random::RandomReserve;
+pub use rsa::{
+    ImportRefusal, ImportedMaterial, MaterialImport, NonceProof, OaepSupport, RsaKeyPair,
+    encrypt_oaep,
+};
+use oaep::OaepHash;
 
 use crate::secret::SecretBytes;
 
@@ -57,6 +64,9 @@ pub struct HsmConfig {
     pub pool_size: usize,
     /// How many unwrapped root-key versions to keep in the HSM.
     pub key_cache_size: usize,
+    /// Whether an OAEP hash the token cannot decrypt natively is served by raw RSA in
+    /// the HSM plus OpenSSL's OAEP decoder in the process.
+    pub oaep_fallback: bool,
 }
 
 /// Where the user PIN comes from. Never the command line.
@@ -99,7 +109,7 @@ pub enum WrapFormat {
 
 /// The token's mechanism for each wrap format, chosen by probing at start-up.
 #[derive(Clone, Copy, Debug)]
-enum WrapMechanism {
+pub(super) enum WrapMechanism {
     /// CKM_AES_KEY_WRAP_PAD (0x210A).
     Pad,
     /// CKM_AES_KEY_WRAP_KWP (0x210B).
@@ -166,6 +176,17 @@ pub struct Capabilities {
     pub rfc5649_mechanism: Option<&'static str>,
     pub rfc3394: bool,
     pub aes_gcm: bool,
+    pub oaep_sha1: OaepSupport,
+    pub oaep_sha256: OaepSupport,
+}
+
+impl Capabilities {
+    pub fn oaep(&self, hash: OaepHash) -> OaepSupport {
+        match hash {
+            OaepHash::Sha1 => self.oaep_sha1,
+            OaepHash::Sha256 => self.oaep_sha256,
+        }
+    }
 }
 
 /// The process's one connection to the token.
@@ -233,7 +254,19 @@ impl Hsm {
 
         let (rfc5649, rfc3394) = probe_wrap_mechanisms(&ctx, slot);
         let aes_gcm = ctx.get_mechanism_info(slot, MechanismType::AES_GCM).is_ok();
+        let raw_rsa = rsa::raw_rsa_offered(&ctx, slot);
+        let oaep = |hash| {
+            if rsa::probe_native_oaep(&anchor, hash) {
+                OaepSupport::Native
+            } else if config.oaep_fallback && raw_rsa {
+                OaepSupport::Fallback
+            } else {
+                OaepSupport::Unavailable
+            }
+        };
         let capabilities = Capabilities {
+            oaep_sha1: oaep(OaepHash::Sha1),
+            oaep_sha256: oaep(OaepHash::Sha256),
             rfc5649_mechanism: rfc5649.map(|m| match m {
                 WrapMechanism::Pad => "CKM_AES_KEY_WRAP_PAD",
                 _ => "CKM_AES_KEY_WRAP_KWP",
@@ -343,6 +376,33 @@ impl Hsm {
                 }
             };
             wrap_and_destroy(session, wrap, kek, key)
+        })
+        .await
+    }
+
+    /// Generates an RSA key pair in the HSM; returns the public key and the private key
+    /// wrapped under the KEK. Takes seconds for large keys (RSA-4096).
+    pub async fn generate_rsa_pair(&self, bits: u32) -> Result<RsaKeyPair, HsmError> {
+        let kek = self.kek;
+        let wrap = self.rfc5649.ok_or(HsmError::MechanismMissing {
+            what: "RFC 5649 AES key wrap (needed to store RSA private keys)",
+        })?;
+        self.run(move |session| rsa::generate_pair(session, bits, kek, wrap))
+            .await
+    }
+
+    /// Imports RSA-OAEP-wrapped AES material with a stored private key: into the HSM,
+    /// nonce proof checked there, returned KEK-wrapped with its check value.
+    pub async fn import_material(
+        &self,
+        request: MaterialImport,
+    ) -> Result<ImportedMaterial, HsmError> {
+        let kek = self.kek;
+        let kek_wrap = self.preferred_wrap();
+        let private_wrap = self.mechanism_for(request.private_key.format)?;
+        let support = self.capabilities.oaep(request.hash);
+        self.run(move |session| {
+            rsa::import_material(session, kek, kek_wrap, private_wrap, support, request)
         })
         .await
     }
@@ -686,7 +746,7 @@ fn standard_key_template() -> Vec<Attribute> {
 }
 
 /// C_CreateObject with CKA_VALUE, wiping the template's copy of the material afterwards.
-fn create_with_value(
+pub(super) fn create_with_value(
     session: &Session,
     mut template: Vec<Attribute>,
     material: &SecretBytes,
@@ -702,7 +762,7 @@ fn create_with_value(
 }
 
 /// Wraps `key` under the KEK, then destroys the session object whatever happened.
-fn wrap_and_destroy(
+pub(super) fn wrap_and_destroy(
     session: &Session,
     wrap: WrapMechanism,
     kek: ObjectHandle,

@@ -78,6 +78,7 @@ impl EmbeddedSoftHsm {
             kek_label: DEFAULT_KEK_LABEL.into(),
             pool_size: default_pool_size(),
             key_cache_size: DEFAULT_KEY_CACHE_SIZE,
+            oaep_fallback: true,
         }
     }
 
