@@ -14,12 +14,14 @@ use tonic_health::server::HealthReporter;
 
 use crate::api::{ImportTokenApi, KeyApi};
 use crate::config::Config;
-use crate::domain::keys::KeyManager;
+use crate::domain::import_tokens::ImportTokenManager;
+use crate::domain::key_pairs::KeyPairPool;
+use crate::domain::keys::{Imports, KeyManager};
 use crate::hsm::oaep::OaepHash;
 use crate::hsm::{Hsm, HsmError, OaepSupport};
 use crate::proto::import_token_service_server::ImportTokenServiceServer;
 use crate::proto::key_service_server::KeyServiceServer;
-use crate::store::{GroupFlusher, KeyStore, SledStore, StoreError};
+use crate::store::{GroupFlusher, ImportStore, KeyStore, SledStore, StoreError};
 
 /// How often the health service asks the token whether it is still there.
 const HSM_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
@@ -94,13 +96,33 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
     }
 
     let flusher = GroupFlusher::start(store.db());
+    let import_store = store.clone() as Arc<dyn ImportStore>;
+    let pairs = KeyPairPool::new(
+        Arc::clone(&hsm),
+        Arc::clone(&import_store),
+        config.import.rsa_pool_size,
+    );
+    let tokens = Arc::new(ImportTokenManager::new(
+        Arc::clone(&hsm),
+        Arc::clone(&import_store),
+        flusher.clone(),
+        Arc::clone(&pairs),
+        config.import.min_token_expiration_secs,
+    ));
     let keys = Arc::new(KeyManager::new(
         Arc::clone(&hsm),
         store.clone() as Arc<dyn KeyStore>,
         flusher.clone(),
+        Imports {
+            store: import_store,
+            tokens: Arc::clone(&tokens),
+            pairs: Arc::clone(&pairs),
+            parameters_lifetime: config.import.parameters_lifetime,
+        },
     ));
 
-    let sweeper = tokio::spawn(sweep_expired_keys(Arc::clone(&keys)));
+    let sweeper = tokio::spawn(sweep_expired(Arc::clone(&keys), Arc::clone(&tokens)));
+    let refill = tokio::spawn(pairs.refill_forever());
     let (health, health_service) = tonic_health::server::health_reporter();
     let monitor = tokio::spawn(monitor_hsm(Arc::clone(&hsm), health));
 
@@ -149,7 +171,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(KeyServiceServer::new(KeyApi::new(Arc::clone(&keys))))
-        .add_service(ImportTokenServiceServer::new(ImportTokenApi))
+        .add_service(ImportTokenServiceServer::new(ImportTokenApi::new(tokens)))
         .serve_with_incoming_shutdown(
             // Without TCP_NODELAY, small responses wait on delayed ACKs (~40 ms tails).
             TcpIncoming::from(listener)
@@ -168,6 +190,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
     tracing::info!("stopped accepting; closing down");
     monitor.abort();
     sweeper.abort();
+    refill.abort();
     let flushed = flusher.flush().await;
     drop(keys);
     tokio::task::spawn_blocking(move || hsm.shutdown()).await?;
@@ -177,12 +200,20 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
     Ok(())
 }
 
-/// Moves keys whose expiration date passed to DEACTIVATED, so lists and counts are
-/// right even for keys nobody uses. (Any use of a key applies the same rule at once.)
-async fn sweep_expired_keys(keys: Arc<KeyManager>) {
+/// Applies time-driven changes even to keys nobody uses, so lists and counts are right:
+/// expiration dates (-> DEACTIVATED) and imported material's valid-to (-> erased). Any
+/// use of a key applies the same rules at once. Also erases the private keys of expired
+/// import tokens and import parameters.
+async fn sweep_expired(keys: Arc<KeyManager>, tokens: Arc<ImportTokenManager>) {
     loop {
         if let Err(e) = keys.expire_due() {
-            tracing::error!(error = %e, "expiry sweep failed");
+            tracing::error!(error = %e, "key expiry sweep failed");
+        }
+        if let Err(e) = tokens.sweep().await {
+            tracing::error!(error = %e, "import token sweep failed");
+        }
+        if let Err(e) = keys.sweep_import_parameters().await {
+            tracing::error!(error = %e, "import parameters sweep failed");
         }
         tokio::time::sleep(EXPIRY_SWEEP_INTERVAL).await;
     }

@@ -1,5 +1,10 @@
 //! Proto <-> domain conversion and field validation.
 
+use crate::domain::import_tokens::NONCE_LEN;
+use crate::domain::keys::SecureImport;
+use crate::domain::model::ImportTokenRecord;
+use crate::hsm::oaep::OaepHash;
+use crate::hsm::{GCM_IV_LEN, GCM_TAG_LEN};
 use prost_types::Timestamp;
 
 use crate::domain::KmsError;
@@ -177,5 +182,106 @@ mod tests {
             nanos: -1,
         };
         assert!(millis_from("t", &bad).is_err());
+    }
+}
+
+/// Largest RSA ciphertext accepted (RSA-4096).
+pub const MAX_RSA_CIPHERTEXT: usize = 512;
+
+/// The OAEP hash of a WrappingAlgorithm; UNSPECIFIED means RSAES_OAEP_SHA_256.
+pub fn oaep_hash(field: &'static str, value: i32) -> Result<OaepHash, KmsError> {
+    match proto::WrappingAlgorithm::try_from(value) {
+        Ok(proto::WrappingAlgorithm::Unspecified | proto::WrappingAlgorithm::RsaesOaepSha256) => {
+            Ok(OaepHash::Sha256)
+        }
+        Ok(proto::WrappingAlgorithm::RsaesOaepSha1) => Ok(OaepHash::Sha1),
+        Err(_) => Err(KmsError::invalid(field, format!("unknown algorithm {value}"))),
+    }
+}
+
+/// RSA modulus bits of a WrappingKeySpec; UNSPECIFIED means RSA_2048.
+pub fn wrapping_key_bits(value: i32) -> Result<u32, KmsError> {
+    match proto::WrappingKeySpec::try_from(value) {
+        Ok(proto::WrappingKeySpec::Unspecified | proto::WrappingKeySpec::Rsa2048) => Ok(2048),
+        Ok(proto::WrappingKeySpec::Rsa3072) => Ok(3072),
+        Ok(proto::WrappingKeySpec::Rsa4096) => Ok(4096),
+        Err(_) => Err(KmsError::invalid(
+            "wrapping_key_spec",
+            format!("unknown key spec {value}"),
+        )),
+    }
+}
+
+pub fn expiration_model(value: i32) -> Result<Option<ExpirationModel>, KmsError> {
+    match proto::ExpirationModel::try_from(value) {
+        Ok(proto::ExpirationModel::Unspecified) => Ok(None),
+        Ok(proto::ExpirationModel::KeyMaterialExpires) => {
+            Ok(Some(ExpirationModel::KeyMaterialExpires))
+        }
+        Ok(proto::ExpirationModel::KeyMaterialDoesNotExpire) => {
+            Ok(Some(ExpirationModel::KeyMaterialDoesNotExpire))
+        }
+        Err(_) => Err(KmsError::invalid(
+            "expiration_model",
+            format!("unknown expiration model {value}"),
+        )),
+    }
+}
+
+/// The secure-import fields of CreateKey and RotateKey: all absent, or all present with
+/// the sizes IBM's format has (12-byte IV; the 12-byte nonce encrypted with its 16-byte
+/// GCM tag).
+pub fn secure_import(
+    encrypted_payload: Vec<u8>,
+    encrypted_nonce: Vec<u8>,
+    iv: Vec<u8>,
+    algorithm: i32,
+) -> Result<Option<SecureImport>, KmsError> {
+    let hash = oaep_hash("encryption_algorithm", algorithm)?;
+    if encrypted_payload.is_empty() && encrypted_nonce.is_empty() && iv.is_empty() {
+        return Ok(None);
+    }
+    if encrypted_payload.is_empty() || encrypted_payload.len() > MAX_RSA_CIPHERTEXT {
+        return Err(KmsError::invalid(
+            "encrypted_payload",
+            format!(
+                "required with encrypted_nonce and iv: the RSA-OAEP ciphertext of the key \
+                 material (at most {MAX_RSA_CIPHERTEXT} bytes); got {} bytes",
+                encrypted_payload.len()
+            ),
+        ));
+    }
+    if encrypted_nonce.len() != ENCRYPTED_NONCE_LEN {
+        return Err(KmsError::invalid(
+            "encrypted_nonce",
+            format!(
+                "must be {ENCRYPTED_NONCE_LEN} bytes (the 12-byte nonce AES-GCM encrypted, \
+                 with its 16-byte tag); got {}",
+                encrypted_nonce.len()
+            ),
+        ));
+    }
+    if iv.len() != GCM_IV_LEN {
+        return Err(KmsError::invalid(
+            "iv",
+            format!("must be {GCM_IV_LEN} bytes; got {}", iv.len()),
+        ));
+    }
+    Ok(Some(SecureImport {
+        hash,
+        encrypted_payload,
+        encrypted_nonce,
+        iv,
+    }))
+}
+
+const ENCRYPTED_NONCE_LEN: usize = NONCE_LEN + GCM_TAG_LEN;
+
+pub fn import_token(token: &ImportTokenRecord) -> proto::ImportToken {
+    proto::ImportToken {
+        creation_date: Some(timestamp(token.created_at)),
+        expiration_date: Some(timestamp(token.expires_at)),
+        max_allowed_retrievals: token.max_retrievals,
+        remaining_retrievals: token.remaining_retrievals,
     }
 }

@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::{caller_context, convert, finish, parse_key_id};
 use crate::domain::ciphertext::{MAX_AAD_ENTRIES, MAX_AAD_ENTRY_BYTES, MAX_PLAINTEXT};
-use crate::domain::keys::{KeyManager, Material, NewKey};
+use crate::domain::keys::{KeyManager, Material, MaterialForKey, NewKey};
 use crate::domain::model::KeyRecord;
 use crate::domain::model::now_millis;
 use crate::domain::{CallerContext, KmsError};
@@ -27,17 +27,14 @@ impl KeyApi {
 }
 
 fn new_key(request: proto::CreateKeyRequest) -> Result<NewKey, KmsError> {
-    let secure_import = !request.encrypted_payload.is_empty()
-        || !request.encrypted_nonce.is_empty()
-        || !request.iv.is_empty();
     let origin = proto::KeyOrigin::try_from(request.origin)
         .map_err(|_| KmsError::invalid("origin", format!("unknown origin {}", request.origin)))?;
-    proto::WrappingAlgorithm::try_from(request.encryption_algorithm).map_err(|_| {
-        KmsError::invalid(
-            "encryption_algorithm",
-            format!("unknown algorithm {}", request.encryption_algorithm),
-        )
-    })?;
+    let secure_import = convert::secure_import(
+        request.encrypted_payload,
+        request.encrypted_nonce,
+        request.iv,
+        request.encryption_algorithm,
+    )?;
     let name = convert::name(request.name)?;
     let description = convert::description(request.description)?;
     let expires_at = match &request.expiration_date {
@@ -53,20 +50,31 @@ fn new_key(request: proto::CreateKeyRequest) -> Result<NewKey, KmsError> {
             Some(at)
         }
     };
-    if secure_import && request.payload.is_some() {
+    if secure_import.is_some() && request.payload.is_some() {
         return Err(KmsError::invalid(
             "payload",
             "give either payload or encrypted_payload, not both",
         ));
     }
     let material = match (origin, request.payload) {
-        (proto::KeyOrigin::External, _) => {
-            return Err(KmsError::Unimplemented("CreateKey with origin EXTERNAL"));
+        (proto::KeyOrigin::External, payload) => {
+            if payload.is_some() || secure_import.is_some() {
+                return Err(KmsError::invalid(
+                    "origin",
+                    "an EXTERNAL key is created without material (no payload or \
+                     encrypted_payload); import it with ImportKeyMaterial",
+                ));
+            }
+            Material::External
         }
-        _ if secure_import => {
-            return Err(KmsError::Unimplemented(
-                "CreateKey with encrypted_payload (secure import)",
+        (proto::KeyOrigin::Generated, _) if secure_import.is_some() => {
+            return Err(KmsError::invalid(
+                "encrypted_payload",
+                "must be absent when origin is GENERATED",
             ));
+        }
+        (_, None) if secure_import.is_some() => {
+            Material::SecureImport(secure_import.expect("checked"))
         }
         (proto::KeyOrigin::Generated, Some(_)) => {
             return Err(KmsError::invalid(
@@ -279,21 +287,23 @@ impl KeyService for KeyApi {
         let key_id = id.as_ref().ok().copied();
         let result = async {
             let id = id?;
-            proto::WrappingAlgorithm::try_from(request.encryption_algorithm).map_err(|_| {
-                KmsError::invalid(
-                    "encryption_algorithm",
-                    format!("unknown algorithm {}", request.encryption_algorithm),
-                )
-            })?;
-            if !request.encrypted_payload.is_empty()
-                || !request.encrypted_nonce.is_empty()
-                || !request.iv.is_empty()
-            {
-                return Err(KmsError::Unimplemented(
-                    "RotateKey with encrypted_payload (secure import)",
-                ));
-            }
-            let material = request.payload.map(SecretBytes::new);
+            let secure_import = convert::secure_import(
+                request.encrypted_payload,
+                request.encrypted_nonce,
+                request.iv,
+                request.encryption_algorithm,
+            )?;
+            let material = match (request.payload, secure_import) {
+                (Some(_), Some(_)) => {
+                    return Err(KmsError::invalid(
+                        "payload",
+                        "give either payload or encrypted_payload, not both",
+                    ));
+                }
+                (Some(payload), None) => Some(Material::Plaintext(SecretBytes::new(payload))),
+                (None, Some(import)) => Some(Material::SecureImport(import)),
+                (None, None) => None,
+            };
             let key = self.keys.rotate_key(&ctx, id, material).await?;
             Ok(proto::RotateKeyResponse {
                 key: Some(convert::key(&key)),
@@ -351,23 +361,95 @@ impl KeyService for KeyApi {
 
     async fn get_parameters_for_import(
         &self,
-        _: Request<proto::GetParametersForImportRequest>,
+        request: Request<proto::GetParametersForImportRequest>,
     ) -> Result<Response<proto::GetParametersForImportResponse>, Status> {
-        Err(unimplemented("GetParametersForImport"))
+        let ctx = caller_context(&request)?;
+        let request = request.into_inner();
+        let id = parse_key_id("key_id", &request.key_id);
+        let key_id = id.as_ref().ok().copied();
+        let result = async {
+            let id = id?;
+            let hash = convert::oaep_hash("wrapping_algorithm", request.wrapping_algorithm)?;
+            let bits = convert::wrapping_key_bits(request.wrapping_key_spec)?;
+            let parameters = self
+                .keys
+                .get_parameters_for_import(&ctx, id, hash, bits)
+                .await?;
+            Ok(proto::GetParametersForImportResponse {
+                key_id: parameters.key_id.to_string(),
+                import_token: parameters.import_token,
+                public_key: parameters.public_key,
+                expiration_time: Some(convert::timestamp(parameters.expires_at)),
+            })
+        }
+        .await;
+        finish(&ctx, "GetParametersForImport", key_id, result)
     }
 
     async fn import_key_material(
         &self,
-        _: Request<proto::ImportKeyMaterialRequest>,
+        request: Request<proto::ImportKeyMaterialRequest>,
     ) -> Result<Response<proto::ImportKeyMaterialResponse>, Status> {
-        Err(unimplemented("ImportKeyMaterial"))
+        let ctx = caller_context(&request)?;
+        let request = request.into_inner();
+        let id = parse_key_id("key_id", &request.key_id);
+        let key_id = id.as_ref().ok().copied();
+        let result = async {
+            let id = id?;
+            if request.import_token.is_empty() {
+                return Err(KmsError::invalid(
+                    "import_token",
+                    "required (from GetParametersForImport)",
+                ));
+            }
+            let material_len = request.encrypted_key_material.len();
+            if material_len == 0 || material_len > convert::MAX_RSA_CIPHERTEXT {
+                return Err(KmsError::invalid(
+                    "encrypted_key_material",
+                    format!(
+                        "required: the RSA-OAEP ciphertext of the key material (at most {} \
+                         bytes); got {material_len} bytes",
+                        convert::MAX_RSA_CIPHERTEXT
+                    ),
+                ));
+            }
+            let expiration_model = convert::expiration_model(request.expiration_model)?;
+            let valid_to = request
+                .valid_to
+                .as_ref()
+                .map(|ts| convert::millis_from("valid_to", ts))
+                .transpose()?;
+            let key = self
+                .keys
+                .import_key_material(
+                    &ctx,
+                    id,
+                    MaterialForKey {
+                        import_token: request.import_token,
+                        encrypted_key_material: request.encrypted_key_material,
+                        expiration_model,
+                        valid_to,
+                    },
+                )
+                .await?;
+            Ok(proto::ImportKeyMaterialResponse {
+                key: Some(convert::key(&key)),
+            })
+        }
+        .await;
+        finish(&ctx, "ImportKeyMaterial", key_id, result)
     }
 
     async fn delete_imported_key_material(
         &self,
-        _: Request<proto::DeleteImportedKeyMaterialRequest>,
+        request: Request<proto::DeleteImportedKeyMaterialRequest>,
     ) -> Result<Response<proto::KeyResponse>, Status> {
-        Err(unimplemented("DeleteImportedKeyMaterial"))
+        let ctx = caller_context(&request)?;
+        let id = parse_key_id("key_id", &request.get_ref().key_id);
+        key_response(&ctx, "DeleteImportedKeyMaterial", id, |id| {
+            self.keys.delete_imported_key_material(&ctx, id)
+        })
+        .await
     }
 }
 
@@ -420,8 +502,4 @@ fn check_ciphertext(ciphertext: &[u8]) -> Result<(), KmsError> {
         return Err(KmsError::invalid("ciphertext", "required"));
     }
     Ok(())
-}
-
-pub(super) fn unimplemented(rpc: &'static str) -> Status {
-    Status::unimplemented(KmsError::Unimplemented(rpc).to_string())
 }

@@ -2,6 +2,8 @@
 //! invariants between the HSM and the store (create in the HSM, then persist).
 
 pub mod ciphertext;
+pub mod import_tokens;
+pub mod key_pairs;
 pub mod keys;
 pub mod model;
 

@@ -4,7 +4,8 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::hsm::WrappedKey;
+use crate::hsm::oaep::OaepHash;
+use crate::hsm::{RsaKeyPair, WrappedKey};
 
 /// Version of the record format written by this build.
 pub const RECORD_SCHEMA: u32 = 1;
@@ -91,6 +92,85 @@ pub struct KeyRecord {
     pub expiration_model: Option<ExpirationModel>,
     pub valid_to: Option<Millis>,
     pub destroyed_at: Option<Millis>,
+    /// EXTERNAL-origin keys: AES-CMAC of a zero block under the imported material,
+    /// computed in the HSM, so a re-import can be checked to be the same material.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "hex_option")]
+    pub check_value: Option<Vec<u8>>,
+}
+
+impl KeyRecord {
+    /// When the next time-driven transition is due: the expiration date of an ACTIVE
+    /// key (-> DEACTIVATED), or the valid-to of imported material still present
+    /// (-> material erased, PRE_ACTIVATION).
+    pub fn next_transition_at(&self) -> Option<Millis> {
+        let expiry = self
+            .expires_at
+            .filter(|_| self.state == KeyState::Active);
+        let material_expiry = self.valid_to.filter(|_| self.has_expiring_material());
+        match (expiry, material_expiry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// EXTERNAL key whose imported material is present and has a valid-to.
+    pub fn has_expiring_material(&self) -> bool {
+        self.origin == KeyOrigin::External
+            && self.valid_to.is_some()
+            && matches!(
+                self.state,
+                KeyState::Active | KeyState::Suspended | KeyState::Deactivated
+            )
+    }
+}
+
+/// An instance's import token (IBM style). One per instance; a new one replaces it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportTokenRecord {
+    pub schema: u32,
+    pub instance: String,
+    pub id: Uuid,
+    pub created_at: Millis,
+    pub expires_at: Millis,
+    pub max_retrievals: u32,
+    pub remaining_retrievals: u32,
+    /// Not key material: handed to every retrieval, to be returned encrypted.
+    #[serde(with = "hex::serde")]
+    pub nonce: Vec<u8>,
+    /// `None` once the token expired and its private key was erased.
+    pub key_pair: Option<RsaKeyPair>,
+}
+
+/// The parameters of one GetParametersForImport call for an EXTERNAL key. A new call
+/// replaces them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportParametersRecord {
+    pub schema: u32,
+    pub key_id: Uuid,
+    pub instance: String,
+    /// Carried in the opaque import token, so a superseded token is recognised.
+    pub id: Uuid,
+    pub algorithm: OaepHash,
+    pub created_at: Millis,
+    pub expires_at: Millis,
+    pub key_pair: RsaKeyPair,
+}
+
+mod hex_option {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(bytes) => s.serialize_str(&hex::encode(bytes)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|text| hex::decode(text).map_err(serde::de::Error::custom))
+            .transpose()
+    }
 }
 
 impl KeyRecord {
@@ -127,4 +207,13 @@ impl KeyFilter {
     pub fn is_empty(&self) -> bool {
         self.states.is_empty() && self.extractable.is_none()
     }
+}
+
+/// RFC 3339 (UTC) text of a time, for messages.
+pub fn format_millis(at: Millis) -> String {
+    prost_types::Timestamp {
+        seconds: at.div_euclid(1000),
+        nanos: (at.rem_euclid(1000) * 1_000_000) as i32,
+    }
+    .to_string()
 }

@@ -407,6 +407,17 @@ impl Hsm {
         .await
     }
 
+    /// `len` bytes from the HSM's random number generator.
+    pub async fn random_bytes(&self, len: usize) -> Result<Vec<u8>, HsmError> {
+        let random = Arc::clone(&self.random);
+        self.run(move |session| {
+            let mut bytes = vec![0; len];
+            random.fill(session, &mut bytes)?;
+            Ok(bytes)
+        })
+        .await
+    }
+
     /// Unwraps a standard key's blob and reads its payload.
     pub async fn unwrap_standard_key(&self, wrapped: WrappedKey) -> Result<SecretBytes, HsmError> {
         let kek = self.kek;

@@ -16,7 +16,7 @@ use zeroize::Zeroizing;
 use crate::secret::SecretBytes;
 
 /// The OAEP variants offered for wrapped key material (hash = MGF1 hash, empty label).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum OaepHash {
     Sha1,
     Sha256,

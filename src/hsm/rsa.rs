@@ -69,7 +69,7 @@ pub struct MaterialImport {
     pub hash: OaepHash,
     pub encrypted_material: Vec<u8>,
     /// Accepted material lengths in bytes.
-    pub allowed_sizes: &'static [usize],
+    pub allowed_sizes: Vec<usize>,
     pub nonce_proof: Option<NonceProof>,
 }
 

@@ -12,7 +12,10 @@ pub use sled_store::SledStore;
 
 use uuid::Uuid;
 
-use crate::domain::model::{KeyFilter, KeyRecord, Millis, VersionRecord};
+use crate::domain::model::{
+    ImportParametersRecord, ImportTokenRecord, KeyFilter, KeyRecord, Millis, VersionRecord,
+};
+use crate::hsm::RsaKeyPair;
 
 /// Version of the on-disk layout (trees and key encodings) written by this build.
 pub const STORE_SCHEMA: u32 = 1;
@@ -94,7 +97,45 @@ pub trait KeyStore: Send + Sync + 'static {
     /// Number of an instance's keys matching the filter, from counters (no scan).
     fn count_keys(&self, instance: &str, filter: &KeyFilter) -> Result<u64, StoreError>;
 
-    /// Up to `limit` ACTIVE or SUSPENDED keys whose expiration date is at or before
-    /// `now`, as (instance, key id), from an index kept with the records.
+    /// Up to `limit` keys with a time-driven transition due at or before `now`
+    /// ([`KeyRecord::next_transition_at`]), as (instance, key id), from an index kept
+    /// with the records.
     fn due_for_expiry(&self, now: Millis, limit: usize) -> Result<Vec<(String, Uuid)>, StoreError>;
+}
+
+/// What key import needs from storage: import tokens (one per instance), the parameters
+/// of EXTERNAL keys, and the pool of pre-generated RSA key pairs.
+pub trait ImportStore: Send + Sync + 'static {
+    fn get_import_token(&self, instance: &str) -> Result<Option<ImportTokenRecord>, StoreError>;
+
+    /// Replaces the instance's token (or removes it, with `None`) if the stored one still
+    /// equals `previous` (`None`: there is none); otherwise `StoreError::Conflict`.
+    fn swap_import_token(
+        &self,
+        instance: &str,
+        previous: Option<&ImportTokenRecord>,
+        next: Option<&ImportTokenRecord>,
+    ) -> Result<(), StoreError>;
+
+    /// Every stored import token, for the expiry sweep (one per instance at most).
+    fn import_tokens(&self) -> Result<Vec<ImportTokenRecord>, StoreError>;
+
+    fn get_import_parameters(
+        &self,
+        key_id: Uuid,
+    ) -> Result<Option<ImportParametersRecord>, StoreError>;
+
+    fn put_import_parameters(&self, parameters: &ImportParametersRecord) -> Result<(), StoreError>;
+
+    fn remove_import_parameters(&self, key_id: Uuid) -> Result<(), StoreError>;
+
+    /// Key ids whose import parameters expired at or before `now`.
+    fn expired_import_parameters(&self, now: Millis) -> Result<Vec<Uuid>, StoreError>;
+
+    fn push_key_pair(&self, pair: &RsaKeyPair) -> Result<(), StoreError>;
+
+    /// Removes and returns one stored pair of this size, if any.
+    fn take_key_pair(&self, bits: u32) -> Result<Option<RsaKeyPair>, StoreError>;
+
+    fn count_key_pairs(&self, bits: u32) -> Result<usize, StoreError>;
 }

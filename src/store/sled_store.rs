@@ -7,8 +7,12 @@
 //! - `counters`: instance 0x00 state extractable             -> count (BE u64)
 //!   (CountKeys sums at most ten counters; updated in the same transaction as records)
 //! - `versions`: key-uuid created-ms(BE u64) version-uuid    -> VersionRecord (JSON)
-//! - `expiry`:   expires-ms(BE u64) instance 0x00 key-uuid   -> ()
-//!   (ACTIVE and SUSPENDED keys with an expiration date, for the expiry sweep)
+//! - `expiry`:   due-ms(BE u64) instance 0x00 key-uuid       -> ()
+//!   (keys with a time-driven transition due: ACTIVE keys with an expiration date,
+//!   imported material with a valid-to; for the expiry sweep)
+//! - `import_tokens`:     instance                           -> ImportTokenRecord (JSON)
+//! - `import_parameters`: key-uuid                           -> ImportParametersRecord (JSON)
+//! - `rsa_pool`:          bits(BE u32) pair-uuid             -> RsaKeyPair (JSON)
 //! - `meta`:     "schema_version"                            -> BE u32
 
 use std::path::Path;
@@ -19,8 +23,12 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use sled::{Transactional, Tree};
 use uuid::Uuid;
 
-use super::{KeyStore, STORE_SCHEMA, StoreError};
-use crate::domain::model::{KeyFilter, KeyRecord, KeyState, Millis, VersionRecord};
+use super::{ImportStore, KeyStore, STORE_SCHEMA, StoreError};
+use crate::domain::model::{
+    ImportParametersRecord, ImportTokenRecord, KeyFilter, KeyRecord, KeyState, Millis,
+    VersionRecord,
+};
+use crate::hsm::RsaKeyPair;
 
 const SCHEMA_KEY: &[u8] = b"schema_version";
 
@@ -31,6 +39,9 @@ pub struct SledStore {
     counters: Tree,
     versions: Tree,
     expiry: Tree,
+    import_tokens: Tree,
+    import_parameters: Tree,
+    rsa_pool: Tree,
 }
 
 impl SledStore {
@@ -65,6 +76,9 @@ impl SledStore {
             counters: db.open_tree("counters")?,
             versions: db.open_tree("versions")?,
             expiry: db.open_tree("expiry")?,
+            import_tokens: db.open_tree("import_tokens")?,
+            import_parameters: db.open_tree("import_parameters")?,
+            rsa_pool: db.open_tree("rsa_pool")?,
             db,
         })
     }
@@ -119,10 +133,7 @@ fn counter_key(instance: &str, state: KeyState, extractable: bool) -> Vec<u8> {
 
 /// The expiry-index entry of a key, if it should have one.
 fn expiry_key(key: &KeyRecord) -> Option<Vec<u8>> {
-    let at = key.expires_at?;
-    if !matches!(key.state, KeyState::Active | KeyState::Suspended) {
-        return None;
-    }
+    let at = key.next_transition_at()?;
     let mut k = (at.max(0) as u64).to_be_bytes().to_vec();
     k.extend_from_slice(&key_key(&key.instance, key.id));
     Some(k)
@@ -378,6 +389,93 @@ impl SledStore {
     }
 }
 
+impl ImportStore for SledStore {
+    fn get_import_token(&self, instance: &str) -> Result<Option<ImportTokenRecord>, StoreError> {
+        self.import_tokens
+            .get(instance.as_bytes())?
+            .map(|raw| decode("import token", &raw))
+            .transpose()
+    }
+
+    fn swap_import_token(
+        &self,
+        instance: &str,
+        previous: Option<&ImportTokenRecord>,
+        next: Option<&ImportTokenRecord>,
+    ) -> Result<(), StoreError> {
+        let swapped = self.import_tokens.compare_and_swap(
+            instance.as_bytes(),
+            previous.map(encode),
+            next.map(encode),
+        )?;
+        swapped.map_err(|_| StoreError::Conflict)
+    }
+
+    fn import_tokens(&self) -> Result<Vec<ImportTokenRecord>, StoreError> {
+        self.import_tokens
+            .iter()
+            .map(|entry| decode("import token", &entry?.1))
+            .collect()
+    }
+
+    fn get_import_parameters(
+        &self,
+        key_id: Uuid,
+    ) -> Result<Option<ImportParametersRecord>, StoreError> {
+        self.import_parameters
+            .get(key_id.as_bytes())?
+            .map(|raw| decode("import parameters", &raw))
+            .transpose()
+    }
+
+    fn put_import_parameters(&self, parameters: &ImportParametersRecord) -> Result<(), StoreError> {
+        self.import_parameters
+            .insert(parameters.key_id.as_bytes(), encode(parameters))?;
+        Ok(())
+    }
+
+    fn remove_import_parameters(&self, key_id: Uuid) -> Result<(), StoreError> {
+        self.import_parameters.remove(key_id.as_bytes())?;
+        Ok(())
+    }
+
+    fn expired_import_parameters(&self, now: Millis) -> Result<Vec<Uuid>, StoreError> {
+        let mut expired = Vec::new();
+        for entry in self.import_parameters.iter() {
+            let record: ImportParametersRecord = decode("import parameters", &entry?.1)?;
+            if record.expires_at <= now {
+                expired.push(record.key_id);
+            }
+        }
+        Ok(expired)
+    }
+
+    fn push_key_pair(&self, pair: &RsaKeyPair) -> Result<(), StoreError> {
+        let mut k = pair.bits.to_be_bytes().to_vec();
+        k.extend_from_slice(Uuid::new_v4().as_bytes());
+        self.rsa_pool.insert(k, encode(pair))?;
+        Ok(())
+    }
+
+    fn take_key_pair(&self, bits: u32) -> Result<Option<RsaKeyPair>, StoreError> {
+        loop {
+            let Some((k, raw)) = self.rsa_pool.scan_prefix(bits.to_be_bytes()).next().transpose()?
+            else {
+                return Ok(None);
+            };
+            // Another caller may take the same entry: only the one whose remove finds it
+            // gets it.
+            if self.rsa_pool.remove(&k)?.is_some() {
+                return decode("RSA key pair", &raw).map(Some);
+            }
+        }
+    }
+
+    fn count_key_pairs(&self, bits: u32) -> Result<usize, StoreError> {
+        Ok(self.rsa_pool.scan_prefix(bits.to_be_bytes()).count())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -402,6 +500,7 @@ mod tests {
             expiration_model: None,
             valid_to: None,
             destroyed_at: None,
+            check_value: None,
         }
     }
 
