@@ -97,6 +97,20 @@ impl HsmError {
     }
 }
 
+impl HsmError {
+    /// The key cannot be used with the mechanism (wrong length or type for it): for an
+    /// AES operation on imported material, the material is not an AES key.
+    pub(crate) fn is_key_unfit(&self) -> bool {
+        matches!(
+            self,
+            HsmError::Pkcs11 {
+                rv: RvError::MechanismInvalid | RvError::KeySizeRange | RvError::KeyTypeInconsistent,
+                ..
+            }
+        )
+    }
+}
+
 impl From<CryptokiError> for HsmError {
     fn from(err: CryptokiError) -> Self {
         match err {

@@ -332,9 +332,7 @@ impl Hsm {
 
     /// The mechanism used for new blobs: RFC 5649 when offered, since it wraps any length.
     fn preferred_wrap(&self) -> WrapMechanism {
-        self.rfc5649
-            .or(self.rfc3394)
-            .expect("open() refuses a token without key wrap")
+        self.wrap_mechanisms().preferred()
     }
 
     fn wrap_mechanisms(&self) -> WrapMechanisms {
@@ -398,11 +396,11 @@ impl Hsm {
         request: MaterialImport,
     ) -> Result<ImportedMaterial, HsmError> {
         let kek = self.kek;
-        let kek_wrap = self.preferred_wrap();
+        let wraps = self.wrap_mechanisms();
         let private_wrap = self.mechanism_for(request.private_key.format)?;
         let support = self.capabilities.oaep(request.hash);
         self.run(move |session| {
-            rsa::import_material(session, kek, kek_wrap, private_wrap, support, request)
+            rsa::import_material(session, kek, wraps, private_wrap, support, request)
         })
         .await
     }
@@ -660,12 +658,19 @@ fn find_or_create_kek(
 
 /// The token's mechanism for each wrap format (Copy, so jobs can carry it).
 #[derive(Clone, Copy)]
-struct WrapMechanisms {
+pub(super) struct WrapMechanisms {
     rfc5649: Option<WrapMechanism>,
     rfc3394: Option<WrapMechanism>,
 }
 
 impl WrapMechanisms {
+    /// The mechanism for new blobs: RFC 5649 when offered, since it wraps any length.
+    fn preferred(self) -> WrapMechanism {
+        self.rfc5649
+            .or(self.rfc3394)
+            .expect("open() refuses a token without key wrap")
+    }
+
     fn for_format(self, format: WrapFormat) -> Result<WrapMechanism, HsmError> {
         match format {
             WrapFormat::Rfc5649 => self.rfc5649,

@@ -26,7 +26,8 @@ use zeroize::Zeroizing;
 
 use super::oaep::{self, OaepHash};
 use super::{
-    GCM_TAG_LEN, HsmError, WrapMechanism, WrappedKey, create_with_value, wrap_and_destroy,
+    GCM_TAG_LEN, HsmError, WrapMechanism, WrapMechanisms, WrappedKey, create_with_value,
+    wrap_and_destroy,
 };
 
 /// An RSA key pair made in the HSM, as stored: public key in the clear, private key
@@ -86,8 +87,10 @@ pub struct ImportedMaterial {
 pub enum ImportRefusal {
     #[error("the encrypted key material cannot be decrypted with this import key")]
     Undecryptable,
-    #[error("the decrypted key material is {bytes} bytes long")]
-    MaterialSize { bytes: usize },
+    /// The material is not of an accepted length (`None`: the token would not say
+    /// exactly, only that it is none of them).
+    #[error("the decrypted key material has a length that is not accepted")]
+    MaterialSize { bytes: Option<usize> },
     #[error("the encrypted nonce does not match the import token's nonce")]
     NonceMismatch,
     #[error("the token cannot decrypt {}", .0.algorithm_name())]
@@ -226,18 +229,24 @@ fn imported_key_template(sensitive: bool) -> Vec<Attribute> {
 pub(super) fn import_material(
     session: &Session,
     kek: ObjectHandle,
-    kek_wrap: WrapMechanism,
+    wraps: WrapMechanisms,
     private_wrap: WrapMechanism,
     support: OaepSupport,
     request: MaterialImport,
 ) -> Result<ImportedMaterial, HsmError> {
+    let kek_wrap = wraps.preferred();
     if support == OaepSupport::Unavailable {
         return Err(HsmError::ImportRefused(ImportRefusal::HashUnavailable(
             request.hash,
         )));
     }
+    // An RSA ciphertext is exactly as long as the modulus; tokens disagree on how they
+    // report anything else.
+    if request.encrypted_material.len() != request.modulus_bits as usize / 8 {
+        return Err(HsmError::ImportRefused(ImportRefusal::Undecryptable));
+    }
     let private = unwrap_private_key(session, kek, private_wrap, &request.private_key)?;
-    let key = material_object(session, private, support, &request);
+    let key = material_object(session, kek, wraps, private, support, &request);
     let destroyed = session.destroy_object(private);
     let key = key?;
     destroyed?;
@@ -250,20 +259,21 @@ pub(super) fn import_material(
             return Err(e);
         }
     };
-    let size_bytes = match session.get_attributes(key, &[AttributeType::ValueLen]) {
-        Ok(attributes) => attributes.iter().find_map(|a| match a {
-            Attribute::ValueLen(len) => Some(u64::from(*len) as usize),
-            _ => None,
-        }),
+    let size_bytes = match secret_len(session, kek, wraps, key) {
+        Ok(Some(len)) => len,
+        Ok(None) => {
+            let _ = session.destroy_object(key);
+            return Err(HsmError::Binding("the imported key's length is unknown".into()));
+        }
         Err(e) => {
             let _ = session.destroy_object(key);
-            return Err(e.into());
+            return Err(e);
         }
     };
     let wrapped = wrap_and_destroy(session, kek_wrap, kek, key)?;
     Ok(ImportedMaterial {
         wrapped,
-        size_bytes: size_bytes.unwrap_or_default(),
+        size_bytes,
         check_value,
     })
 }
@@ -271,6 +281,8 @@ pub(super) fn import_material(
 /// The material as an AES session object, by native unwrap or by the fallback.
 fn material_object(
     session: &Session,
+    kek: ObjectHandle,
+    wraps: WrapMechanisms,
     private: ObjectHandle,
     support: OaepSupport,
     request: &MaterialImport,
@@ -283,12 +295,14 @@ fn material_object(
             match session.unwrap_key(&mechanism, private, &request.encrypted_material, &template)
             {
                 Ok(key) => {
-                    let len = value_len(session, key)?;
-                    if request.allowed_sizes.contains(&len) {
+                    let len = secret_len(session, kek, wraps, key);
+                    if let Ok(Some(len)) = len
+                        && request.allowed_sizes.contains(&len)
+                    {
                         return Ok(key);
                     }
                     session.destroy_object(key)?;
-                    refused(ImportRefusal::MaterialSize { bytes: len })
+                    refused(ImportRefusal::MaterialSize { bytes: len? })
                 }
                 Err(e) => {
                     let e = HsmError::from(e);
@@ -304,7 +318,7 @@ fn material_object(
                     generic.extend([
                         Attribute::Token(false),
                         Attribute::Sensitive(true),
-                        Attribute::Extractable(false),
+                        Attribute::Extractable(true),
                     ]);
                     match session.unwrap_key(
                         &mechanism,
@@ -313,7 +327,7 @@ fn material_object(
                         &generic,
                     ) {
                         Ok(key) => {
-                            let len = value_len(session, key);
+                            let len = secret_len(session, kek, wraps, key);
                             session.destroy_object(key)?;
                             refused(ImportRefusal::MaterialSize { bytes: len? })
                         }
@@ -331,7 +345,9 @@ fn material_object(
             ) {
                 Ok(raw) => Zeroizing::new(raw),
                 Err(e) => {
-                    let e = HsmError::from(e);
+                    // Raw RSA fails only on its input (e.g. not below the modulus), which
+                    // SoftHSM reports as a general error.
+                    let e = HsmError::from(e).reclassify_aead_decrypt();
                     return match e {
                         HsmError::Rejected { .. } => refused(ImportRefusal::Undecryptable),
                         other => Err(other),
@@ -344,7 +360,7 @@ fn material_object(
             drop(raw);
             if !request.allowed_sizes.contains(&material.len()) {
                 return refused(ImportRefusal::MaterialSize {
-                    bytes: material.len(),
+                    bytes: Some(material.len()),
                 });
             }
             create_with_value(session, imported_key_template(true), &material)
@@ -353,23 +369,60 @@ fn material_object(
     }
 }
 
-fn value_len(session: &Session, key: ObjectHandle) -> Result<usize, HsmError> {
-    session
+/// The length of a sensitive secret-key object, without reading it: CKA_VALUE_LEN where
+/// the token fills it in; SoftHSM 2.6 leaves it 0 on unwrapped keys, and then the length
+/// of an RFC 3394 wrap under the KEK (input length + 8, defined only for multiples of 8)
+/// tells it. `None`: not a multiple of 8, so no AES key length.
+fn secret_len(
+    session: &Session,
+    kek: ObjectHandle,
+    wraps: WrapMechanisms,
+    key: ObjectHandle,
+) -> Result<Option<usize>, HsmError> {
+    let reported = session
         .get_attributes(key, &[AttributeType::ValueLen])?
         .into_iter()
         .find_map(|a| match a {
             Attribute::ValueLen(len) => Some(u64::from(len) as usize),
             _ => None,
         })
-        .ok_or_else(|| HsmError::Binding("CKA_VALUE_LEN missing".into()))
+        .unwrap_or(0);
+    if reported > 0 {
+        return Ok(Some(reported));
+    }
+    let Some(rfc3394) = wraps.rfc3394 else {
+        return Ok(None);
+    };
+    match session.wrap_key(&rfc3394.mechanism(), kek, key) {
+        Ok(wrapped) => Ok(wrapped.len().checked_sub(8)),
+        Err(e) => {
+            let e = HsmError::from(e);
+            if e.breaks_session() { Err(e) } else { Ok(None) }
+        }
+    }
 }
 
-/// Checks the nonce proof (if any) inside the HSM, then computes the check value.
+/// Computes the check value, then checks the nonce proof (if any) inside the HSM.
+///
+/// The CMAC comes first because it also proves the object is a usable AES key: a token
+/// that cannot report a secret's length (SoftHSM leaves CKA_VALUE_LEN at 0 after an
+/// unwrap, and pads RFC 3394 input) refuses AES operations on a key of another length.
 fn check_material(
     session: &Session,
     key: ObjectHandle,
     request: &MaterialImport,
 ) -> Result<Vec<u8>, HsmError> {
+    let check_value = match session.sign(&Mechanism::AesCMac, key, &CHECK_VALUE_INPUT) {
+        Ok(value) => value,
+        Err(e) => {
+            return Err(match HsmError::from(e) {
+                e if e.is_key_unfit() => {
+                    HsmError::ImportRefused(ImportRefusal::MaterialSize { bytes: None })
+                }
+                other => other,
+            });
+        }
+    };
     if let Some(proof) = &request.nonce_proof {
         let mut iv = proof.iv.clone();
         let decrypted = GcmParams::new(&mut iv, &[], (GCM_TAG_LEN as c_ulong * 8).into())
@@ -392,7 +445,7 @@ fn check_material(
             return Err(HsmError::ImportRefused(ImportRefusal::NonceMismatch));
         }
     }
-    Ok(session.sign(&Mechanism::AesCMac, key, &CHECK_VALUE_INPUT)?)
+    Ok(check_value)
 }
 
 /// Finds out whether the token decrypts OAEP with `hash` natively: a throwaway small

@@ -10,6 +10,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use kms::proto::import_token_service_client::ImportTokenServiceClient;
 use kms::proto::key_service_client::KeyServiceClient;
 use tempfile::TempDir;
 use tonic::Request;
@@ -146,7 +147,10 @@ impl TestServer {
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("KMS_LISTEN", "127.0.0.1:0")
             .env("KMS_DATA_DIR", setup.data_dir)
-            .env("KMS_LOG", "info,kms=debug");
+            .env("KMS_LOG", "info,kms=debug")
+            // No background RSA generation unless a test asks for the pool: it would eat
+            // the CPU of every other test.
+            .env("KMS_IMPORT_RSA_POOL_SIZE", "0");
         if let Some(token) = setup.token {
             let config = setup.data_dir.join("kms.toml");
             std::fs::write(
@@ -224,6 +228,10 @@ impl TestServer {
 
     pub async fn keys(&self) -> KeyServiceClient<Channel> {
         KeyServiceClient::new(self.channel().await)
+    }
+
+    pub async fn import_tokens(&self) -> ImportTokenServiceClient<Channel> {
+        ImportTokenServiceClient::new(self.channel().await)
     }
 
     /// Polls the health service until KeyService reports SERVING.

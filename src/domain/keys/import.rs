@@ -410,9 +410,13 @@ fn import_refused(e: HsmError, field: &'static str) -> KmsError {
             ImportRefusal::MaterialSize { bytes } => KmsError::invalid(
                 field,
                 format!(
-                    "the key material inside is {bytes} bytes; imported material is AES-128, \
-                     -192 or -256 (16, 24 or 32 bytes), and a rotation or re-import keeps \
-                     the key's size"
+                    "the key material inside is {}; imported material is AES-128, -192 or \
+                     -256 (16, 24 or 32 bytes), and a rotation or re-import keeps the key's \
+                     size",
+                    match bytes {
+                        Some(bytes) => format!("{bytes} bytes"),
+                        None => "of another length".into(),
+                    }
                 ),
             ),
             ImportRefusal::NonceMismatch => KmsError::invalid(

@@ -1,0 +1,1043 @@
+//! Bring your own key, over real gRPC against a real token: import tokens and secure
+//! import (IBM style), EXTERNAL-origin keys (GetParametersForImport / ImportKeyMaterial /
+//! DeleteImportedKeyMaterial), both OAEP hashes, refusals, expiry and restarts.
+//!
+//! The client half (RSA-OAEP, AES-GCM of the nonce) is done by Python's `cryptography`
+//! package (tests/support/import_client.py), and imported keys are checked by decrypting
+//! WrapKey ciphertexts locally with OpenSSL, following the documented format.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{ServerSetup, TestServer, TestToken, instance, req};
+use kms::proto::import_token_service_client::ImportTokenServiceClient;
+use kms::proto::key_service_client::KeyServiceClient;
+use kms::proto::{
+    CountKeysRequest, CreateImportTokenRequest, CreateKeyRequest,
+    DeleteImportedKeyMaterialRequest, ExpirationModel, GetImportTokenRequest,
+    GetImportTokenResponse, GetKeyRequest, GetParametersForImportRequest, ImportKeyMaterialRequest,
+    Key, KeyOrigin, KeyState, RotateKeyRequest, UnwrapKeyRequest, WrapKeyRequest,
+    WrappingAlgorithm, WrappingKeySpec,
+};
+use serde_json::{Value, json};
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+type Keys = KeyServiceClient<Channel>;
+type Tokens = ImportTokenServiceClient<Channel>;
+
+#[derive(Clone, Copy, Debug)]
+enum Hash {
+    Sha1,
+    Sha256,
+}
+
+impl Hash {
+    fn python(self) -> &'static str {
+        match self {
+            Hash::Sha1 => "sha1",
+            Hash::Sha256 => "sha256",
+        }
+    }
+
+    fn algorithm(self) -> i32 {
+        match self {
+            Hash::Sha1 => WrappingAlgorithm::RsaesOaepSha1 as i32,
+            Hash::Sha256 => WrappingAlgorithm::RsaesOaepSha256 as i32,
+        }
+    }
+}
+
+/// Runs the independent client half; returns its JSON answer.
+fn python_client(request: Value) -> Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/import_client.py");
+    let mut child = Command::new("python3")
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 runs (scripts/deps.sh --test installs python3-cryptography)");
+    serde_json::to_writer(child.stdin.take().unwrap(), &request).unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "import client failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+fn field(answer: &Value, name: &str) -> Vec<u8> {
+    hex::decode(answer[name].as_str().unwrap()).unwrap()
+}
+
+/// Secure-import fields for `material` under the token (public key, nonce).
+struct SecureFields {
+    encrypted_payload: Vec<u8>,
+    encrypted_nonce: Vec<u8>,
+    iv: Vec<u8>,
+}
+
+fn encrypt_for_token(
+    token: &GetImportTokenResponse,
+    hash: Hash,
+    material: &[u8],
+    nonce_key: Option<&[u8]>,
+) -> SecureFields {
+    let mut request = json!({
+        "public_key": hex::encode(&token.payload),
+        "hash": hash.python(),
+        "material": hex::encode(material),
+        "nonce": hex::encode(&token.nonce),
+    });
+    if let Some(key) = nonce_key {
+        request["nonce_key"] = json!(hex::encode(key));
+    }
+    let answer = python_client(request);
+    SecureFields {
+        encrypted_payload: field(&answer, "encrypted_material"),
+        encrypted_nonce: field(&answer, "encrypted_nonce"),
+        iv: field(&answer, "iv"),
+    }
+}
+
+fn encrypt_material(public_key: &[u8], hash: Hash, material: &[u8]) -> Vec<u8> {
+    let answer = python_client(json!({
+        "public_key": hex::encode(public_key),
+        "hash": hash.python(),
+        "material": hex::encode(material),
+    }));
+    field(&answer, "encrypted_material")
+}
+
+fn key_size_of(public_key: &[u8]) -> u64 {
+    python_client(json!({
+        "public_key": hex::encode(public_key),
+        "hash": "sha256",
+        "material": "00",
+    }))["key_size"]
+        .as_u64()
+        .unwrap()
+}
+
+fn random_bytes(n: usize) -> Vec<u8> {
+    let mut bytes = vec![0; n];
+    openssl::rand::rand_bytes(&mut bytes).unwrap();
+    bytes
+}
+
+/// Decrypts a WrapKey ciphertext with the key material, following the documented format,
+/// without the service: proves which material the key really uses.
+fn open_locally(material: &[u8], key_id: &str, ciphertext: &[u8], aad: &[&str]) -> Vec<u8> {
+    let version = &ciphertext[1..17];
+    let iv = &ciphertext[17..29];
+    let (body, tag) = ciphertext[29..].split_at(ciphertext.len() - 29 - 16);
+    let mut additional = b"kms.v1.wrap".to_vec();
+    additional.push(0x01);
+    additional.extend_from_slice(uuid::Uuid::parse_str(key_id).unwrap().as_bytes());
+    additional.extend_from_slice(version);
+    additional.extend_from_slice(&(aad.len() as u32).to_be_bytes());
+    for entry in aad {
+        additional.extend_from_slice(&(entry.len() as u32).to_be_bytes());
+        additional.extend_from_slice(entry.as_bytes());
+    }
+    let cipher = match material.len() {
+        16 => openssl::symm::Cipher::aes_128_gcm(),
+        24 => openssl::symm::Cipher::aes_192_gcm(),
+        _ => openssl::symm::Cipher::aes_256_gcm(),
+    };
+    openssl::symm::decrypt_aead(cipher, material, Some(iv), &additional, body, tag)
+        .expect("the ciphertext opens with the imported material")
+}
+
+async fn server_with(token: &TestToken, data: &std::path::Path, env: &[(&str, &str)]) -> TestServer {
+    TestServer::try_start(ServerSetup {
+        token: Some(token),
+        data_dir: data,
+        extra_env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    })
+    .await
+    .unwrap_or_else(|failure| panic!("server did not start: {failure}"))
+}
+
+#[track_caller]
+fn assert_refused(result: Result<impl std::fmt::Debug, Status>, code: Code, needle: &str) {
+    let status = result.expect_err("refused");
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(
+        status.message().contains(needle),
+        "{:?} does not contain {needle:?}",
+        status.message()
+    );
+}
+
+async fn create_token(tokens: &mut Tokens, tenant: &str, expiration: u32, retrievals: u32) {
+    tokens
+        .create_import_token(req(
+            tenant,
+            CreateImportTokenRequest {
+                expiration: Some(expiration),
+                max_allowed_retrievals: Some(retrievals),
+            },
+        ))
+        .await
+        .unwrap();
+}
+
+async fn get_token(tokens: &mut Tokens, tenant: &str) -> Result<GetImportTokenResponse, Status> {
+    tokens
+        .get_import_token(req(tenant, GetImportTokenRequest {}))
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn secure_create(
+    keys: &mut Keys,
+    tenant: &str,
+    fields: SecureFields,
+    hash: Hash,
+) -> Result<Key, Status> {
+    keys.create_key(req(
+        tenant,
+        CreateKeyRequest {
+            name: "byok".into(),
+            encrypted_payload: fields.encrypted_payload,
+            encrypted_nonce: fields.encrypted_nonce,
+            iv: fields.iv,
+            encryption_algorithm: hash.algorithm(),
+            ..Default::default()
+        },
+    ))
+    .await
+    .map(|r| r.into_inner().key.unwrap())
+}
+
+async fn wrap(keys: &mut Keys, tenant: &str, id: &str, plaintext: &[u8]) -> Vec<u8> {
+    keys.wrap_key(req(
+        tenant,
+        WrapKeyRequest {
+            id: id.into(),
+            plaintext: Some(plaintext.to_vec()),
+            aad: vec!["byok".into()],
+        },
+    ))
+    .await
+    .unwrap()
+    .into_inner()
+    .ciphertext
+}
+
+async fn unwrap(keys: &mut Keys, tenant: &str, id: &str, ciphertext: &[u8]) -> Result<Vec<u8>, Status> {
+    keys.unwrap_key(req(
+        tenant,
+        UnwrapKeyRequest {
+            id: id.into(),
+            ciphertext: ciphertext.to_vec(),
+            aad: vec!["byok".into()],
+        },
+    ))
+    .await
+    .map(|r| r.into_inner().plaintext)
+}
+
+async fn get_key(keys: &mut Keys, tenant: &str, id: &str) -> Key {
+    keys.get_key(req(tenant, GetKeyRequest { id: id.into() }))
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap()
+}
+
+async fn count_keys(keys: &mut Keys, tenant: &str) -> u64 {
+    keys.count_keys(req(tenant, CountKeysRequest::default()))
+        .await
+        .unwrap()
+        .into_inner()
+        .count
+}
+
+/// Whether this token decrypts OAEP-SHA-256 natively (the start-up probe's verdict).
+fn sha256_is_native(server: &TestServer) -> bool {
+    server.log().contains("oaep_sha256=Native")
+}
+
+#[tokio::test]
+async fn import_token_creation_retrieval_counting_and_replacement() {
+    let token = TestToken::create();
+    let data = tempfile::tempdir().unwrap();
+    let server = server_with(&token, data.path(), &[]).await;
+    let mut tokens = server.import_tokens().await;
+    let tenant = instance();
+
+    assert_refused(get_token(&mut tokens, &tenant).await, Code::NotFound, "import token");
+
+    for (expiration, retrievals, field) in [
+        (299, 1, "expiration"),
+        (86_401, 1, "expiration"),
+        (600, 0, "max_allowed_retrievals"),
+        (600, 501, "max_allowed_retrievals"),
+    ] {
+        let result = tokens
+            .create_import_token(req(
+                &tenant,
+                CreateImportTokenRequest {
+                    expiration: Some(expiration),
+                    max_allowed_retrievals: Some(retrievals),
+                },
+            ))
+            .await;
+        assert_refused(result, Code::InvalidArgument, field);
+    }
+    assert_refused(get_token(&mut tokens, &tenant).await, Code::NotFound, "import token");
+
+    // Defaults: 600 s, one retrieval.
+    let created = tokens
+        .create_import_token(req(&tenant, CreateImportTokenRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(created.max_allowed_retrievals, 1);
+    assert_eq!(created.remaining_retrievals, 1);
+    let lifetime = created.expiration_date.unwrap().seconds - created.creation_date.unwrap().seconds;
+    assert_eq!(lifetime, 600);
+
+    let first = get_token(&mut tokens, &tenant).await.unwrap();
+    assert_eq!(first.remaining_retrievals, 0);
+    assert_eq!(first.nonce.len(), 12);
+    assert_eq!(key_size_of(&first.payload), 4096, "an RSA-4096 public key, DER SPKI");
+    assert_refused(
+        get_token(&mut tokens, &tenant).await,
+        Code::FailedPrecondition,
+        "no retrievals left",
+    );
+    // Another instance has no token.
+    assert_refused(get_token(&mut tokens, &instance()).await, Code::NotFound, "import token");
+
+    // A new token replaces the old one: new key pair, new nonce, new budget.
+    create_token(&mut tokens, &tenant, 900, 3).await;
+    let mut seen = Vec::new();
+    for remaining in [2, 1, 0] {
+        let retrieved = get_token(&mut tokens, &tenant).await.unwrap();
+        assert_eq!(retrieved.remaining_retrievals, remaining);
+        assert_eq!(retrieved.max_allowed_retrievals, 3);
+        assert_ne!(retrieved.payload, first.payload);
+        assert_ne!(retrieved.nonce, first.nonce);
+        seen.push(retrieved.payload);
+    }
+    assert!(seen.windows(2).all(|w| w[0] == w[1]), "same token each time");
+    assert_refused(
+        get_token(&mut tokens, &tenant).await,
+        Code::FailedPrecondition,
+        "no retrievals left",
+    );
+}
+
+#[tokio::test]
+async fn secure_import_with_both_hashes_then_wrap_unwrap_and_rotate() {
+    let token = TestToken::create();
+    let data = tempfile::tempdir().unwrap();
+    let server = server_with(&token, data.path(), &[]).await;
+    let (mut tokens, mut keys) = (server.import_tokens().await, server.keys().await);
+    let tenant = instance();
+    create_token(&mut tokens, &tenant, 600, 2).await;
+    let import_token = get_token(&mut tokens, &tenant).await.unwrap();
+
+    for (hash, size) in [(Hash::Sha256, 32), (Hash::Sha1, 16)] {
+        let material = random_bytes(size);
+        let fields = encrypt_for_token(&import_token, hash, &material, None);
+        let key = secure_create(&mut keys, &tenant, fields, hash).await.unwrap();
+        assert_eq!(key.state, KeyState::Active as i32);
+        assert_eq!(key.origin, KeyOrigin::Imported as i32);
+        assert!(key.imported && !key.extractable);
+        assert_eq!(key.size_bits, size as u32 * 8);
+
+        let ciphertext = wrap(&mut keys, &tenant, &key.id, b"data key").await;
+        assert_eq!(
+            open_locally(&material, &key.id, &ciphertext, &["byok"]),
+            b"data key",
+            "{hash:?}: the key uses exactly the imported material"
+        );
+        assert_eq!(unwrap(&mut keys, &tenant, &key.id, &ciphertext).await.unwrap(), b"data key");
+
+        // Rotation of an imported key by secure import: new material, same size.
+        let next = random_bytes(size);
+        let fields = encrypt_for_token(&import_token, hash, &next, None);
+        let rotated = keys
+            .rotate_key(req(
+                &tenant,
+                RotateKeyRequest {
+                    id: key.id.clone(),
+                    encrypted_payload: fields.encrypted_payload,
+                    encrypted_nonce: fields.encrypted_nonce,
+                    iv: fields.iv,
+                    encryption_algorithm: hash.algorithm(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .key
+            .unwrap();
+        assert_ne!(rotated.current_version_id, key.current_version_id);
+        let newer = wrap(&mut keys, &tenant, &key.id, b"after rotation").await;
+        assert_eq!(open_locally(&next, &key.id, &newer, &["byok"]), b"after rotation");
+        assert_eq!(unwrap(&mut keys, &tenant, &key.id, &ciphertext).await.unwrap(), b"data key");
+
+        // A rotation must keep the size.
+        let other_size = random_bytes(if size == 32 { 16 } else { 32 });
+        let fields = encrypt_for_token(&import_token, hash, &other_size, None);
+        let result = keys
+            .rotate_key(req(
+                &tenant,
+                RotateKeyRequest {
+                    id: key.id.clone(),
+                    encrypted_payload: fields.encrypted_payload,
+                    encrypted_nonce: fields.encrypted_nonce,
+                    iv: fields.iv,
+                    encryption_algorithm: hash.algorithm(),
+                    ..Default::default()
+                },
+            ))
+            .await;
+        assert_refused(result, Code::InvalidArgument, "encrypted_payload");
+    }
+    assert_eq!(count_keys(&mut keys, &tenant).await, 2);
+}
+
+#[tokio::test]
+async fn secure_import_refusals_store_nothing() {
+    let token = TestToken::create();
+    let data = tempfile::tempdir().unwrap();
+    let server = server_with(&token, data.path(), &[("KMS_IMPORT_MIN_TOKEN_EXPIRATION_SECS", "2")]).await;
+    let (mut tokens, mut keys) = (server.import_tokens().await, server.keys().await);
+    let tenant = instance();
+    let material = random_bytes(32);
+
+    // No token at all.
+    let orphan = GetImportTokenResponse {
+        payload: field(&python_client(json!({"generate_rsa": 2048})), "public_key"),
+        nonce: random_bytes(12),
+        ..Default::default()
+    };
+    let fields = encrypt_for_token(&orphan, Hash::Sha1, &material, None);
+    assert_refused(
+        secure_create(&mut keys, &tenant, fields, Hash::Sha1).await,
+        Code::NotFound,
+        "import token",
+    );
+
+    create_token(&mut tokens, &tenant, 600, 5).await;
+    let import_token = get_token(&mut tokens, &tenant).await.unwrap();
+    for hash in [Hash::Sha1, Hash::Sha256] {
+        // Encrypted for another public key (another token).
+        let wrong_key = GetImportTokenResponse {
+            payload: orphan.payload.clone(),
+            nonce: import_token.nonce.clone(),
+            ..Default::default()
+        };
+        let fields = encrypt_for_token(&wrong_key, hash, &material, None);
+        assert_refused(
+            secure_create(&mut keys, &tenant, fields, hash).await,
+            Code::InvalidArgument,
+            "encrypted_payload: cannot be decrypted",
+        );
+        // Right key, wrong nonce.
+        let wrong_nonce = GetImportTokenResponse {
+            nonce: random_bytes(12),
+            ..import_token.clone()
+        };
+        let fields = encrypt_for_token(&wrong_nonce, hash, &material, None);
+        assert_refused(
+            secure_create(&mut keys, &tenant, fields, hash).await,
+            Code::InvalidArgument,
+            "encrypted_nonce",
+        );
+        // The nonce encrypted under other material than the payload.
+        let fields = encrypt_for_token(&import_token, hash, &material, Some(&random_bytes(32)));
+        assert_refused(
+            secure_create(&mut keys, &tenant, fields, hash).await,
+            Code::InvalidArgument,
+            "encrypted_nonce",
+        );
+        // Material of a size no AES key has.
+        let fields = encrypt_for_token(&import_token, hash, &random_bytes(20), Some(&material));
+        assert_refused(
+            secure_create(&mut keys, &tenant, fields, hash).await,
+            Code::InvalidArgument,
+            "key material inside is",
+        );
+        // Encrypted with one hash, declared as the other.
+        let other = match hash {
+            Hash::Sha1 => Hash::Sha256,
+            Hash::Sha256 => Hash::Sha1,
+        };
+        let fields = encrypt_for_token(&import_token, hash, &material, None);
+        assert_refused(
+            secure_create(&mut keys, &tenant, fields, other).await,
+            Code::InvalidArgument,
+            "encrypted_payload: cannot be decrypted",
+        );
+    }
+    // Malformed fields are refused before anything is decrypted.
+    let good = || encrypt_for_token(&import_token, Hash::Sha1, &material, None);
+    let mut short_iv = good();
+    short_iv.iv.pop();
+    assert_refused(secure_create(&mut keys, &tenant, short_iv, Hash::Sha1).await, Code::InvalidArgument, "iv");
+    let mut short_nonce = good();
+    short_nonce.encrypted_nonce.pop();
+    assert_refused(
+        secure_create(&mut keys, &tenant, short_nonce, Hash::Sha1).await,
+        Code::InvalidArgument,
+        "encrypted_nonce",
+    );
+    let mut no_payload = good();
+    no_payload.encrypted_payload.clear();
+    assert_refused(
+        secure_create(&mut keys, &tenant, no_payload, Hash::Sha1).await,
+        Code::InvalidArgument,
+        "encrypted_payload",
+    );
+    let unknown_algorithm = keys
+        .create_key(req(
+            &tenant,
+            CreateKeyRequest {
+                name: "x".into(),
+                encrypted_payload: good().encrypted_payload,
+                encrypted_nonce: good().encrypted_nonce,
+                iv: good().iv,
+                encryption_algorithm: 9,
+                ..Default::default()
+            },
+        ))
+        .await;
+    assert_refused(unknown_algorithm, Code::InvalidArgument, "encryption_algorithm");
+
+    // The right fields work (the token is still usable after the refusals)...
+    let key = secure_create(&mut keys, &tenant, good(), Hash::Sha1).await.unwrap();
+    assert_eq!(key.size_bits, 256);
+    assert_eq!(count_keys(&mut keys, &tenant).await, 1, "refusals stored nothing");
+
+    // ...until the token expires.
+    create_token(&mut tokens, &tenant, 2, 5).await;
+    let short_lived = get_token(&mut tokens, &tenant).await.unwrap();
+    let fields = encrypt_for_token(&short_lived, Hash::Sha1, &material, None);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_refused(
+        secure_create(&mut keys, &tenant, fields, Hash::Sha1).await,
+        Code::FailedPrecondition,
+        "expired",
+    );
+    assert_refused(get_token(&mut tokens, &tenant).await, Code::FailedPrecondition, "expired");
+    assert_eq!(count_keys(&mut keys, &tenant).await, 1);
+}
+
+#[tokio::test]
+async fn external_key_import_delete_and_reimport() {
+    let token = TestToken::create();
+    let data = tempfile::tempdir().unwrap();
+    let server = server_with(&token, data.path(), &[]).await;
+    let mut keys = server.keys().await;
+    let tenant = instance();
+
+    let external = |name: &str| CreateKeyRequest {
+        name: name.into(),
+        origin: KeyOrigin::External as i32,
+        ..Default::default()
+    };
+    let key = keys
+        .create_key(req(&tenant, external("external")))
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap();
+    assert_eq!(key.state, KeyState::PreActivation as i32);
+    assert_eq!(key.origin, KeyOrigin::External as i32);
+    let id = key.id.clone();
+    let wrap_early = keys
+        .wrap_key(req(&tenant, WrapKeyRequest { id: id.clone(), ..Default::default() }))
+        .await;
+    assert_refused(wrap_early, Code::FailedPrecondition, "PRE_ACTIVATION");
+
+    let parameters = |hash: Hash, spec: WrappingKeySpec| GetParametersForImportRequest {
+        key_id: id.clone(),
+        wrapping_algorithm: hash.algorithm(),
+        wrapping_key_spec: spec as i32,
+    };
+    // Defaults: RSAES_OAEP_SHA_256 with RSA_2048, valid for 24 hours.
+    let defaults = keys
+        .get_parameters_for_import(req(
+            &tenant,
+            GetParametersForImportRequest {
+                key_id: id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(defaults.key_id, id);
+    assert_eq!(key_size_of(&defaults.public_key), 2048);
+    let expires_in = defaults.expiration_time.unwrap().seconds
+        - std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+    assert!((86_000..=86_400).contains(&expires_in), "{expires_in}");
+
+    // A new call supersedes the last.
+    let current = keys
+        .get_parameters_for_import(req(&tenant, parameters(Hash::Sha1, WrappingKeySpec::Rsa3072)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(key_size_of(&current.public_key), 3072);
+    let material = random_bytes(32);
+    let import = |token: &[u8], encrypted: Vec<u8>| ImportKeyMaterialRequest {
+        key_id: id.clone(),
+        import_token: token.to_vec(),
+        encrypted_key_material: encrypted,
+        expiration_model: ExpirationModel::KeyMaterialDoesNotExpire as i32,
+        valid_to: None,
+    };
+    let superseded = keys
+        .import_key_material(req(
+            &tenant,
+            import(
+                &defaults.import_token,
+                encrypt_material(&defaults.public_key, Hash::Sha256, &material),
+            ),
+        ))
+        .await;
+    assert_refused(superseded, Code::InvalidArgument, "superseded");
+
+    // Refusals that change nothing.
+    let encrypted = encrypt_material(&current.public_key, Hash::Sha1, &material);
+    let cases: Vec<(ImportKeyMaterialRequest, Code, &str)> = vec![
+        (import(b"garbage", encrypted.clone()), Code::InvalidArgument, "import_token"),
+        (import(&current.import_token, random_bytes(384)), Code::InvalidArgument, "cannot be decrypted"),
+        (
+            import(
+                &current.import_token,
+                encrypt_material(&current.public_key, Hash::Sha1, &random_bytes(20)),
+            ),
+            Code::InvalidArgument,
+            "key material inside is",
+        ),
+        (
+            import(
+                &current.import_token,
+                encrypt_material(&current.public_key, Hash::Sha256, &material),
+            ),
+            Code::InvalidArgument,
+            "cannot be decrypted",
+        ),
+        (
+            ImportKeyMaterialRequest {
+                expiration_model: ExpirationModel::KeyMaterialExpires as i32,
+                ..import(&current.import_token, encrypted.clone())
+            },
+            Code::InvalidArgument,
+            "valid_to: required",
+        ),
+        (
+            ImportKeyMaterialRequest {
+                valid_to: Some(prost_types::Timestamp { seconds: 1_000, nanos: 0 }),
+                expiration_model: 0,
+                ..import(&current.import_token, encrypted.clone())
+            },
+            Code::InvalidArgument,
+            "valid_to: must be in the future",
+        ),
+        (
+            ImportKeyMaterialRequest {
+                expiration_model: 7,
+                ..import(&current.import_token, encrypted.clone())
+            },
+            Code::InvalidArgument,
+            "expiration_model",
+        ),
+    ];
+    for (request, code, needle) in cases {
+        assert_refused(keys.import_key_material(req(&tenant, request)).await, code, needle);
+    }
+    // The token of another key, and a key of another instance.
+    let other = keys
+        .create_key(req(&tenant, external("other")))
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap();
+    let wrong_key = keys
+        .import_key_material(req(
+            &tenant,
+            ImportKeyMaterialRequest {
+                key_id: other.id.clone(),
+                ..import(&current.import_token, encrypted.clone())
+            },
+        ))
+        .await;
+    assert_refused(wrong_key, Code::InvalidArgument, "another key");
+    assert_refused(
+        keys.import_key_material(req(&instance(), import(&current.import_token, encrypted.clone())))
+            .await,
+        Code::NotFound,
+        "not found",
+    );
+    assert_eq!(get_key(&mut keys, &tenant, &id).await.state, KeyState::PreActivation as i32);
+
+    // The import.
+    let imported = keys
+        .import_key_material(req(&tenant, import(&current.import_token, encrypted.clone())))
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap();
+    assert_eq!(imported.state, KeyState::Active as i32);
+    assert_eq!(imported.size_bits, 256);
+    assert_eq!(
+        imported.expiration_model,
+        ExpirationModel::KeyMaterialDoesNotExpire as i32
+    );
+    let ciphertext = wrap(&mut keys, &tenant, &id, b"before delete").await;
+    assert_eq!(open_locally(&material, &id, &ciphertext, &["byok"]), b"before delete");
+    assert_refused(
+        keys.import_key_material(req(&tenant, import(&current.import_token, encrypted.clone())))
+            .await,
+        Code::FailedPrecondition,
+        "ACTIVE",
+    );
+    let rotate = keys
+        .rotate_key(req(&tenant, RotateKeyRequest { id: id.clone(), ..Default::default() }))
+        .await;
+    assert_refused(rotate, Code::FailedPrecondition, "EXTERNAL");
+
+    // Delete the material: back to PRE_ACTIVATION, data undecryptable.
+    let deleted = keys
+        .delete_imported_key_material(req(
+            &tenant,
+            DeleteImportedKeyMaterialRequest { key_id: id.clone() },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap();
+    assert_eq!(deleted.state, KeyState::PreActivation as i32);
+    assert_refused(
+        unwrap(&mut keys, &tenant, &id, &ciphertext).await,
+        Code::FailedPrecondition,
+        "PRE_ACTIVATION",
+    );
+    assert_refused(
+        keys.delete_imported_key_material(req(
+            &tenant,
+            DeleteImportedKeyMaterialRequest { key_id: id.clone() },
+        ))
+        .await,
+        Code::FailedPrecondition,
+        "no key material",
+    );
+
+    // Re-import: different material is refused, the same material brings the data back.
+    let fresh = keys
+        .get_parameters_for_import(req(&tenant, parameters(Hash::Sha256, WrappingKeySpec::Rsa2048)))
+        .await
+        .unwrap()
+        .into_inner();
+    let different = encrypt_material(&fresh.public_key, Hash::Sha256, &random_bytes(32));
+    assert_refused(
+        keys.import_key_material(req(&tenant, import(&fresh.import_token, different)))
+            .await,
+        Code::InvalidArgument,
+        "not the material previously imported",
+    );
+    let same = encrypt_material(&fresh.public_key, Hash::Sha256, &material);
+    let back = keys
+        .import_key_material(req(&tenant, import(&fresh.import_token, same)))
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap();
+    assert_eq!(back.state, KeyState::Active as i32);
+    assert_eq!(back.current_version_id, imported.current_version_id);
+    assert_eq!(
+        unwrap(&mut keys, &tenant, &id, &ciphertext).await.unwrap(),
+        b"before delete"
+    );
+
+    // Parameters only for EXTERNAL keys in PRE_ACTIVATION.
+    assert_refused(
+        keys.get_parameters_for_import(req(&tenant, parameters(Hash::Sha256, WrappingKeySpec::Rsa2048)))
+            .await,
+        Code::FailedPrecondition,
+        "ACTIVE",
+    );
+    let generated = common::create_key(
+        &mut keys,
+        &tenant,
+        CreateKeyRequest { name: "generated".into(), ..Default::default() },
+    )
+    .await;
+    let result = keys
+        .get_parameters_for_import(req(
+            &tenant,
+            GetParametersForImportRequest { key_id: generated.id, ..Default::default() },
+        ))
+        .await;
+    assert_refused(result, Code::FailedPrecondition, "EXTERNAL");
+    let result = keys
+        .get_parameters_for_import(req(
+            &tenant,
+            GetParametersForImportRequest { key_id: other.id.clone(), wrapping_key_spec: 9, ..Default::default() },
+        ))
+        .await;
+    assert_refused(result, Code::InvalidArgument, "wrapping_key_spec");
+}
+
+#[tokio::test]
+async fn material_and_parameters_expire() {
+    let token = TestToken::create();
+    let data = tempfile::tempdir().unwrap();
+    let server = server_with(&token, data.path(), &[("KMS_IMPORT_PARAMETERS_LIFETIME_SECS", "3")]).await;
+    let mut keys = server.keys().await;
+    let tenant = instance();
+    let create = || CreateKeyRequest {
+        name: "expiring".into(),
+        origin: KeyOrigin::External as i32,
+        ..Default::default()
+    };
+    let id = keys.create_key(req(&tenant, create())).await.unwrap().into_inner().key.unwrap().id;
+    let parameters = keys
+        .get_parameters_for_import(req(
+            &tenant,
+            GetParametersForImportRequest { key_id: id.clone(), ..Default::default() },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let material = random_bytes(24);
+    let valid_to = std::time::SystemTime::now() + Duration::from_secs(2);
+    let valid_to = valid_to.duration_since(std::time::UNIX_EPOCH).unwrap();
+    let imported = keys
+        .import_key_material(req(
+            &tenant,
+            ImportKeyMaterialRequest {
+                key_id: id.clone(),
+                import_token: parameters.import_token.clone(),
+                encrypted_key_material: encrypt_material(&parameters.public_key, Hash::Sha256, &material),
+                expiration_model: ExpirationModel::KeyMaterialExpires as i32,
+                valid_to: Some(prost_types::Timestamp {
+                    seconds: valid_to.as_secs() as i64,
+                    nanos: valid_to.subsec_nanos() as i32,
+                }),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap();
+    assert_eq!(imported.state, KeyState::Active as i32);
+    assert_eq!(imported.size_bits, 192);
+    let ciphertext = wrap(&mut keys, &tenant, &id, b"short-lived").await;
+
+    // Nobody uses the key: the sweep erases the material at valid_to.
+    let mut state = imported.state;
+    for _ in 0..50 {
+        state = get_key(&mut keys, &tenant, &id).await.state;
+        if state == KeyState::PreActivation as i32 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(state, KeyState::PreActivation as i32, "material erased at valid_to");
+    assert_refused(
+        unwrap(&mut keys, &tenant, &id, &ciphertext).await,
+        Code::FailedPrecondition,
+        "PRE_ACTIVATION",
+    );
+
+    // The parameters (3 s) have expired by now too.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let late = keys
+        .import_key_material(req(
+            &tenant,
+            ImportKeyMaterialRequest {
+                key_id: id.clone(),
+                import_token: parameters.import_token.clone(),
+                encrypted_key_material: encrypt_material(&parameters.public_key, Hash::Sha256, &material),
+                expiration_model: ExpirationModel::KeyMaterialDoesNotExpire as i32,
+                valid_to: None,
+            },
+        ))
+        .await;
+    assert_refused(late, Code::FailedPrecondition, "expired");
+}
+
+#[tokio::test]
+async fn both_flows_survive_a_restart_in_the_middle() {
+    let token = TestToken::create();
+    let data = tempfile::tempdir().unwrap();
+    let tenant = instance();
+    let material = random_bytes(32);
+
+    let server = server_with(&token, data.path(), &[]).await;
+    let (mut tokens, mut keys) = (server.import_tokens().await, server.keys().await);
+    create_token(&mut tokens, &tenant, 600, 2).await;
+    let import_token = get_token(&mut tokens, &tenant).await.unwrap();
+    let external = keys
+        .create_key(req(
+            &tenant,
+            CreateKeyRequest { name: "ext".into(), origin: KeyOrigin::External as i32, ..Default::default() },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap();
+    let parameters = keys
+        .get_parameters_for_import(req(
+            &tenant,
+            GetParametersForImportRequest { key_id: external.id.clone(), ..Default::default() },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    server.kill().await;
+
+    let server = server_with(&token, data.path(), &[]).await;
+    let (mut tokens, mut keys) = (server.import_tokens().await, server.keys().await);
+    let retrieved = get_token(&mut tokens, &tenant).await.unwrap();
+    assert_eq!(retrieved.remaining_retrievals, 0, "the retrieval count survived");
+    assert_eq!(retrieved.payload, import_token.payload);
+    let fields = encrypt_for_token(&import_token, Hash::Sha256, &material, None);
+    let secure = secure_create(&mut keys, &tenant, fields, Hash::Sha256).await.unwrap();
+    keys.import_key_material(req(
+        &tenant,
+        ImportKeyMaterialRequest {
+            key_id: external.id.clone(),
+            import_token: parameters.import_token,
+            encrypted_key_material: encrypt_material(&parameters.public_key, Hash::Sha256, &material),
+            expiration_model: ExpirationModel::KeyMaterialDoesNotExpire as i32,
+            valid_to: None,
+        },
+    ))
+    .await
+    .unwrap();
+    let from_secure = wrap(&mut keys, &tenant, &secure.id, b"one").await;
+    let from_external = wrap(&mut keys, &tenant, &external.id, b"two").await;
+    server.stop().await;
+
+    let server = server_with(&token, data.path(), &[]).await;
+    let mut keys = server.keys().await;
+    assert_eq!(unwrap(&mut keys, &tenant, &secure.id, &from_secure).await.unwrap(), b"one");
+    assert_eq!(unwrap(&mut keys, &tenant, &external.id, &from_external).await.unwrap(), b"two");
+    assert_eq!(open_locally(&material, &secure.id, &from_secure, &["byok"]), b"one");
+}
+
+#[tokio::test]
+async fn sha256_without_the_fallback_is_refused_where_the_token_lacks_it() {
+    let token = TestToken::create();
+    let data = tempfile::tempdir().unwrap();
+    let server = server_with(&token, data.path(), &[("KMS_HSM_OAEP_FALLBACK", "false")]).await;
+    let native = sha256_is_native(&server);
+    let (mut tokens, mut keys) = (server.import_tokens().await, server.keys().await);
+    let tenant = instance();
+    create_token(&mut tokens, &tenant, 600, 1).await;
+    let import_token = get_token(&mut tokens, &tenant).await.unwrap();
+    let material = random_bytes(32);
+
+    let fields = encrypt_for_token(&import_token, Hash::Sha256, &material, None);
+    let result = secure_create(&mut keys, &tenant, fields, Hash::Sha256).await;
+    if native {
+        // Kryoptic: the token does it itself; the switch changes nothing.
+        assert_eq!(result.unwrap().state, KeyState::Active as i32);
+    } else {
+        assert!(server.log().contains("oaep_sha256=Unavailable"));
+        assert_refused(result, Code::FailedPrecondition, "cannot decrypt RSAES_OAEP_SHA_256");
+        let external = keys
+            .create_key(req(
+                &tenant,
+                CreateKeyRequest { name: "e".into(), origin: KeyOrigin::External as i32, ..Default::default() },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .key
+            .unwrap();
+        let parameters = keys
+            .get_parameters_for_import(req(
+                &tenant,
+                GetParametersForImportRequest { key_id: external.id, ..Default::default() },
+            ))
+            .await;
+        assert_refused(parameters, Code::FailedPrecondition, "RSAES_OAEP_SHA_256");
+    }
+    // SHA-1 is native on every token here.
+    let fields = encrypt_for_token(&import_token, Hash::Sha1, &material, None);
+    assert!(secure_create(&mut keys, &tenant, fields, Hash::Sha1).await.is_ok());
+}
+
+#[tokio::test]
+async fn expired_import_token_private_key_is_erased() {
+    let token = TestToken::create();
+    let data = tempfile::tempdir().unwrap();
+    let server = server_with(&token, data.path(), &[("KMS_IMPORT_MIN_TOKEN_EXPIRATION_SECS", "1")]).await;
+    let mut tokens = server.import_tokens().await;
+    let tenant = instance();
+    create_token(&mut tokens, &tenant, 1, 3).await;
+    assert!(get_token(&mut tokens, &tenant).await.is_ok());
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_refused(get_token(&mut tokens, &tenant).await, Code::FailedPrecondition, "expired");
+    server.stop().await;
+
+    // The sweep left the metadata (so users hear "expired") but erased the private key.
+    let store = kms::store::SledStore::open(&data.path().join("db")).unwrap();
+    let stored = kms::store::ImportStore::get_import_token(&store, &tenant)
+        .unwrap()
+        .expect("metadata kept");
+    assert!(stored.key_pair.is_none(), "the private key blob is erased");
+}
+
+#[tokio::test]
+async fn pre_generated_pairs_serve_requests_and_refill() {
+    let token = TestToken::create();
+    let data = tempfile::tempdir().unwrap();
+    let server = server_with(&token, data.path(), &[("KMS_IMPORT_RSA_POOL_SIZE", "1")]).await;
+    assert!(
+        wait_for_log(&server, "RSA key-pair pool is full", Duration::from_secs(120)).await,
+        "the pool fills in the background"
+    );
+    let mut tokens = server.import_tokens().await;
+    let tenant = instance();
+    create_token(&mut tokens, &tenant, 600, 1).await;
+    assert!(server.log_eventually("RSA key pair taken from the pool").await);
+    assert!(!server.log().contains("generating a pair on the request path"));
+    // The pool was drained for RSA-4096: the next token is made on the spot, not refused.
+    create_token(&mut tokens, &instance(), 600, 1).await;
+    assert!(server.log_eventually("generating a pair on the request path").await);
+    assert!(get_token(&mut tokens, &tenant).await.is_ok());
+}
+
+async fn wait_for_log(server: &TestServer, needle: &str, limit: Duration) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if server.log().contains(needle) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
+}
