@@ -15,11 +15,10 @@ use common::{ServerSetup, TestServer, TestToken, instance, req};
 use kms::proto::import_token_service_client::ImportTokenServiceClient;
 use kms::proto::key_service_client::KeyServiceClient;
 use kms::proto::{
-    CountKeysRequest, CreateImportTokenRequest, CreateKeyRequest,
-    DeleteImportedKeyMaterialRequest, ExpirationModel, GetImportTokenRequest,
-    GetImportTokenResponse, GetKeyRequest, GetParametersForImportRequest, ImportKeyMaterialRequest,
-    Key, KeyOrigin, KeyState, RotateKeyRequest, UnwrapKeyRequest, WrapKeyRequest,
-    WrappingAlgorithm, WrappingKeySpec,
+    CountKeysRequest, CreateImportTokenRequest, CreateKeyRequest, DeleteImportedKeyMaterialRequest,
+    ExpirationModel, GetImportTokenRequest, GetImportTokenResponse, GetKeyRequest,
+    GetParametersForImportRequest, ImportKeyMaterialRequest, Key, KeyOrigin, KeyState,
+    RotateKeyRequest, UnwrapKeyRequest, WrapKeyRequest, WrappingAlgorithm, WrappingKeySpec,
 };
 use serde_json::{Value, json};
 use tonic::transport::Channel;
@@ -52,7 +51,10 @@ impl Hash {
 
 /// Runs the independent client half; returns its JSON answer.
 fn python_client(request: Value) -> Value {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/import_client.py");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/support/import_client.py"
+    );
     let mut child = Command::new("python3")
         .arg(script)
         .stdin(Stdio::piped())
@@ -153,7 +155,11 @@ fn open_locally(material: &[u8], key_id: &str, ciphertext: &[u8], aad: &[&str]) 
         .expect("the ciphertext opens with the imported material")
 }
 
-async fn server_with(token: &TestToken, data: &std::path::Path, env: &[(&str, &str)]) -> TestServer {
+async fn server_with(
+    token: &TestToken,
+    data: &std::path::Path,
+    env: &[(&str, &str)],
+) -> TestServer {
     TestServer::try_start(ServerSetup {
         token: Some(token),
         data_dir: data,
@@ -233,7 +239,12 @@ async fn wrap(keys: &mut Keys, tenant: &str, id: &str, plaintext: &[u8]) -> Vec<
     .ciphertext
 }
 
-async fn unwrap(keys: &mut Keys, tenant: &str, id: &str, ciphertext: &[u8]) -> Result<Vec<u8>, Status> {
+async fn unwrap(
+    keys: &mut Keys,
+    tenant: &str,
+    id: &str,
+    ciphertext: &[u8],
+) -> Result<Vec<u8>, Status> {
     keys.unwrap_key(req(
         tenant,
         UnwrapKeyRequest {
@@ -276,7 +287,11 @@ async fn import_token_creation_retrieval_counting_and_replacement() {
     let mut tokens = server.import_tokens().await;
     let tenant = instance();
 
-    assert_refused(get_token(&mut tokens, &tenant).await, Code::NotFound, "import token");
+    assert_refused(
+        get_token(&mut tokens, &tenant).await,
+        Code::NotFound,
+        "import token",
+    );
 
     for (expiration, retrievals, field) in [
         (299, 1, "expiration"),
@@ -295,7 +310,11 @@ async fn import_token_creation_retrieval_counting_and_replacement() {
             .await;
         assert_refused(result, Code::InvalidArgument, field);
     }
-    assert_refused(get_token(&mut tokens, &tenant).await, Code::NotFound, "import token");
+    assert_refused(
+        get_token(&mut tokens, &tenant).await,
+        Code::NotFound,
+        "import token",
+    );
 
     // Defaults: 600 s, one retrieval.
     let created = tokens
@@ -305,20 +324,29 @@ async fn import_token_creation_retrieval_counting_and_replacement() {
         .into_inner();
     assert_eq!(created.max_allowed_retrievals, 1);
     assert_eq!(created.remaining_retrievals, 1);
-    let lifetime = created.expiration_date.unwrap().seconds - created.creation_date.unwrap().seconds;
+    let lifetime =
+        created.expiration_date.unwrap().seconds - created.creation_date.unwrap().seconds;
     assert_eq!(lifetime, 600);
 
     let first = get_token(&mut tokens, &tenant).await.unwrap();
     assert_eq!(first.remaining_retrievals, 0);
     assert_eq!(first.nonce.len(), 12);
-    assert_eq!(key_size_of(&first.payload), 4096, "an RSA-4096 public key, DER SPKI");
+    assert_eq!(
+        key_size_of(&first.payload),
+        4096,
+        "an RSA-4096 public key, DER SPKI"
+    );
     assert_refused(
         get_token(&mut tokens, &tenant).await,
         Code::FailedPrecondition,
         "no retrievals left",
     );
     // Another instance has no token.
-    assert_refused(get_token(&mut tokens, &instance()).await, Code::NotFound, "import token");
+    assert_refused(
+        get_token(&mut tokens, &instance()).await,
+        Code::NotFound,
+        "import token",
+    );
 
     // A new token replaces the old one: new key pair, new nonce, new budget.
     create_token(&mut tokens, &tenant, 900, 3).await;
@@ -331,7 +359,10 @@ async fn import_token_creation_retrieval_counting_and_replacement() {
         assert_ne!(retrieved.nonce, first.nonce);
         seen.push(retrieved.payload);
     }
-    assert!(seen.windows(2).all(|w| w[0] == w[1]), "same token each time");
+    assert!(
+        seen.windows(2).all(|w| w[0] == w[1]),
+        "same token each time"
+    );
     assert_refused(
         get_token(&mut tokens, &tenant).await,
         Code::FailedPrecondition,
@@ -352,7 +383,9 @@ async fn secure_import_with_both_hashes_then_wrap_unwrap_and_rotate() {
     for (hash, size) in [(Hash::Sha256, 32), (Hash::Sha1, 16)] {
         let material = random_bytes(size);
         let fields = encrypt_for_token(&import_token, hash, &material, None);
-        let key = secure_create(&mut keys, &tenant, fields, hash).await.unwrap();
+        let key = secure_create(&mut keys, &tenant, fields, hash)
+            .await
+            .unwrap();
         assert_eq!(key.state, KeyState::Active as i32);
         assert_eq!(key.origin, KeyOrigin::Imported as i32);
         assert!(key.imported && !key.extractable);
@@ -364,7 +397,12 @@ async fn secure_import_with_both_hashes_then_wrap_unwrap_and_rotate() {
             b"data key",
             "{hash:?}: the key uses exactly the imported material"
         );
-        assert_eq!(unwrap(&mut keys, &tenant, &key.id, &ciphertext).await.unwrap(), b"data key");
+        assert_eq!(
+            unwrap(&mut keys, &tenant, &key.id, &ciphertext)
+                .await
+                .unwrap(),
+            b"data key"
+        );
 
         // Rotation of an imported key by secure import: new material, same size.
         let next = random_bytes(size);
@@ -388,8 +426,16 @@ async fn secure_import_with_both_hashes_then_wrap_unwrap_and_rotate() {
             .unwrap();
         assert_ne!(rotated.current_version_id, key.current_version_id);
         let newer = wrap(&mut keys, &tenant, &key.id, b"after rotation").await;
-        assert_eq!(open_locally(&next, &key.id, &newer, &["byok"]), b"after rotation");
-        assert_eq!(unwrap(&mut keys, &tenant, &key.id, &ciphertext).await.unwrap(), b"data key");
+        assert_eq!(
+            open_locally(&next, &key.id, &newer, &["byok"]),
+            b"after rotation"
+        );
+        assert_eq!(
+            unwrap(&mut keys, &tenant, &key.id, &ciphertext)
+                .await
+                .unwrap(),
+            b"data key"
+        );
 
         // A rotation must keep the size.
         let other_size = random_bytes(if size == 32 { 16 } else { 32 });
@@ -416,7 +462,12 @@ async fn secure_import_with_both_hashes_then_wrap_unwrap_and_rotate() {
 async fn secure_import_refusals_store_nothing() {
     let token = TestToken::create();
     let data = tempfile::tempdir().unwrap();
-    let server = server_with(&token, data.path(), &[("KMS_IMPORT_MIN_TOKEN_EXPIRATION_SECS", "2")]).await;
+    let server = server_with(
+        &token,
+        data.path(),
+        &[("KMS_IMPORT_MIN_TOKEN_EXPIRATION_SECS", "2")],
+    )
+    .await;
     let (mut tokens, mut keys) = (server.import_tokens().await, server.keys().await);
     let tenant = instance();
     let material = random_bytes(32);
@@ -490,7 +541,11 @@ async fn secure_import_refusals_store_nothing() {
     let good = || encrypt_for_token(&import_token, Hash::Sha1, &material, None);
     let mut short_iv = good();
     short_iv.iv.pop();
-    assert_refused(secure_create(&mut keys, &tenant, short_iv, Hash::Sha1).await, Code::InvalidArgument, "iv");
+    assert_refused(
+        secure_create(&mut keys, &tenant, short_iv, Hash::Sha1).await,
+        Code::InvalidArgument,
+        "iv",
+    );
     let mut short_nonce = good();
     short_nonce.encrypted_nonce.pop();
     assert_refused(
@@ -518,12 +573,22 @@ async fn secure_import_refusals_store_nothing() {
             },
         ))
         .await;
-    assert_refused(unknown_algorithm, Code::InvalidArgument, "encryption_algorithm");
+    assert_refused(
+        unknown_algorithm,
+        Code::InvalidArgument,
+        "encryption_algorithm",
+    );
 
     // The right fields work (the token is still usable after the refusals)...
-    let key = secure_create(&mut keys, &tenant, good(), Hash::Sha1).await.unwrap();
+    let key = secure_create(&mut keys, &tenant, good(), Hash::Sha1)
+        .await
+        .unwrap();
     assert_eq!(key.size_bits, 256);
-    assert_eq!(count_keys(&mut keys, &tenant).await, 1, "refusals stored nothing");
+    assert_eq!(
+        count_keys(&mut keys, &tenant).await,
+        1,
+        "refusals stored nothing"
+    );
 
     // ...until the token expires.
     create_token(&mut tokens, &tenant, 2, 5).await;
@@ -535,7 +600,11 @@ async fn secure_import_refusals_store_nothing() {
         Code::FailedPrecondition,
         "expired",
     );
-    assert_refused(get_token(&mut tokens, &tenant).await, Code::FailedPrecondition, "expired");
+    assert_refused(
+        get_token(&mut tokens, &tenant).await,
+        Code::FailedPrecondition,
+        "expired",
+    );
     assert_eq!(count_keys(&mut keys, &tenant).await, 1);
 }
 
@@ -563,7 +632,13 @@ async fn external_key_import_delete_and_reimport() {
     assert_eq!(key.origin, KeyOrigin::External as i32);
     let id = key.id.clone();
     let wrap_early = keys
-        .wrap_key(req(&tenant, WrapKeyRequest { id: id.clone(), ..Default::default() }))
+        .wrap_key(req(
+            &tenant,
+            WrapKeyRequest {
+                id: id.clone(),
+                ..Default::default()
+            },
+        ))
         .await;
     assert_refused(wrap_early, Code::FailedPrecondition, "PRE_ACTIVATION");
 
@@ -595,7 +670,10 @@ async fn external_key_import_delete_and_reimport() {
 
     // A new call supersedes the last.
     let current = keys
-        .get_parameters_for_import(req(&tenant, parameters(Hash::Sha1, WrappingKeySpec::Rsa3072)))
+        .get_parameters_for_import(req(
+            &tenant,
+            parameters(Hash::Sha1, WrappingKeySpec::Rsa3072),
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -622,8 +700,16 @@ async fn external_key_import_delete_and_reimport() {
     // Refusals that change nothing.
     let encrypted = encrypt_material(&current.public_key, Hash::Sha1, &material);
     let cases: Vec<(ImportKeyMaterialRequest, Code, &str)> = vec![
-        (import(b"garbage", encrypted.clone()), Code::InvalidArgument, "import_token"),
-        (import(&current.import_token, random_bytes(384)), Code::InvalidArgument, "cannot be decrypted"),
+        (
+            import(b"garbage", encrypted.clone()),
+            Code::InvalidArgument,
+            "import_token",
+        ),
+        (
+            import(&current.import_token, random_bytes(384)),
+            Code::InvalidArgument,
+            "cannot be decrypted",
+        ),
         (
             import(
                 &current.import_token,
@@ -650,7 +736,10 @@ async fn external_key_import_delete_and_reimport() {
         ),
         (
             ImportKeyMaterialRequest {
-                valid_to: Some(prost_types::Timestamp { seconds: 1_000, nanos: 0 }),
+                valid_to: Some(prost_types::Timestamp {
+                    seconds: 1_000,
+                    nanos: 0,
+                }),
                 expiration_model: 0,
                 ..import(&current.import_token, encrypted.clone())
             },
@@ -667,7 +756,11 @@ async fn external_key_import_delete_and_reimport() {
         ),
     ];
     for (request, code, needle) in cases {
-        assert_refused(keys.import_key_material(req(&tenant, request)).await, code, needle);
+        assert_refused(
+            keys.import_key_material(req(&tenant, request)).await,
+            code,
+            needle,
+        );
     }
     // The token of another key, and a key of another instance.
     let other = keys
@@ -688,16 +781,25 @@ async fn external_key_import_delete_and_reimport() {
         .await;
     assert_refused(wrong_key, Code::InvalidArgument, "another key");
     assert_refused(
-        keys.import_key_material(req(&instance(), import(&current.import_token, encrypted.clone())))
-            .await,
+        keys.import_key_material(req(
+            &instance(),
+            import(&current.import_token, encrypted.clone()),
+        ))
+        .await,
         Code::NotFound,
         "not found",
     );
-    assert_eq!(get_key(&mut keys, &tenant, &id).await.state, KeyState::PreActivation as i32);
+    assert_eq!(
+        get_key(&mut keys, &tenant, &id).await.state,
+        KeyState::PreActivation as i32
+    );
 
     // The import.
     let imported = keys
-        .import_key_material(req(&tenant, import(&current.import_token, encrypted.clone())))
+        .import_key_material(req(
+            &tenant,
+            import(&current.import_token, encrypted.clone()),
+        ))
         .await
         .unwrap()
         .into_inner()
@@ -710,15 +812,27 @@ async fn external_key_import_delete_and_reimport() {
         ExpirationModel::KeyMaterialDoesNotExpire as i32
     );
     let ciphertext = wrap(&mut keys, &tenant, &id, b"before delete").await;
-    assert_eq!(open_locally(&material, &id, &ciphertext, &["byok"]), b"before delete");
+    assert_eq!(
+        open_locally(&material, &id, &ciphertext, &["byok"]),
+        b"before delete"
+    );
     assert_refused(
-        keys.import_key_material(req(&tenant, import(&current.import_token, encrypted.clone())))
-            .await,
+        keys.import_key_material(req(
+            &tenant,
+            import(&current.import_token, encrypted.clone()),
+        ))
+        .await,
         Code::FailedPrecondition,
         "ACTIVE",
     );
     let rotate = keys
-        .rotate_key(req(&tenant, RotateKeyRequest { id: id.clone(), ..Default::default() }))
+        .rotate_key(req(
+            &tenant,
+            RotateKeyRequest {
+                id: id.clone(),
+                ..Default::default()
+            },
+        ))
         .await;
     assert_refused(rotate, Code::FailedPrecondition, "EXTERNAL");
 
@@ -751,7 +865,10 @@ async fn external_key_import_delete_and_reimport() {
 
     // Re-import: different material is refused, the same material brings the data back.
     let fresh = keys
-        .get_parameters_for_import(req(&tenant, parameters(Hash::Sha256, WrappingKeySpec::Rsa2048)))
+        .get_parameters_for_import(req(
+            &tenant,
+            parameters(Hash::Sha256, WrappingKeySpec::Rsa2048),
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -779,28 +896,41 @@ async fn external_key_import_delete_and_reimport() {
 
     // Parameters only for EXTERNAL keys in PRE_ACTIVATION.
     assert_refused(
-        keys.get_parameters_for_import(req(&tenant, parameters(Hash::Sha256, WrappingKeySpec::Rsa2048)))
-            .await,
+        keys.get_parameters_for_import(req(
+            &tenant,
+            parameters(Hash::Sha256, WrappingKeySpec::Rsa2048),
+        ))
+        .await,
         Code::FailedPrecondition,
         "ACTIVE",
     );
     let generated = common::create_key(
         &mut keys,
         &tenant,
-        CreateKeyRequest { name: "generated".into(), ..Default::default() },
+        CreateKeyRequest {
+            name: "generated".into(),
+            ..Default::default()
+        },
     )
     .await;
     let result = keys
         .get_parameters_for_import(req(
             &tenant,
-            GetParametersForImportRequest { key_id: generated.id, ..Default::default() },
+            GetParametersForImportRequest {
+                key_id: generated.id,
+                ..Default::default()
+            },
         ))
         .await;
     assert_refused(result, Code::FailedPrecondition, "EXTERNAL");
     let result = keys
         .get_parameters_for_import(req(
             &tenant,
-            GetParametersForImportRequest { key_id: other.id.clone(), wrapping_key_spec: 9, ..Default::default() },
+            GetParametersForImportRequest {
+                key_id: other.id.clone(),
+                wrapping_key_spec: 9,
+                ..Default::default()
+            },
         ))
         .await;
     assert_refused(result, Code::InvalidArgument, "wrapping_key_spec");
@@ -810,7 +940,12 @@ async fn external_key_import_delete_and_reimport() {
 async fn material_and_parameters_expire() {
     let token = TestToken::create();
     let data = tempfile::tempdir().unwrap();
-    let server = server_with(&token, data.path(), &[("KMS_IMPORT_PARAMETERS_LIFETIME_SECS", "3")]).await;
+    let server = server_with(
+        &token,
+        data.path(),
+        &[("KMS_IMPORT_PARAMETERS_LIFETIME_SECS", "3")],
+    )
+    .await;
     let mut keys = server.keys().await;
     let tenant = instance();
     let create = || CreateKeyRequest {
@@ -818,11 +953,21 @@ async fn material_and_parameters_expire() {
         origin: KeyOrigin::External as i32,
         ..Default::default()
     };
-    let id = keys.create_key(req(&tenant, create())).await.unwrap().into_inner().key.unwrap().id;
+    let id = keys
+        .create_key(req(&tenant, create()))
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap()
+        .id;
     let parameters = keys
         .get_parameters_for_import(req(
             &tenant,
-            GetParametersForImportRequest { key_id: id.clone(), ..Default::default() },
+            GetParametersForImportRequest {
+                key_id: id.clone(),
+                ..Default::default()
+            },
         ))
         .await
         .unwrap()
@@ -836,7 +981,11 @@ async fn material_and_parameters_expire() {
             ImportKeyMaterialRequest {
                 key_id: id.clone(),
                 import_token: parameters.import_token.clone(),
-                encrypted_key_material: encrypt_material(&parameters.public_key, Hash::Sha256, &material),
+                encrypted_key_material: encrypt_material(
+                    &parameters.public_key,
+                    Hash::Sha256,
+                    &material,
+                ),
                 expiration_model: ExpirationModel::KeyMaterialExpires as i32,
                 valid_to: Some(prost_types::Timestamp {
                     seconds: valid_to.as_secs() as i64,
@@ -862,7 +1011,11 @@ async fn material_and_parameters_expire() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(state, KeyState::PreActivation as i32, "material erased at valid_to");
+    assert_eq!(
+        state,
+        KeyState::PreActivation as i32,
+        "material erased at valid_to"
+    );
     assert_refused(
         unwrap(&mut keys, &tenant, &id, &ciphertext).await,
         Code::FailedPrecondition,
@@ -877,7 +1030,11 @@ async fn material_and_parameters_expire() {
             ImportKeyMaterialRequest {
                 key_id: id.clone(),
                 import_token: parameters.import_token.clone(),
-                encrypted_key_material: encrypt_material(&parameters.public_key, Hash::Sha256, &material),
+                encrypted_key_material: encrypt_material(
+                    &parameters.public_key,
+                    Hash::Sha256,
+                    &material,
+                ),
                 expiration_model: ExpirationModel::KeyMaterialDoesNotExpire as i32,
                 valid_to: None,
             },
@@ -900,7 +1057,11 @@ async fn both_flows_survive_a_restart_in_the_middle() {
     let external = keys
         .create_key(req(
             &tenant,
-            CreateKeyRequest { name: "ext".into(), origin: KeyOrigin::External as i32, ..Default::default() },
+            CreateKeyRequest {
+                name: "ext".into(),
+                origin: KeyOrigin::External as i32,
+                ..Default::default()
+            },
         ))
         .await
         .unwrap()
@@ -910,7 +1071,10 @@ async fn both_flows_survive_a_restart_in_the_middle() {
     let parameters = keys
         .get_parameters_for_import(req(
             &tenant,
-            GetParametersForImportRequest { key_id: external.id.clone(), ..Default::default() },
+            GetParametersForImportRequest {
+                key_id: external.id.clone(),
+                ..Default::default()
+            },
         ))
         .await
         .unwrap()
@@ -920,16 +1084,25 @@ async fn both_flows_survive_a_restart_in_the_middle() {
     let server = server_with(&token, data.path(), &[]).await;
     let (mut tokens, mut keys) = (server.import_tokens().await, server.keys().await);
     let retrieved = get_token(&mut tokens, &tenant).await.unwrap();
-    assert_eq!(retrieved.remaining_retrievals, 0, "the retrieval count survived");
+    assert_eq!(
+        retrieved.remaining_retrievals, 0,
+        "the retrieval count survived"
+    );
     assert_eq!(retrieved.payload, import_token.payload);
     let fields = encrypt_for_token(&import_token, Hash::Sha256, &material, None);
-    let secure = secure_create(&mut keys, &tenant, fields, Hash::Sha256).await.unwrap();
+    let secure = secure_create(&mut keys, &tenant, fields, Hash::Sha256)
+        .await
+        .unwrap();
     keys.import_key_material(req(
         &tenant,
         ImportKeyMaterialRequest {
             key_id: external.id.clone(),
             import_token: parameters.import_token,
-            encrypted_key_material: encrypt_material(&parameters.public_key, Hash::Sha256, &material),
+            encrypted_key_material: encrypt_material(
+                &parameters.public_key,
+                Hash::Sha256,
+                &material,
+            ),
             expiration_model: ExpirationModel::KeyMaterialDoesNotExpire as i32,
             valid_to: None,
         },
@@ -942,9 +1115,22 @@ async fn both_flows_survive_a_restart_in_the_middle() {
 
     let server = server_with(&token, data.path(), &[]).await;
     let mut keys = server.keys().await;
-    assert_eq!(unwrap(&mut keys, &tenant, &secure.id, &from_secure).await.unwrap(), b"one");
-    assert_eq!(unwrap(&mut keys, &tenant, &external.id, &from_external).await.unwrap(), b"two");
-    assert_eq!(open_locally(&material, &secure.id, &from_secure, &["byok"]), b"one");
+    assert_eq!(
+        unwrap(&mut keys, &tenant, &secure.id, &from_secure)
+            .await
+            .unwrap(),
+        b"one"
+    );
+    assert_eq!(
+        unwrap(&mut keys, &tenant, &external.id, &from_external)
+            .await
+            .unwrap(),
+        b"two"
+    );
+    assert_eq!(
+        open_locally(&material, &secure.id, &from_secure, &["byok"]),
+        b"one"
+    );
 }
 
 #[tokio::test]
@@ -966,11 +1152,19 @@ async fn sha256_without_the_fallback_is_refused_where_the_token_lacks_it() {
         assert_eq!(result.unwrap().state, KeyState::Active as i32);
     } else {
         assert!(server.log().contains("oaep_sha256=Unavailable"));
-        assert_refused(result, Code::FailedPrecondition, "cannot decrypt RSAES_OAEP_SHA_256");
+        assert_refused(
+            result,
+            Code::FailedPrecondition,
+            "cannot decrypt RSAES_OAEP_SHA_256",
+        );
         let external = keys
             .create_key(req(
                 &tenant,
-                CreateKeyRequest { name: "e".into(), origin: KeyOrigin::External as i32, ..Default::default() },
+                CreateKeyRequest {
+                    name: "e".into(),
+                    origin: KeyOrigin::External as i32,
+                    ..Default::default()
+                },
             ))
             .await
             .unwrap()
@@ -980,27 +1174,43 @@ async fn sha256_without_the_fallback_is_refused_where_the_token_lacks_it() {
         let parameters = keys
             .get_parameters_for_import(req(
                 &tenant,
-                GetParametersForImportRequest { key_id: external.id, ..Default::default() },
+                GetParametersForImportRequest {
+                    key_id: external.id,
+                    ..Default::default()
+                },
             ))
             .await;
         assert_refused(parameters, Code::FailedPrecondition, "RSAES_OAEP_SHA_256");
     }
     // SHA-1 is native on every token here.
     let fields = encrypt_for_token(&import_token, Hash::Sha1, &material, None);
-    assert!(secure_create(&mut keys, &tenant, fields, Hash::Sha1).await.is_ok());
+    assert!(
+        secure_create(&mut keys, &tenant, fields, Hash::Sha1)
+            .await
+            .is_ok()
+    );
 }
 
 #[tokio::test]
 async fn expired_import_token_private_key_is_erased() {
     let token = TestToken::create();
     let data = tempfile::tempdir().unwrap();
-    let server = server_with(&token, data.path(), &[("KMS_IMPORT_MIN_TOKEN_EXPIRATION_SECS", "1")]).await;
+    let server = server_with(
+        &token,
+        data.path(),
+        &[("KMS_IMPORT_MIN_TOKEN_EXPIRATION_SECS", "1")],
+    )
+    .await;
     let mut tokens = server.import_tokens().await;
     let tenant = instance();
     create_token(&mut tokens, &tenant, 1, 3).await;
     assert!(get_token(&mut tokens, &tenant).await.is_ok());
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert_refused(get_token(&mut tokens, &tenant).await, Code::FailedPrecondition, "expired");
+    assert_refused(
+        get_token(&mut tokens, &tenant).await,
+        Code::FailedPrecondition,
+        "expired",
+    );
     server.stop().await;
 
     // The sweep left the metadata (so users hear "expired") but erased the private key.
@@ -1017,17 +1227,34 @@ async fn pre_generated_pairs_serve_requests_and_refill() {
     let data = tempfile::tempdir().unwrap();
     let server = server_with(&token, data.path(), &[("KMS_IMPORT_RSA_POOL_SIZE", "1")]).await;
     assert!(
-        wait_for_log(&server, "RSA key-pair pool is full", Duration::from_secs(120)).await,
+        wait_for_log(
+            &server,
+            "RSA key-pair pool is full",
+            Duration::from_secs(120)
+        )
+        .await,
         "the pool fills in the background"
     );
     let mut tokens = server.import_tokens().await;
     let tenant = instance();
     create_token(&mut tokens, &tenant, 600, 1).await;
-    assert!(server.log_eventually("RSA key pair taken from the pool").await);
-    assert!(!server.log().contains("generating a pair on the request path"));
+    assert!(
+        server
+            .log_eventually("RSA key pair taken from the pool")
+            .await
+    );
+    assert!(
+        !server
+            .log()
+            .contains("generating a pair on the request path")
+    );
     // The pool was drained for RSA-4096: the next token is made on the spot, not refused.
     create_token(&mut tokens, &instance(), 600, 1).await;
-    assert!(server.log_eventually("generating a pair on the request path").await);
+    assert!(
+        server
+            .log_eventually("generating a pair on the request path")
+            .await
+    );
     assert!(get_token(&mut tokens, &tenant).await.is_ok());
 }
 

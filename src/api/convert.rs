@@ -158,33 +158,6 @@ pub fn limit(value: Option<u32>) -> Result<usize, KmsError> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_are_checked() {
-        assert!(name("ok name".into()).is_ok());
-        assert!(name("".into()).is_err());
-        assert!(name(" lead".into()).is_err());
-        assert!(name("trail ".into()).is_err());
-        assert!(name("tab\tinside".into()).is_err());
-        assert!(name("é".repeat(90)).is_ok());
-        assert!(name("é".repeat(91)).is_err());
-    }
-
-    #[test]
-    fn timestamps_round_trip_at_millisecond_precision() {
-        let ts = timestamp(1_700_000_000_123);
-        assert_eq!(millis_from("t", &ts).unwrap(), 1_700_000_000_123);
-        let bad = Timestamp {
-            seconds: 1,
-            nanos: -1,
-        };
-        assert!(millis_from("t", &bad).is_err());
-    }
-}
-
 /// Largest RSA ciphertext accepted (RSA-4096).
 pub const MAX_RSA_CIPHERTEXT: usize = 512;
 
@@ -195,7 +168,10 @@ pub fn oaep_hash(field: &'static str, value: i32) -> Result<OaepHash, KmsError> 
             Ok(OaepHash::Sha256)
         }
         Ok(proto::WrappingAlgorithm::RsaesOaepSha1) => Ok(OaepHash::Sha1),
-        Err(_) => Err(KmsError::invalid(field, format!("unknown algorithm {value}"))),
+        Err(_) => Err(KmsError::invalid(
+            field,
+            format!("unknown algorithm {value}"),
+        )),
     }
 }
 
@@ -283,5 +259,32 @@ pub fn import_token(token: &ImportTokenRecord) -> proto::ImportToken {
         expiration_date: Some(timestamp(token.expires_at)),
         max_allowed_retrievals: token.max_retrievals,
         remaining_retrievals: token.remaining_retrievals,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        assert!(name("ok name".into()).is_ok());
+        assert!(name("".into()).is_err());
+        assert!(name(" lead".into()).is_err());
+        assert!(name("trail ".into()).is_err());
+        assert!(name("tab\tinside".into()).is_err());
+        assert!(name("é".repeat(90)).is_ok());
+        assert!(name("é".repeat(91)).is_err());
+    }
+
+    #[test]
+    fn timestamps_round_trip_at_millisecond_precision() {
+        let ts = timestamp(1_700_000_000_123);
+        assert_eq!(millis_from("t", &ts).unwrap(), 1_700_000_000_123);
+        let bad = Timestamp {
+            seconds: 1,
+            nanos: -1,
+        };
+        assert!(millis_from("t", &bad).is_err());
     }
 }

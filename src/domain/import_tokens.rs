@@ -176,13 +176,13 @@ impl ImportTokenManager {
 
     /// The instance's token, refused when it does not exist or has expired.
     fn current(&self, ctx: &CallerContext) -> Result<ImportTokenRecord, KmsError> {
-        let token = self
-            .store
-            .get_import_token(&ctx.instance)?
-            .ok_or_else(|| KmsError::NotFound {
-                what: "import token for this instance (create one with CreateImportToken)"
-                    .into(),
-            })?;
+        let token =
+            self.store
+                .get_import_token(&ctx.instance)?
+                .ok_or_else(|| KmsError::NotFound {
+                    what: "import token for this instance (create one with CreateImportToken)"
+                        .into(),
+                })?;
         if token.expires_at <= now_millis() || token.key_pair.is_none() {
             return Err(expired(&token));
         }

@@ -103,9 +103,7 @@ impl KeyRecord {
     /// key (-> DEACTIVATED), or the valid-to of imported material still present
     /// (-> material erased, PRE_ACTIVATION).
     pub fn next_transition_at(&self) -> Option<Millis> {
-        let expiry = self
-            .expires_at
-            .filter(|_| self.state == KeyState::Active);
+        let expiry = self.expires_at.filter(|_| self.state == KeyState::Active);
         let material_expiry = self.valid_to.filter(|_| self.has_expiring_material());
         match (expiry, material_expiry) {
             (Some(a), Some(b)) => Some(a.min(b)),

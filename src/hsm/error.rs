@@ -98,13 +98,32 @@ impl HsmError {
 }
 
 impl HsmError {
+    /// Reclassifies an error from decrypting or unwrapping data a client supplied (an
+    /// RSA-OAEP ciphertext). Tokens report a bad block in their own ways: Kryoptic 1.5
+    /// answers a failed OAEP check with CKR_DEVICE_ERROR, SoftHSM raw RSA input that is
+    /// not below the modulus with CKR_GENERAL_ERROR. For input the service did not make,
+    /// these mean "rejected", and must not make the session (or the key cache) be
+    /// thrown away; a token that is really gone is noticed by the next call and by the
+    /// health monitor.
+    pub(crate) fn reclassify_client_decrypt(self) -> HsmError {
+        match self {
+            HsmError::Unavailable {
+                function,
+                rv: rv @ RvError::DeviceError,
+            } => HsmError::Rejected { function, rv },
+            other => other.reclassify_aead_decrypt(),
+        }
+    }
+
     /// The key cannot be used with the mechanism (wrong length or type for it): for an
     /// AES operation on imported material, the material is not an AES key.
     pub(crate) fn is_key_unfit(&self) -> bool {
         matches!(
             self,
             HsmError::Pkcs11 {
-                rv: RvError::MechanismInvalid | RvError::KeySizeRange | RvError::KeyTypeInconsistent,
+                rv: RvError::MechanismInvalid
+                    | RvError::KeySizeRange
+                    | RvError::KeyTypeInconsistent,
                 ..
             }
         )
@@ -177,5 +196,13 @@ mod tests {
         ));
         let gone = classify(RvError::DeviceRemoved, "C_Decrypt".into());
         assert!(gone.reclassify_aead_decrypt().is_unavailable());
+        // A bad client ciphertext must not cost the session (Kryoptic's OAEP failure).
+        let bad_block = classify(RvError::DeviceError, "C_UnwrapKey".into());
+        assert!(matches!(
+            bad_block.reclassify_client_decrypt(),
+            HsmError::Rejected { .. }
+        ));
+        let gone = classify(RvError::DeviceRemoved, "C_UnwrapKey".into());
+        assert!(gone.reclassify_client_decrypt().is_unavailable());
     }
 }

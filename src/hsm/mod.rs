@@ -40,13 +40,13 @@ use serde::{Deserialize, Serialize};
 pub use cache::VersionId;
 use cache::{CachedKey, KeyCache};
 pub use error::HsmError;
+use oaep::OaepHash;
 use pool::SessionPool;
 use random::RandomReserve;
 pub use rsa::{
     ImportRefusal, ImportedMaterial, MaterialImport, NonceProof, OaepSupport, RsaKeyPair,
     encrypt_oaep,
 };
-use oaep::OaepHash;
 
 use crate::secret::SecretBytes;
 

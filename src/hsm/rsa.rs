@@ -164,7 +164,9 @@ fn public_key_info(session: &Session, public: ObjectHandle) -> Result<Vec<u8>, H
         }
     }
     let (Some(modulus), Some(exponent)) = (modulus, exponent) else {
-        return Err(HsmError::Binding("CKA_MODULUS or CKA_PUBLIC_EXPONENT missing".into()));
+        return Err(HsmError::Binding(
+            "CKA_MODULUS or CKA_PUBLIC_EXPONENT missing".into(),
+        ));
     };
     let encode = || -> Result<Vec<u8>, openssl::error::ErrorStack> {
         let n = openssl::bn::BigNum::from_slice(&modulus)?;
@@ -201,11 +203,7 @@ fn oaep_mechanism(hash: OaepHash) -> Mechanism<'static> {
         OaepHash::Sha1 => (MechanismType::SHA1, PkcsMgfType::MGF1_SHA1),
         OaepHash::Sha256 => (MechanismType::SHA256, PkcsMgfType::MGF1_SHA256),
     };
-    Mechanism::RsaPkcsOaep(PkcsOaepParams::new(
-        hash_alg,
-        mgf,
-        PkcsOaepSource::empty(),
-    ))
+    Mechanism::RsaPkcsOaep(PkcsOaepParams::new(hash_alg, mgf, PkcsOaepSource::empty()))
 }
 
 /// The imported AES key: sensitive; decrypts (the nonce proof), signs (the check value)
@@ -263,7 +261,9 @@ pub(super) fn import_material(
         Ok(Some(len)) => len,
         Ok(None) => {
             let _ = session.destroy_object(key);
-            return Err(HsmError::Binding("the imported key's length is unknown".into()));
+            return Err(HsmError::Binding(
+                "the imported key's length is unknown".into(),
+            ));
         }
         Err(e) => {
             let _ = session.destroy_object(key);
@@ -292,8 +292,7 @@ fn material_object(
         OaepSupport::Native => {
             let mechanism = oaep_mechanism(request.hash);
             let template = imported_key_template(true);
-            match session.unwrap_key(&mechanism, private, &request.encrypted_material, &template)
-            {
+            match session.unwrap_key(&mechanism, private, &request.encrypted_material, &template) {
                 Ok(key) => {
                     let len = secret_len(session, kek, wraps, key);
                     if let Ok(Some(len)) = len
@@ -305,7 +304,7 @@ fn material_object(
                     refused(ImportRefusal::MaterialSize { bytes: len? })
                 }
                 Err(e) => {
-                    let e = HsmError::from(e);
+                    let e = HsmError::from(e).reclassify_client_decrypt();
                     if e.breaks_session() {
                         return Err(e);
                     }
@@ -338,22 +337,17 @@ fn material_object(
         }
         OaepSupport::Fallback => {
             let modulus_len = request.modulus_bits as usize / 8;
-            let raw = match session.decrypt(
-                &Mechanism::RsaX509,
-                private,
-                &request.encrypted_material,
-            ) {
-                Ok(raw) => Zeroizing::new(raw),
-                Err(e) => {
-                    // Raw RSA fails only on its input (e.g. not below the modulus), which
-                    // SoftHSM reports as a general error.
-                    let e = HsmError::from(e).reclassify_aead_decrypt();
-                    return match e {
-                        HsmError::Rejected { .. } => refused(ImportRefusal::Undecryptable),
-                        other => Err(other),
-                    };
-                }
-            };
+            let raw =
+                match session.decrypt(&Mechanism::RsaX509, private, &request.encrypted_material) {
+                    Ok(raw) => Zeroizing::new(raw),
+                    Err(e) => {
+                        let e = HsmError::from(e).reclassify_client_decrypt();
+                        return match e {
+                            HsmError::Rejected { .. } => refused(ImportRefusal::Undecryptable),
+                            other => Err(other),
+                        };
+                    }
+                };
             let Some(material) = oaep::decode(&raw, modulus_len, request.hash) else {
                 return refused(ImportRefusal::Undecryptable);
             };
@@ -502,5 +496,6 @@ pub fn encrypt_oaep(
 
 /// Whether the token can do the raw RSA operation the fallback needs.
 pub(super) fn raw_rsa_offered(ctx: &cryptoki::context::Pkcs11, slot: cryptoki::slot::Slot) -> bool {
-    ctx.get_mechanism_info(slot, MechanismType::RSA_X_509).is_ok()
+    ctx.get_mechanism_info(slot, MechanismType::RSA_X_509)
+        .is_ok()
 }

@@ -459,7 +459,11 @@ impl ImportStore for SledStore {
 
     fn take_key_pair(&self, bits: u32) -> Result<Option<RsaKeyPair>, StoreError> {
         loop {
-            let Some((k, raw)) = self.rsa_pool.scan_prefix(bits.to_be_bytes()).next().transpose()?
+            let Some((k, raw)) = self
+                .rsa_pool
+                .scan_prefix(bits.to_be_bytes())
+                .next()
+                .transpose()?
             else {
                 return Ok(None);
             };

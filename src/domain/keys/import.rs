@@ -26,8 +26,8 @@ use super::{Change, KeyManager, ROOT_KEY_IMPORT_BYTES, require_state, wrong_stat
 use crate::domain::import_tokens::ImportTokenManager;
 use crate::domain::key_pairs::KeyPairPool;
 use crate::domain::model::{
-    ExpirationModel, ImportParametersRecord, KeyOrigin, KeyRecord, KeyState, Millis,
-    RECORD_SCHEMA, VersionRecord, format_millis, now_millis,
+    ExpirationModel, ImportParametersRecord, KeyOrigin, KeyRecord, KeyState, Millis, RECORD_SCHEMA,
+    VersionRecord, format_millis, now_millis,
 };
 use crate::domain::{CallerContext, KmsError};
 use crate::hsm::oaep::OaepHash;
@@ -380,10 +380,9 @@ fn expiration(
         (Some(ExpirationModel::KeyMaterialExpires) | None, Some(at)) if at > now => {
             Ok((ExpirationModel::KeyMaterialExpires, Some(at)))
         }
-        (Some(ExpirationModel::KeyMaterialExpires) | None, Some(_)) => Err(KmsError::invalid(
-            "valid_to",
-            "must be in the future",
-        )),
+        (Some(ExpirationModel::KeyMaterialExpires) | None, Some(_)) => {
+            Err(KmsError::invalid("valid_to", "must be in the future"))
+        }
         (Some(ExpirationModel::KeyMaterialExpires), None) => Err(KmsError::invalid(
             "valid_to",
             "required when expiration_model is KEY_MATERIAL_EXPIRES",
