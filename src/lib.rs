@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod client;
 pub mod config;
 pub mod domain;
 pub mod hsm;

@@ -49,6 +49,41 @@ enum Command {
         #[arg(long, value_enum, value_delimiter = ',')]
         scenarios: Vec<kms::bench::Scenario>,
     },
+    /// Bring your own AES key: read material from a file, encrypt it locally for the
+    /// server's import token (secure import) or import parameters (EXTERNAL keys), and
+    /// import it. Give exactly one of --name, --rotate, --external.
+    ImportKey {
+        /// The server's URL.
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        addr: String,
+        /// The instance (bluemix-instance).
+        #[arg(long)]
+        instance: String,
+        /// A file holding the raw key material: 16, 24 or 32 bytes.
+        #[arg(long, value_name = "FILE")]
+        material: PathBuf,
+        /// RSA-OAEP hash: sha256 (RSAES_OAEP_SHA_256) or sha1 (RSAES_OAEP_SHA_1).
+        #[arg(long, default_value = "sha256", value_parser = ["sha256", "sha1"])]
+        hash: String,
+        /// Secure import into a new root key with this name.
+        #[arg(long, group = "target")]
+        name: Option<String>,
+        /// Secure import of a new version of this imported root key.
+        #[arg(long, group = "target", value_name = "KEY_ID")]
+        rotate: Option<String>,
+        /// Import into this EXTERNAL-origin key (GetParametersForImport + ImportKeyMaterial).
+        #[arg(long, group = "target", value_name = "KEY_ID")]
+        external: Option<String>,
+        /// EXTERNAL keys: RSA size of the wrapping key (2048, 3072, 4096).
+        #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u32).range(2048..=4096))]
+        wrapping_key_bits: u32,
+        /// EXTERNAL keys: the material expires this many seconds from now.
+        #[arg(long)]
+        valid_for_secs: Option<u64>,
+        /// Secure import: create a new import token first (replacing the instance's).
+        #[arg(long)]
+        create_token: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -76,6 +111,46 @@ fn main() -> ExitCode {
                 },
             };
             return bench(options);
+        }
+        Command::ImportKey {
+            addr,
+            instance,
+            material,
+            hash,
+            name,
+            rotate,
+            external,
+            wrapping_key_bits,
+            valid_for_secs,
+            create_token,
+        } => {
+            use kms::client::ImportTarget;
+            let target = match (name, rotate, external) {
+                (Some(name), None, None) => ImportTarget::NewKey { name },
+                (None, Some(key_id), None) => ImportTarget::Rotate { key_id },
+                (None, None, Some(key_id)) => ImportTarget::External {
+                    key_id,
+                    wrapping_key_bits,
+                    valid_for_secs,
+                },
+                _ => {
+                    eprintln!("kms import-key: give one of --name, --rotate, --external");
+                    return ExitCode::from(2);
+                }
+            };
+            let options = kms::client::ImportOptions {
+                addr,
+                instance,
+                material,
+                hash: if hash == "sha1" {
+                    kms::hsm::oaep::OaepHash::Sha1
+                } else {
+                    kms::hsm::oaep::OaepHash::Sha256
+                },
+                create_token,
+                target,
+            };
+            return import_key(options);
         }
     };
     let config = match Config::load(config.as_deref(), &ProcessEnv) {
@@ -115,6 +190,35 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "kms stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn import_key(options: kms::client::ImportOptions) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("kms import-key: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(kms::client::import_key(&options)) {
+        Ok(key) => {
+            println!(
+                "key {} state {:?} version {} size {} bits",
+                key.id,
+                kms::proto::KeyState::try_from(key.state).unwrap_or_default(),
+                key.current_version_id,
+                key.size_bits
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("kms import-key: {e}");
             ExitCode::FAILURE
         }
     }

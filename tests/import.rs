@@ -1268,3 +1268,112 @@ async fn wait_for_log(server: &TestServer, needle: &str, limit: Duration) -> boo
     }
     false
 }
+
+/// Runs `kms import-key` against the server; returns the key id it printed.
+fn import_command(
+    server: &TestServer,
+    tenant: &str,
+    material: &std::path::Path,
+    args: &[&str],
+) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_kms"))
+        .arg("import-key")
+        .args(["--addr", &server.url(), "--instance", tenant])
+        .arg("--material")
+        .arg(material)
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "import-key failed: {}{}",
+        stdout,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(!stdout.contains(&hex::encode(std::fs::read(material).unwrap())));
+    stdout
+        .split_whitespace()
+        .nth(1)
+        .expect("key <id> ...")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn the_import_key_command_brings_keys_in_by_both_flows() {
+    let token = TestToken::create();
+    let data = tempfile::tempdir().unwrap();
+    let server = server_with(&token, data.path(), &[]).await;
+    let mut keys = server.keys().await;
+    let tenant = instance();
+    let material = random_bytes(32);
+    let material_file = data.path().join("material.bin");
+    std::fs::write(&material_file, &material).unwrap();
+
+    // Secure import with a token the command creates, SHA-256.
+    let id = import_command(
+        &server,
+        &tenant,
+        &material_file,
+        &["--create-token", "--name", "cli"],
+    );
+    let ciphertext = wrap(&mut keys, &tenant, &id, b"from the cli").await;
+    assert_eq!(
+        open_locally(&material, &id, &ciphertext, &["byok"]),
+        b"from the cli"
+    );
+
+    // Rotation by secure import needs a retrievable token: a new one, SHA-1.
+    let next = random_bytes(32);
+    std::fs::write(&material_file, &next).unwrap();
+    let rotated = import_command(
+        &server,
+        &tenant,
+        &material_file,
+        &["--create-token", "--hash", "sha1", "--rotate", &id],
+    );
+    assert_eq!(rotated, id);
+    let newer = wrap(&mut keys, &tenant, &id, b"rotated").await;
+    assert_eq!(open_locally(&next, &id, &newer, &["byok"]), b"rotated");
+
+    // An EXTERNAL key, with a 3072-bit wrapping key.
+    let external = keys
+        .create_key(req(
+            &tenant,
+            CreateKeyRequest {
+                name: "ext".into(),
+                origin: KeyOrigin::External as i32,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap();
+    let imported = import_command(
+        &server,
+        &tenant,
+        &material_file,
+        &[
+            "--external",
+            &external.id,
+            "--wrapping-key-bits",
+            "3072",
+            "--valid-for-secs",
+            "3600",
+        ],
+    );
+    assert_eq!(imported, external.id);
+    let key = get_key(&mut keys, &tenant, &external.id).await;
+    assert_eq!(key.state, KeyState::Active as i32);
+    assert_eq!(
+        key.expiration_model,
+        ExpirationModel::KeyMaterialExpires as i32
+    );
+    let ciphertext = wrap(&mut keys, &tenant, &external.id, b"external").await;
+    assert_eq!(
+        open_locally(&next, &external.id, &ciphertext, &["byok"]),
+        b"external"
+    );
+}

@@ -4,8 +4,8 @@ mod common;
 
 use common::{TestServer, TestToken, instance, req};
 use kms::proto::{
-    CountKeysRequest, CreateKeyRequest, DeleteKeyRequest, GetKeyRequest, ImportKeyMaterialRequest,
-    Key, KeyOrigin, KeyState, ListKeysRequest,
+    CountKeysRequest, CreateKeyRequest, DeleteKeyRequest, GetKeyRequest, Key, KeyOrigin, KeyState,
+    ListKeysRequest,
 };
 use tonic::Code;
 
@@ -454,23 +454,6 @@ async fn correlation_id_is_echoed_or_generated() {
         supplied.as_str()
     );
     assert!(server.log_eventually(&supplied).await);
-}
-
-#[tokio::test]
-async fn rpcs_not_built_yet_answer_unimplemented() {
-    let (_t, _d, server) = server().await;
-    let mut keys = server.keys().await;
-    let err = keys
-        .import_key_material(req(
-            &instance(),
-            ImportKeyMaterialRequest {
-                key_id: uuid::Uuid::new_v4().to_string(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -142,7 +142,6 @@ fn status_from(error: &KmsError) -> Status {
         KmsError::WrongState { .. } | KmsError::FailedPrecondition(_) => {
             Status::failed_precondition(error.to_string())
         }
-        KmsError::Unimplemented(_) => Status::unimplemented(error.to_string()),
         KmsError::Conflict => Status::aborted(error.to_string()),
         KmsError::Hsm(e) if e.is_unavailable() => {
             Status::unavailable("the HSM is unavailable; retry later")

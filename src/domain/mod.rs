@@ -40,9 +40,6 @@ pub enum KmsError {
     #[error("{0}")]
     FailedPrecondition(String),
 
-    #[error("{0} is not implemented yet")]
-    Unimplemented(&'static str),
-
     #[error("the key was modified concurrently; retry")]
     Conflict,
 
