@@ -3,6 +3,11 @@
 //! same run with the same client as the no-op baseline.
 //!
 //! A client of the public API only: it creates its own keys in its own instance.
+//!
+//! The import scenarios (CreateImportToken, GetParametersForImport) are opt-in: each call
+//! uses up a pre-generated RSA key pair, so they make `import_calls` sequential calls
+//! and report latency; start the server with a pool at least that large
+//! (KMS_IMPORT_RSA_POOL_SIZE) and let it fill ("RSA key-pair pool is full" in its log).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -14,8 +19,12 @@ use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
+use crate::proto::import_token_service_client::ImportTokenServiceClient;
 use crate::proto::key_service_client::KeyServiceClient;
-use crate::proto::{CreateKeyRequest, UnwrapKeyRequest, WrapKeyRequest};
+use crate::proto::{
+    CreateImportTokenRequest, CreateKeyRequest, GetParametersForImportRequest, KeyOrigin,
+    UnwrapKeyRequest, WrapKeyRequest,
+};
 
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -25,6 +34,8 @@ pub struct BenchOptions {
     pub warmup: Duration,
     /// Distinct keys for the many-keys scenario (set above the server's key cache size).
     pub distinct_keys: usize,
+    /// Sequential calls per import scenario.
+    pub import_calls: usize,
     pub scenarios: Vec<Scenario>,
 }
 
@@ -34,6 +45,8 @@ pub enum Scenario {
     Wrap,
     Unwrap,
     UnwrapManyKeys,
+    CreateImportToken,
+    GetParametersForImport,
 }
 
 impl Scenario {
@@ -50,6 +63,8 @@ impl Scenario {
             Scenario::Wrap => "WrapKey",
             Scenario::Unwrap => "UnwrapKey",
             Scenario::UnwrapManyKeys => "UnwrapKey, many keys",
+            Scenario::CreateImportToken => "CreateImportToken (RSA-4096)",
+            Scenario::GetParametersForImport => "GetParametersForImport (RSA-2048)",
         }
     }
 }
@@ -96,6 +111,7 @@ pub async fn run(options: &BenchOptions) -> Result<Vec<Measured>, BenchError> {
         })?;
     let instance = format!("bench-{}", uuid::Uuid::new_v4());
     let keys = KeyServiceClient::new(channel.clone());
+    let tokens = ImportTokenServiceClient::new(channel.clone());
     let health = HealthClient::new(channel);
 
     let mut results = Vec::new();
@@ -165,10 +181,86 @@ pub async fn run(options: &BenchOptions) -> Result<Vec<Measured>, BenchError> {
                 })
                 .await?
             }
+            Scenario::CreateImportToken => {
+                let (tokens, instance) = (tokens.clone(), instance.clone());
+                measure_sequential(options, *scenario, move || {
+                    let (mut tokens, instance) = (tokens.clone(), instance.clone());
+                    async move {
+                        tokens
+                            .create_import_token(with_instance(
+                                &instance,
+                                CreateImportTokenRequest::default(),
+                            ))
+                            .await
+                            .map(|_| ())
+                    }
+                })
+                .await?
+            }
+            Scenario::GetParametersForImport => {
+                let key = keys
+                    .clone()
+                    .create_key(with_instance(
+                        &instance,
+                        CreateKeyRequest {
+                            name: "bench-external".into(),
+                            origin: KeyOrigin::External as i32,
+                            ..Default::default()
+                        },
+                    ))
+                    .await?
+                    .into_inner()
+                    .key
+                    .map(|k| k.id)
+                    .unwrap_or_default();
+                let (keys, instance) = (keys.clone(), instance.clone());
+                measure_sequential(options, *scenario, move || {
+                    let (mut keys, instance, key) = (keys.clone(), instance.clone(), key.clone());
+                    async move {
+                        keys.get_parameters_for_import(with_instance(
+                            &instance,
+                            GetParametersForImportRequest {
+                                key_id: key,
+                                ..Default::default()
+                            },
+                        ))
+                        .await
+                        .map(|_| ())
+                    }
+                })
+                .await?
+            }
         };
         results.push(measured);
     }
     Ok(results)
+}
+
+/// `import_calls` calls one after another (each uses up a pre-generated key pair).
+async fn measure_sequential<F, Fut>(
+    options: &BenchOptions,
+    scenario: Scenario,
+    call: F,
+) -> Result<Measured, BenchError>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<(), tonic::Status>>,
+{
+    let started = Instant::now();
+    let mut latencies = Vec::with_capacity(options.import_calls);
+    for _ in 0..options.import_calls.max(1) {
+        let call_started = Instant::now();
+        if let Err(status) = call().await {
+            return Err(BenchError::Calls {
+                scenario: scenario.label(),
+                errors: 1,
+                calls: latencies.len() + 1,
+                first: status.to_string(),
+            });
+        }
+        latencies.push(call_started.elapsed());
+    }
+    Ok(summarise(scenario, latencies, started.elapsed()))
 }
 
 /// A markdown table of the results, with each throughput relative to the baseline.
@@ -254,6 +346,10 @@ where
             first: first.unwrap_or_default(),
         });
     }
+    Ok(summarise(scenario, latencies, options.duration))
+}
+
+fn summarise(scenario: Scenario, mut latencies: Vec<Duration>, over: Duration) -> Measured {
     latencies.sort_unstable();
     let percentile = |p: f64| {
         latencies
@@ -261,13 +357,13 @@ where
             .copied()
             .unwrap_or_default()
     };
-    Ok(Measured {
+    Measured {
         scenario,
         ops: latencies.len(),
-        ops_per_sec: latencies.len() as f64 / options.duration.as_secs_f64(),
+        ops_per_sec: latencies.len() as f64 / over.as_secs_f64(),
         p50: percentile(0.50),
         p99: percentile(0.99),
-    })
+    }
 }
 
 fn spread(call: usize, len: usize) -> usize {

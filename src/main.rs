@@ -45,7 +45,12 @@ enum Command {
         /// Distinct keys for the many-keys scenario (more than the server's key cache).
         #[arg(long, default_value_t = 2048)]
         keys: usize,
-        /// Scenarios to run (default: all).
+        /// Sequential calls per import scenario (create-import-token,
+        /// get-parameters-for-import); each uses up one pre-generated RSA pair.
+        #[arg(long, default_value_t = 8)]
+        import_calls: usize,
+        /// Scenarios to run (default: the four throughput scenarios; the import
+        /// scenarios are opt-in).
         #[arg(long, value_enum, value_delimiter = ',')]
         scenarios: Vec<kms::bench::Scenario>,
     },
@@ -96,6 +101,7 @@ fn main() -> ExitCode {
             seconds,
             warmup_seconds,
             keys,
+            import_calls,
             scenarios,
         } => {
             let options = kms::bench::BenchOptions {
@@ -104,6 +110,7 @@ fn main() -> ExitCode {
                 duration: std::time::Duration::from_secs(seconds.max(1)),
                 warmup: std::time::Duration::from_secs(warmup_seconds),
                 distinct_keys: keys,
+                import_calls,
                 scenarios: if scenarios.is_empty() {
                     kms::bench::Scenario::ALL.to_vec()
                 } else {

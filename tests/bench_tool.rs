@@ -51,3 +51,42 @@ async fn bench_reports_every_scenario_against_a_running_server() {
         assert!(ops > 0.0, "{line}");
     }
 }
+
+#[tokio::test]
+async fn bench_measures_the_import_scenarios() {
+    let token = TestToken::create();
+    let data = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&token, data.path()).await;
+    let url = server.url();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_kms"))
+            .args([
+                "bench",
+                "--addr",
+                &url,
+                "--import-calls",
+                "1",
+                "--scenarios",
+                "create-import-token,get-parameters-for-import",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "bench failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for row in [
+        "| CreateImportToken (RSA-4096) |",
+        "| GetParametersForImport (RSA-2048) |",
+    ] {
+        assert!(
+            stdout.lines().any(|l| l.starts_with(row)),
+            "no row {row} in:\n{stdout}"
+        );
+    }
+}
