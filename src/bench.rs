@@ -57,6 +57,14 @@ impl Scenario {
         Scenario::UnwrapManyKeys,
     ];
 
+    /// Import scenarios run one call at a time, a fixed number of calls.
+    fn is_sequential(self) -> bool {
+        matches!(
+            self,
+            Scenario::CreateImportToken | Scenario::GetParametersForImport
+        )
+    }
+
     fn label(self) -> &'static str {
         match self {
             Scenario::Health => "Health/Check (baseline)",
@@ -275,14 +283,23 @@ pub fn report(options: &BenchOptions, results: &[Measured]) -> String {
         options.concurrency, options.duration, options.warmup
     );
     for m in results {
-        let ratio = baseline.map_or("-".to_string(), |b| format!("{:.2}x", m.ops_per_sec / b));
+        let ratio = match baseline {
+            Some(b) if !m.scenario.is_sequential() => format!("{:.2}x", m.ops_per_sec / b),
+            _ => "-".to_string(),
+        };
         out.push_str(&format!(
-            "| {} | {:.0} | {:.2} ms | {:.2} ms | {} |\n",
+            "| {} | {:.1} | {:.2} ms | {:.2} ms | {} |\n",
             m.scenario.label(),
             m.ops_per_sec,
             m.p50.as_secs_f64() * 1e3,
             m.p99.as_secs_f64() * 1e3,
             ratio
+        ));
+    }
+    if results.iter().any(|m| m.scenario.is_sequential()) {
+        out.push_str(&format!(
+            "\nImport scenarios: {} sequential calls each (one caller), not {} in flight.\n",
+            options.import_calls, options.concurrency
         ));
     }
     out
