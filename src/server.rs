@@ -97,6 +97,16 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
 
     let flusher = GroupFlusher::start(store.db());
     let import_store = store.clone() as Arc<dyn ImportStore>;
+    if hsm.kek_created() {
+        let dropped = import_store.clear_import_state()?;
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                "a new master KEK was created: dropped import tokens, import parameters and \
+                 pooled RSA pairs wrapped under the previous one"
+            );
+        }
+    }
     let pairs = KeyPairPool::new(
         Arc::clone(&hsm),
         Arc::clone(&import_store),

@@ -5,7 +5,8 @@ mod common;
 
 use common::{ServerSetup, TestServer, TestToken, instance, req};
 use kms::proto::{
-    CountKeysRequest, CreateKeyRequest, DeleteKeyRequest, GetKeyRequest, KeyState, ListKeysRequest,
+    CountKeysRequest, CreateImportTokenRequest, CreateKeyRequest, DeleteKeyRequest,
+    GetImportTokenRequest, GetKeyRequest, KeyState, ListKeysRequest,
 };
 
 #[tokio::test]
@@ -206,6 +207,33 @@ async fn refuses_to_start_when_the_master_key_is_missing_but_keys_exist() {
     );
     let status = failure.status.expect("the server exited");
     assert!(!status.success(), "{failure}");
+}
+
+#[tokio::test]
+async fn a_new_kek_drops_import_state_wrapped_under_the_old_one() {
+    let token = TestToken::create();
+    let data = tempfile::tempdir().unwrap();
+    let tenant = instance();
+    let server = TestServer::start(&token, data.path()).await;
+    let mut tokens = server.import_tokens().await;
+    tokens
+        .create_import_token(req(&tenant, CreateImportTokenRequest::default()))
+        .await
+        .unwrap();
+    drop(tokens);
+    assert!(server.stop().await.success());
+
+    // No keys, so a new token may get a new KEK; the old token's private key, wrapped
+    // under the old KEK, is dropped rather than left to fail at import time.
+    let other = TestToken::create_labelled(&token.label);
+    let server = TestServer::start(&other, data.path()).await;
+    assert!(server.log().contains("a new master KEK was created"));
+    let mut tokens = server.import_tokens().await;
+    let status = tokens
+        .get_import_token(req(&tenant, GetImportTokenRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
 }
 
 #[tokio::test]

@@ -196,6 +196,8 @@ pub struct Hsm {
     anchor: Mutex<Option<Session>>,
     pool: SessionPool,
     kek: ObjectHandle,
+    /// The KEK was created by this start (none was on the token).
+    kek_created: bool,
     rfc5649: Option<WrapMechanism>,
     rfc3394: Option<WrapMechanism>,
     capabilities: Capabilities,
@@ -280,7 +282,7 @@ impl Hsm {
             });
         }
 
-        let kek = find_or_create_kek(&anchor, &config.kek_label, may_create_kek)?;
+        let (kek, kek_created) = find_or_create_kek(&anchor, &config.kek_label, may_create_kek)?;
         let pool = SessionPool::start(ctx.clone(), slot, config.pool_size.max(1))?;
         Ok(Hsm {
             ctx,
@@ -288,6 +290,7 @@ impl Hsm {
             anchor: Mutex::new(Some(anchor)),
             pool,
             kek,
+            kek_created,
             rfc5649,
             rfc3394,
             capabilities,
@@ -295,6 +298,12 @@ impl Hsm {
             cache: Arc::new(KeyCache::new(config.key_cache_size.max(1))),
             random: Arc::default(),
         })
+    }
+
+    /// True when this start created the master KEK: nothing wrapped under an earlier KEK
+    /// can be used any more.
+    pub fn kek_created(&self) -> bool {
+        self.kek_created
     }
 
     pub fn capabilities(&self) -> &Capabilities {
@@ -586,7 +595,7 @@ fn find_or_create_kek(
     session: &Session,
     label: &str,
     may_create: bool,
-) -> Result<ObjectHandle, HsmError> {
+) -> Result<(ObjectHandle, bool), HsmError> {
     let problem = |problem: &str| HsmError::MasterKey {
         label: label.to_owned(),
         problem: problem.to_owned(),
@@ -596,30 +605,32 @@ fn find_or_create_kek(
         Attribute::Token(true),
         Attribute::Label(label.as_bytes().to_vec()),
     ])?;
-    let kek = match found.as_slice() {
-        [kek] => *kek,
+    let (kek, created) = match found.as_slice() {
+        [kek] => (*kek, false),
         [] if may_create => {
             tracing::info!(label, "creating the master key-encryption key in the HSM");
-            session.generate_key(
-                &Mechanism::AesKeyGen,
-                &[
-                    Attribute::Class(ObjectClass::SECRET_KEY),
-                    Attribute::KeyType(KeyType::AES),
-                    Attribute::ValueLen(32.into()),
-                    Attribute::Token(true),
-                    Attribute::Private(true),
-                    Attribute::Sensitive(true),
-                    Attribute::Extractable(false),
-                    Attribute::Wrap(true),
-                    Attribute::Unwrap(true),
-                    Attribute::Encrypt(false),
-                    Attribute::Decrypt(false),
-                    Attribute::Sign(false),
-                    Attribute::Verify(false),
-                    Attribute::Derive(false),
-                    Attribute::Label(label.as_bytes().to_vec()),
-                ],
-            )?
+            session
+                .generate_key(
+                    &Mechanism::AesKeyGen,
+                    &[
+                        Attribute::Class(ObjectClass::SECRET_KEY),
+                        Attribute::KeyType(KeyType::AES),
+                        Attribute::ValueLen(32.into()),
+                        Attribute::Token(true),
+                        Attribute::Private(true),
+                        Attribute::Sensitive(true),
+                        Attribute::Extractable(false),
+                        Attribute::Wrap(true),
+                        Attribute::Unwrap(true),
+                        Attribute::Encrypt(false),
+                        Attribute::Decrypt(false),
+                        Attribute::Sign(false),
+                        Attribute::Verify(false),
+                        Attribute::Derive(false),
+                        Attribute::Label(label.as_bytes().to_vec()),
+                    ],
+                )
+                .map(|kek| (kek, true))?
         }
         [] => {
             return Err(problem(
@@ -653,7 +664,7 @@ fn find_or_create_kek(
             ));
         }
     }
-    Ok(kek)
+    Ok((kek, created))
 }
 
 /// The token's mechanism for each wrap format (Copy, so jobs can carry it).

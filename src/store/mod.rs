@@ -138,4 +138,8 @@ pub trait ImportStore: Send + Sync + 'static {
     fn take_key_pair(&self, bits: u32) -> Result<Option<RsaKeyPair>, StoreError>;
 
     fn count_key_pairs(&self, bits: u32) -> Result<usize, StoreError>;
+
+    /// Drops every import token, import parameters record and pooled pair: used when a
+    /// new master KEK was created, since their private keys were wrapped under the old.
+    fn clear_import_state(&self) -> Result<usize, StoreError>;
 }

@@ -478,6 +478,15 @@ impl ImportStore for SledStore {
     fn count_key_pairs(&self, bits: u32) -> Result<usize, StoreError> {
         Ok(self.rsa_pool.scan_prefix(bits.to_be_bytes()).count())
     }
+
+    fn clear_import_state(&self) -> Result<usize, StoreError> {
+        let dropped = self.import_tokens.len() + self.import_parameters.len() + self.rsa_pool.len();
+        self.import_tokens.clear()?;
+        self.import_parameters.clear()?;
+        self.rsa_pool.clear()?;
+        self.db.flush()?;
+        Ok(dropped)
+    }
 }
 
 #[cfg(test)]
