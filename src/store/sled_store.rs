@@ -576,6 +576,59 @@ mod tests {
     }
 
     #[test]
+    fn key_pairs_are_taken_once_and_tokens_swap_only_from_what_was_read() {
+        use crate::hsm::{WrapFormat, WrappedKey};
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let pair = |bits| RsaKeyPair {
+            bits,
+            public_key: vec![bits as u8],
+            private_key: WrappedKey {
+                format: WrapFormat::Rfc5649,
+                blob: vec![1, 2, 3],
+            },
+        };
+        store.push_key_pair(&pair(2048)).unwrap();
+        store.push_key_pair(&pair(4096)).unwrap();
+        assert_eq!(store.count_key_pairs(2048).unwrap(), 1);
+        assert_eq!(store.take_key_pair(2048).unwrap(), Some(pair(2048)));
+        assert_eq!(store.take_key_pair(2048).unwrap(), None);
+        assert_eq!(store.count_key_pairs(4096).unwrap(), 1);
+
+        let token = ImportTokenRecord {
+            schema: crate::domain::model::RECORD_SCHEMA,
+            instance: "a".into(),
+            id: Uuid::new_v4(),
+            created_at: 1,
+            expires_at: 2,
+            max_retrievals: 1,
+            remaining_retrievals: 1,
+            nonce: vec![0; 12],
+            key_pair: Some(pair(4096)),
+        };
+        store.swap_import_token("a", None, Some(&token)).unwrap();
+        assert!(matches!(
+            store.swap_import_token("a", None, Some(&token)),
+            Err(StoreError::Conflict)
+        ));
+        let used = ImportTokenRecord {
+            remaining_retrievals: 0,
+            ..token.clone()
+        };
+        store
+            .swap_import_token("a", Some(&token), Some(&used))
+            .unwrap();
+        assert!(matches!(
+            store.swap_import_token("a", Some(&token), None),
+            Err(StoreError::Conflict)
+        ));
+        assert_eq!(store.get_import_token("a").unwrap(), Some(used));
+        assert_eq!(store.import_tokens().unwrap().len(), 1);
+        assert_eq!(store.clear_import_state().unwrap(), 2);
+        assert_eq!(store.get_import_token("a").unwrap(), None);
+    }
+
+    #[test]
     fn schema_version_mismatch_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         {

@@ -436,3 +436,56 @@ fn import_refused(e: HsmError, field: &'static str) -> KmsError {
         other => other.into(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hsm::{RsaKeyPair, WrapFormat, WrappedKey};
+
+    #[test]
+    fn import_tokens_round_trip_and_garbage_is_refused() {
+        let parameters = ImportParametersRecord {
+            schema: RECORD_SCHEMA,
+            key_id: Uuid::new_v4(),
+            instance: "i".into(),
+            id: Uuid::new_v4(),
+            algorithm: OaepHash::Sha256,
+            created_at: 1,
+            expires_at: 86_400_001,
+            key_pair: RsaKeyPair {
+                bits: 2048,
+                public_key: vec![1],
+                private_key: WrappedKey {
+                    format: WrapFormat::Rfc5649,
+                    blob: vec![2],
+                },
+            },
+        };
+        let token = encode_import_token(&parameters);
+        let parsed = parse_import_token(&token).expect("parses");
+        assert_eq!(parsed.key_id, parameters.key_id);
+        assert_eq!(parsed.parameters_id, parameters.id);
+        assert_eq!(parsed.expires_at, parameters.expires_at);
+        assert!(parse_import_token(&token[..40]).is_none());
+        let mut other_format = token.clone();
+        other_format[0] = 2;
+        assert!(parse_import_token(&other_format).is_none());
+    }
+
+    #[test]
+    fn expiration_model_rules() {
+        use ExpirationModel::*;
+        let now = 1_000;
+        assert_eq!(
+            expiration(None, None, now).unwrap(),
+            (KeyMaterialDoesNotExpire, None)
+        );
+        assert_eq!(
+            expiration(None, Some(2_000), now).unwrap(),
+            (KeyMaterialExpires, Some(2_000))
+        );
+        assert!(expiration(Some(KeyMaterialExpires), None, now).is_err());
+        assert!(expiration(Some(KeyMaterialExpires), Some(now), now).is_err());
+        assert!(expiration(Some(KeyMaterialDoesNotExpire), Some(2_000), now).is_err());
+    }
+}
