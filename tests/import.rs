@@ -266,6 +266,40 @@ async fn get_key(keys: &mut Keys, tenant: &str, id: &str) -> Key {
         .unwrap()
 }
 
+async fn create_external(keys: &mut Keys, tenant: &str, name: &str) -> Key {
+    keys.create_key(req(
+        tenant,
+        CreateKeyRequest {
+            name: name.into(),
+            origin: KeyOrigin::External as i32,
+            ..Default::default()
+        },
+    ))
+    .await
+    .unwrap()
+    .into_inner()
+    .key
+    .unwrap()
+}
+
+/// GetParametersForImport with the defaults (RSAES_OAEP_SHA_256, RSA_2048).
+async fn default_parameters(
+    keys: &mut Keys,
+    tenant: &str,
+    key_id: &str,
+) -> kms::proto::GetParametersForImportResponse {
+    keys.get_parameters_for_import(req(
+        tenant,
+        GetParametersForImportRequest {
+            key_id: key_id.into(),
+            ..Default::default()
+        },
+    ))
+    .await
+    .unwrap()
+    .into_inner()
+}
+
 async fn count_keys(keys: &mut Keys, tenant: &str) -> u64 {
     keys.count_keys(req(tenant, CountKeysRequest::default()))
         .await
@@ -648,17 +682,7 @@ async fn external_key_import_delete_and_reimport() {
         wrapping_key_spec: spec as i32,
     };
     // Defaults: RSAES_OAEP_SHA_256 with RSA_2048, valid for 24 hours.
-    let defaults = keys
-        .get_parameters_for_import(req(
-            &tenant,
-            GetParametersForImportRequest {
-                key_id: id.clone(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let defaults = default_parameters(&mut keys, &tenant, &id).await;
     assert_eq!(defaults.key_id, id);
     assert_eq!(key_size_of(&defaults.public_key), 2048);
     let expires_in = defaults.expiration_time.unwrap().seconds
@@ -961,17 +985,7 @@ async fn material_and_parameters_expire() {
         .key
         .unwrap()
         .id;
-    let parameters = keys
-        .get_parameters_for_import(req(
-            &tenant,
-            GetParametersForImportRequest {
-                key_id: id.clone(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let parameters = default_parameters(&mut keys, &tenant, &id).await;
     let material = random_bytes(24);
     let valid_to = std::time::SystemTime::now() + Duration::from_secs(2);
     let valid_to = valid_to.duration_since(std::time::UNIX_EPOCH).unwrap();
@@ -1054,31 +1068,8 @@ async fn both_flows_survive_a_restart_in_the_middle() {
     let (mut tokens, mut keys) = (server.import_tokens().await, server.keys().await);
     create_token(&mut tokens, &tenant, 600, 2).await;
     let import_token = get_token(&mut tokens, &tenant).await.unwrap();
-    let external = keys
-        .create_key(req(
-            &tenant,
-            CreateKeyRequest {
-                name: "ext".into(),
-                origin: KeyOrigin::External as i32,
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .key
-        .unwrap();
-    let parameters = keys
-        .get_parameters_for_import(req(
-            &tenant,
-            GetParametersForImportRequest {
-                key_id: external.id.clone(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let external = create_external(&mut keys, &tenant, "ext").await;
+    let parameters = default_parameters(&mut keys, &tenant, &external.id).await;
     server.kill().await;
 
     let server = server_with(&token, data.path(), &[]).await;
@@ -1157,20 +1148,7 @@ async fn sha256_without_the_fallback_is_refused_where_the_token_lacks_it() {
             Code::FailedPrecondition,
             "cannot decrypt RSAES_OAEP_SHA_256",
         );
-        let external = keys
-            .create_key(req(
-                &tenant,
-                CreateKeyRequest {
-                    name: "e".into(),
-                    origin: KeyOrigin::External as i32,
-                    ..Default::default()
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .key
-            .unwrap();
+        let external = create_external(&mut keys, &tenant, "e").await;
         let parameters = keys
             .get_parameters_for_import(req(
                 &tenant,
@@ -1337,20 +1315,7 @@ async fn the_import_key_command_brings_keys_in_by_both_flows() {
     assert_eq!(open_locally(&next, &id, &newer, &["byok"]), b"rotated");
 
     // An EXTERNAL key, with a 3072-bit wrapping key.
-    let external = keys
-        .create_key(req(
-            &tenant,
-            CreateKeyRequest {
-                name: "ext".into(),
-                origin: KeyOrigin::External as i32,
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .key
-        .unwrap();
+    let external = create_external(&mut keys, &tenant, "ext").await;
     let imported = import_command(
         &server,
         &tenant,

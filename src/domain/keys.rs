@@ -237,6 +237,9 @@ impl KeyManager {
             })
             .await?;
         self.hsm.forget_key(&id);
+        // An EXTERNAL key's pending import parameters hold a wrapped private key that
+        // can no longer serve anything.
+        self.imports.store.remove_import_parameters(id)?;
         Ok(destroyed)
     }
 
