@@ -244,27 +244,13 @@ pub(super) fn import_material(
         return Err(HsmError::ImportRefused(ImportRefusal::Undecryptable));
     }
     let private = unwrap_private_key(session, kek, private_wrap, &request.private_key)?;
-    let key = material_object(session, kek, wraps, private, support, &request);
+    let material = material_object(session, kek, wraps, private, support, &request);
     let destroyed = session.destroy_object(private);
-    let key = key?;
+    let (key, size_bytes) = material?;
     destroyed?;
 
-    let checked = check_material(session, key, &request);
-    let check_value = match checked {
+    let check_value = match check_material(session, key, &request) {
         Ok(check_value) => check_value,
-        Err(e) => {
-            let _ = session.destroy_object(key);
-            return Err(e);
-        }
-    };
-    let size_bytes = match secret_len(session, kek, wraps, key) {
-        Ok(Some(len)) => len,
-        Ok(None) => {
-            let _ = session.destroy_object(key);
-            return Err(HsmError::Binding(
-                "the imported key's length is unknown".into(),
-            ));
-        }
         Err(e) => {
             let _ = session.destroy_object(key);
             return Err(e);
@@ -278,7 +264,8 @@ pub(super) fn import_material(
     })
 }
 
-/// The material as an AES session object, by native unwrap or by the fallback.
+/// The material as an AES session object, by native unwrap or by the fallback, and its
+/// length in bytes (one of `request.allowed_sizes`).
 fn material_object(
     session: &Session,
     kek: ObjectHandle,
@@ -286,7 +273,7 @@ fn material_object(
     private: ObjectHandle,
     support: OaepSupport,
     request: &MaterialImport,
-) -> Result<ObjectHandle, HsmError> {
+) -> Result<(ObjectHandle, usize), HsmError> {
     let refused = |r| Err(HsmError::ImportRefused(r));
     match support {
         OaepSupport::Native => {
@@ -298,7 +285,7 @@ fn material_object(
                     if let Ok(Some(len)) = len
                         && request.allowed_sizes.contains(&len)
                     {
-                        return Ok(key);
+                        return Ok((key, len));
                     }
                     session.destroy_object(key)?;
                     refused(ImportRefusal::MaterialSize { bytes: len? })
@@ -310,15 +297,13 @@ fn material_object(
                     }
                     // Decrypted fine but not an AES key length? Ask again as a generic
                     // secret, only to name the size in the error.
-                    let mut generic = vec![
+                    let generic = [
                         Attribute::Class(ObjectClass::SECRET_KEY),
                         Attribute::KeyType(KeyType::GENERIC_SECRET),
-                    ];
-                    generic.extend([
                         Attribute::Token(false),
                         Attribute::Sensitive(true),
                         Attribute::Extractable(true),
-                    ]);
+                    ];
                     match session.unwrap_key(
                         &mechanism,
                         private,
@@ -357,7 +342,8 @@ fn material_object(
                     bytes: Some(material.len()),
                 });
             }
-            create_with_value(session, imported_key_template(true), &material)
+            let key = create_with_value(session, imported_key_template(true), &material)?;
+            Ok((key, material.len()))
         }
         OaepSupport::Unavailable => refused(ImportRefusal::HashUnavailable(request.hash)),
     }
