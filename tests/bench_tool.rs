@@ -10,33 +10,20 @@ async fn bench_reports_every_scenario_against_a_running_server() {
     let token = TestToken::create();
     let data = tempfile::tempdir().unwrap();
     let server = TestServer::start(&token, data.path()).await;
-    let url = server.url();
-    let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_kms"))
-            .args([
-                "bench",
-                "--addr",
-                &url,
-                "--concurrency",
-                "4",
-                "--seconds",
-                "1",
-                "--warmup-seconds",
-                "0",
-                "--keys",
-                "10",
-            ])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "bench failed: {stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = run_bench(
+        &server,
+        &[
+            "--concurrency",
+            "4",
+            "--seconds",
+            "1",
+            "--warmup-seconds",
+            "0",
+            "--keys",
+            "10",
+        ],
+    )
+    .await;
     for row in [
         "| Health/Check (baseline) |",
         "| WrapKey |",
@@ -57,29 +44,16 @@ async fn bench_measures_the_import_scenarios() {
     let token = TestToken::create();
     let data = tempfile::tempdir().unwrap();
     let server = TestServer::start(&token, data.path()).await;
-    let url = server.url();
-    let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_kms"))
-            .args([
-                "bench",
-                "--addr",
-                &url,
-                "--import-calls",
-                "1",
-                "--scenarios",
-                "create-import-token,get-parameters-for-import",
-            ])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "bench failed: {stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = run_bench(
+        &server,
+        &[
+            "--import-calls",
+            "1",
+            "--scenarios",
+            "create-import-token,get-parameters-for-import",
+        ],
+    )
+    .await;
     for row in [
         "| CreateImportToken (RSA-4096) |",
         "| GetParametersForImport (RSA-2048) |",
@@ -89,4 +63,20 @@ async fn bench_measures_the_import_scenarios() {
             "no row {row} in:\n{stdout}"
         );
     }
+}
+
+/// Runs `kms bench` against the server with `args`; returns its stdout, asserting success.
+async fn run_bench(server: &TestServer, args: &[&str]) -> String {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kms"));
+    command.args(["bench", "--addr", &server.url()]).args(args);
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "bench failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
 }

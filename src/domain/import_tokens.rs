@@ -109,27 +109,13 @@ impl ImportTokenManager {
             nonce,
             key_pair: Some(key_pair),
         };
-        for _ in 0..UPDATE_ATTEMPTS {
-            let previous = self.store.get_import_token(&ctx.instance)?;
-            match self
-                .store
-                .swap_import_token(&ctx.instance, previous.as_ref(), Some(&token))
-            {
-                Ok(()) => {
-                    self.flusher.flush().await?;
-                    return Ok(token);
-                }
-                Err(StoreError::Conflict) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(KmsError::Conflict)
+        self.swap(ctx, |_| Ok((token.clone(), token.clone()))).await
     }
 
     /// Returns the token's public key and nonce, using up one retrieval.
     pub async fn retrieve(&self, ctx: &CallerContext) -> Result<RetrievedToken, KmsError> {
-        for _ in 0..UPDATE_ATTEMPTS {
-            let token = self.current(ctx)?;
+        self.swap(ctx, |stored| {
+            let token = usable_token(stored)?;
             if token.remaining_retrievals == 0 {
                 return Err(KmsError::FailedPrecondition(format!(
                     "the import token has no retrievals left (max_allowed_retrievals was {}); \
@@ -144,18 +130,34 @@ impl ImportTokenManager {
                 .ok_or_else(|| expired(&token))?;
             let next = ImportTokenRecord {
                 remaining_retrievals: token.remaining_retrievals - 1,
-                ..token.clone()
+                ..token
             };
+            let retrieved = RetrievedToken {
+                token: next.clone(),
+                public_key,
+            };
+            Ok((next, retrieved))
+        })
+        .await
+    }
+
+    /// Replaces the instance's token by what `change` makes of the stored one, retrying
+    /// when another call changed it in between; flushed before returning.
+    async fn swap<T>(
+        &self,
+        ctx: &CallerContext,
+        change: impl Fn(Option<ImportTokenRecord>) -> Result<(ImportTokenRecord, T), KmsError>,
+    ) -> Result<T, KmsError> {
+        for _ in 0..UPDATE_ATTEMPTS {
+            let previous = self.store.get_import_token(&ctx.instance)?;
+            let (next, output) = change(previous.clone())?;
             match self
                 .store
-                .swap_import_token(&ctx.instance, Some(&token), Some(&next))
+                .swap_import_token(&ctx.instance, previous.as_ref(), Some(&next))
             {
                 Ok(()) => {
                     self.flusher.flush().await?;
-                    return Ok(RetrievedToken {
-                        token: next,
-                        public_key,
-                    });
+                    return Ok(output);
                 }
                 Err(StoreError::Conflict) => continue,
                 Err(e) => return Err(e.into()),
@@ -176,17 +178,7 @@ impl ImportTokenManager {
 
     /// The instance's token, refused when it does not exist or has expired.
     fn current(&self, ctx: &CallerContext) -> Result<ImportTokenRecord, KmsError> {
-        let token =
-            self.store
-                .get_import_token(&ctx.instance)?
-                .ok_or_else(|| KmsError::NotFound {
-                    what: "import token for this instance (create one with CreateImportToken)"
-                        .into(),
-                })?;
-        if token.expires_at <= now_millis() || token.key_pair.is_none() {
-            return Err(expired(&token));
-        }
-        Ok(token)
+        usable_token(self.store.get_import_token(&ctx.instance)?)
     }
 
     /// Erases the private keys of expired tokens and removes tokens expired for a day.
@@ -219,6 +211,17 @@ impl ImportTokenManager {
         }
         Ok(changed)
     }
+}
+
+/// A stored token, refused when there is none or it has expired.
+fn usable_token(stored: Option<ImportTokenRecord>) -> Result<ImportTokenRecord, KmsError> {
+    let token = stored.ok_or_else(|| KmsError::NotFound {
+        what: "import token for this instance (create one with CreateImportToken)".into(),
+    })?;
+    if token.expires_at <= now_millis() || token.key_pair.is_none() {
+        return Err(expired(&token));
+    }
+    Ok(token)
 }
 
 fn expired(token: &ImportTokenRecord) -> KmsError {

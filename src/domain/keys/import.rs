@@ -72,7 +72,6 @@ pub struct ImportParameters {
 
 const IMPORT_TOKEN_FORMAT: u8 = 0x01;
 const IMPORT_TOKEN_LEN: usize = 1 + 16 + 16 + 8;
-pub const WRAPPING_KEY_BITS: [u32; 3] = [2048, 3072, 4096];
 
 struct ParsedImportToken {
     key_id: Uuid,
