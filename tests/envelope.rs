@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{ServerSetup, TestServer, TestToken, instance, req};
+use common::{TestServer, TestToken, instance, req};
 use kms::proto::key_service_client::KeyServiceClient;
 use kms::proto::{
     CreateKeyRequest, DeleteKeyRequest, DisableKeyRequest, EnableKeyRequest, GetKeyRequest,
@@ -20,16 +20,7 @@ const GENERIC: &str = "ciphertext: cannot be unwrapped";
 async fn server_with(env: &[(&str, &str)]) -> (TestToken, tempfile::TempDir, TestServer) {
     let token = TestToken::create();
     let data = tempfile::tempdir().unwrap();
-    let server = TestServer::try_start(ServerSetup {
-        token: Some(&token),
-        data_dir: data.path(),
-        extra_env: env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-    })
-    .await
-    .unwrap();
+    let server = TestServer::start_with_env(&token, data.path(), env).await;
     (token, data, server)
 }
 

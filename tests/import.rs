@@ -11,7 +11,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{ServerSetup, TestServer, TestToken, instance, req};
+use common::{TestServer, TestToken, instance, req};
 use kms::proto::import_token_service_client::ImportTokenServiceClient;
 use kms::proto::key_service_client::KeyServiceClient;
 use kms::proto::{
@@ -153,23 +153,6 @@ fn open_locally(material: &[u8], key_id: &str, ciphertext: &[u8], aad: &[&str]) 
     };
     openssl::symm::decrypt_aead(cipher, material, Some(iv), &additional, body, tag)
         .expect("the ciphertext opens with the imported material")
-}
-
-async fn server_with(
-    token: &TestToken,
-    data: &std::path::Path,
-    env: &[(&str, &str)],
-) -> TestServer {
-    TestServer::try_start(ServerSetup {
-        token: Some(token),
-        data_dir: data,
-        extra_env: env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-    })
-    .await
-    .unwrap_or_else(|failure| panic!("server did not start: {failure}"))
 }
 
 #[track_caller]
@@ -317,7 +300,7 @@ fn sha256_is_native(server: &TestServer) -> bool {
 async fn import_token_creation_retrieval_counting_and_replacement() {
     let token = TestToken::create();
     let data = tempfile::tempdir().unwrap();
-    let server = server_with(&token, data.path(), &[]).await;
+    let server = TestServer::start_with_env(&token, data.path(), &[]).await;
     let mut tokens = server.import_tokens().await;
     let tenant = instance();
 
@@ -408,7 +391,7 @@ async fn import_token_creation_retrieval_counting_and_replacement() {
 async fn secure_import_with_both_hashes_then_wrap_unwrap_and_rotate() {
     let token = TestToken::create();
     let data = tempfile::tempdir().unwrap();
-    let server = server_with(&token, data.path(), &[]).await;
+    let server = TestServer::start_with_env(&token, data.path(), &[]).await;
     let (mut tokens, mut keys) = (server.import_tokens().await, server.keys().await);
     let tenant = instance();
     create_token(&mut tokens, &tenant, 600, 2).await;
@@ -496,7 +479,7 @@ async fn secure_import_with_both_hashes_then_wrap_unwrap_and_rotate() {
 async fn secure_import_refusals_store_nothing() {
     let token = TestToken::create();
     let data = tempfile::tempdir().unwrap();
-    let server = server_with(
+    let server = TestServer::start_with_env(
         &token,
         data.path(),
         &[("KMS_IMPORT_MIN_TOKEN_EXPIRATION_SECS", "2")],
@@ -646,7 +629,7 @@ async fn secure_import_refusals_store_nothing() {
 async fn external_key_import_delete_and_reimport() {
     let token = TestToken::create();
     let data = tempfile::tempdir().unwrap();
-    let server = server_with(&token, data.path(), &[]).await;
+    let server = TestServer::start_with_env(&token, data.path(), &[]).await;
     let mut keys = server.keys().await;
     let tenant = instance();
 
@@ -964,7 +947,7 @@ async fn external_key_import_delete_and_reimport() {
 async fn material_and_parameters_expire() {
     let token = TestToken::create();
     let data = tempfile::tempdir().unwrap();
-    let server = server_with(
+    let server = TestServer::start_with_env(
         &token,
         data.path(),
         &[("KMS_IMPORT_PARAMETERS_LIFETIME_SECS", "3")],
@@ -1064,7 +1047,7 @@ async fn both_flows_survive_a_restart_in_the_middle() {
     let tenant = instance();
     let material = random_bytes(32);
 
-    let server = server_with(&token, data.path(), &[]).await;
+    let server = TestServer::start_with_env(&token, data.path(), &[]).await;
     let (mut tokens, mut keys) = (server.import_tokens().await, server.keys().await);
     create_token(&mut tokens, &tenant, 600, 2).await;
     let import_token = get_token(&mut tokens, &tenant).await.unwrap();
@@ -1072,7 +1055,7 @@ async fn both_flows_survive_a_restart_in_the_middle() {
     let parameters = default_parameters(&mut keys, &tenant, &external.id).await;
     server.kill().await;
 
-    let server = server_with(&token, data.path(), &[]).await;
+    let server = TestServer::start_with_env(&token, data.path(), &[]).await;
     let (mut tokens, mut keys) = (server.import_tokens().await, server.keys().await);
     let retrieved = get_token(&mut tokens, &tenant).await.unwrap();
     assert_eq!(
@@ -1104,7 +1087,7 @@ async fn both_flows_survive_a_restart_in_the_middle() {
     let from_external = wrap(&mut keys, &tenant, &external.id, b"two").await;
     server.stop().await;
 
-    let server = server_with(&token, data.path(), &[]).await;
+    let server = TestServer::start_with_env(&token, data.path(), &[]).await;
     let mut keys = server.keys().await;
     assert_eq!(
         unwrap(&mut keys, &tenant, &secure.id, &from_secure)
@@ -1128,7 +1111,9 @@ async fn both_flows_survive_a_restart_in_the_middle() {
 async fn sha256_without_the_fallback_is_refused_where_the_token_lacks_it() {
     let token = TestToken::create();
     let data = tempfile::tempdir().unwrap();
-    let server = server_with(&token, data.path(), &[("KMS_HSM_OAEP_FALLBACK", "false")]).await;
+    let server =
+        TestServer::start_with_env(&token, data.path(), &[("KMS_HSM_OAEP_FALLBACK", "false")])
+            .await;
     let native = sha256_is_native(&server);
     let (mut tokens, mut keys) = (server.import_tokens().await, server.keys().await);
     let tenant = instance();
@@ -1173,7 +1158,7 @@ async fn sha256_without_the_fallback_is_refused_where_the_token_lacks_it() {
 async fn expired_import_token_private_key_is_erased() {
     let token = TestToken::create();
     let data = tempfile::tempdir().unwrap();
-    let server = server_with(
+    let server = TestServer::start_with_env(
         &token,
         data.path(),
         &[("KMS_IMPORT_MIN_TOKEN_EXPIRATION_SECS", "1")],
@@ -1203,7 +1188,8 @@ async fn expired_import_token_private_key_is_erased() {
 async fn pre_generated_pairs_serve_requests_and_refill() {
     let token = TestToken::create();
     let data = tempfile::tempdir().unwrap();
-    let server = server_with(&token, data.path(), &[("KMS_IMPORT_RSA_POOL_SIZE", "1")]).await;
+    let server =
+        TestServer::start_with_env(&token, data.path(), &[("KMS_IMPORT_RSA_POOL_SIZE", "1")]).await;
     assert!(
         wait_for_log(
             &server,
@@ -1281,7 +1267,7 @@ fn import_command(
 async fn the_import_key_command_brings_keys_in_by_both_flows() {
     let token = TestToken::create();
     let data = tempfile::tempdir().unwrap();
-    let server = server_with(&token, data.path(), &[]).await;
+    let server = TestServer::start_with_env(&token, data.path(), &[]).await;
     let mut keys = server.keys().await;
     let tenant = instance();
     let material = random_bytes(32);

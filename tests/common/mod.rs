@@ -130,6 +130,24 @@ impl TestServer {
         .unwrap_or_else(|failure| panic!("server did not start: {failure}"))
     }
 
+    /// The server on `token` with extra environment variables (KMS_* settings).
+    pub async fn start_with_env(
+        token: &TestToken,
+        data_dir: &Path,
+        env: &[(&str, &str)],
+    ) -> TestServer {
+        Self::try_start(ServerSetup {
+            token: Some(token),
+            data_dir,
+            extra_env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        })
+        .await
+        .unwrap_or_else(|failure| panic!("server did not start: {failure}"))
+    }
+
     /// Starts the server; on failure returns its exit status and log.
     pub async fn try_start(setup: ServerSetup<'_>) -> Result<TestServer, StartFailure> {
         std::fs::create_dir_all(setup.data_dir).unwrap();
