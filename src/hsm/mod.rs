@@ -257,8 +257,9 @@ impl Hsm {
         let (rfc5649, rfc3394) = probe_wrap_mechanisms(&ctx, slot);
         let aes_gcm = ctx.get_mechanism_info(slot, MechanismType::AES_GCM).is_ok();
         let raw_rsa = rsa::raw_rsa_offered(&ctx, slot);
-        let oaep = |hash| {
-            if rsa::probe_native_oaep(&anchor, hash) {
+        let (native_sha1, native_sha256) = rsa::probe_native_oaep(&anchor);
+        let oaep = |native: bool| {
+            if native {
                 OaepSupport::Native
             } else if config.oaep_fallback && raw_rsa {
                 OaepSupport::Fallback
@@ -267,8 +268,8 @@ impl Hsm {
             }
         };
         let capabilities = Capabilities {
-            oaep_sha1: oaep(OaepHash::Sha1),
-            oaep_sha256: oaep(OaepHash::Sha256),
+            oaep_sha1: oaep(native_sha1),
+            oaep_sha256: oaep(native_sha256),
             rfc5649_mechanism: rfc5649.map(|m| match m {
                 WrapMechanism::Pad => "CKM_AES_KEY_WRAP_PAD",
                 _ => "CKM_AES_KEY_WRAP_KWP",

@@ -428,16 +428,17 @@ fn check_material(
     Ok(check_value)
 }
 
-/// Finds out whether the token decrypts OAEP with `hash` natively: a throwaway small
-/// pair, a ciphertext made by OpenSSL from its public key, and a C_UnwrapKey whose
-/// result is compared. Any failure means "not natively".
-pub(super) fn probe_native_oaep(session: &Session, hash: OaepHash) -> bool {
+/// Finds out which OAEP hashes the token decrypts natively, with one throwaway small
+/// pair: for each hash, a ciphertext made by OpenSSL from its public key and a
+/// C_UnwrapKey whose result is compared. Any failure means "not natively". Returns
+/// (SHA-1, SHA-256).
+pub(super) fn probe_native_oaep(session: &Session) -> (bool, bool) {
     let Ok((public, private)) = generate_session_pair(session, PROBE_BITS, false)
         .or_else(|_| generate_session_pair(session, 2048, false))
     else {
-        return false;
+        return (false, false);
     };
-    let outcome = (|| -> Result<bool, HsmError> {
+    let native = |hash: OaepHash| -> Result<bool, HsmError> {
         let spki = public_key_info(session, public)?;
         let probe = [0x5au8; 16];
         let ciphertext = encrypt_oaep(&spki, hash, &probe)
@@ -448,10 +449,14 @@ pub(super) fn probe_native_oaep(session: &Session, hash: OaepHash) -> bool {
         let value = session.get_attributes(key, &[AttributeType::Value]);
         session.destroy_object(key)?;
         Ok(matches!(value?.as_slice(), [Attribute::Value(v)] if v.as_slice() == probe))
-    })();
+    };
+    let verdict = (
+        native(OaepHash::Sha1).unwrap_or(false),
+        native(OaepHash::Sha256).unwrap_or(false),
+    );
     let _ = session.destroy_object(public);
     let _ = session.destroy_object(private);
-    outcome.unwrap_or(false)
+    verdict
 }
 
 const PROBE_BITS: u32 = 1024;
