@@ -207,7 +207,7 @@ impl Config {
         if let Some(fallback) = section.oaep_fallback {
             hsm.oaep_fallback = fallback;
         }
-        if let Some(fallback) = parsed_var::<bool>(env, "KMS_HSM_OAEP_FALLBACK")? {
+        if let Some(fallback) = parsed_var::<bool>(env, "KMS_HSM_OAEP_FALLBACK", "true or false")? {
             hsm.oaep_fallback = fallback;
         }
         if let Some(label) = env.var("KMS_HSM_TOKEN_LABEL") {
@@ -221,17 +221,11 @@ impl Config {
         } else if env.var(PIN_ENV).is_some() {
             hsm.pin = PinSource::Env(PIN_ENV.into());
         }
-        if let Some(size) = env.var("KMS_HSM_POOL_SIZE") {
-            hsm.pool_size = size.parse().map_err(|_| ConfigError::Invalid {
-                name: "KMS_HSM_POOL_SIZE".into(),
-                reason: format!("{size:?} is not a number"),
-            })?;
+        if let Some(size) = parsed_var(env, "KMS_HSM_POOL_SIZE", "a number")? {
+            hsm.pool_size = size;
         }
-        if let Some(size) = env.var("KMS_HSM_KEY_CACHE_SIZE") {
-            hsm.key_cache_size = size.parse().map_err(|_| ConfigError::Invalid {
-                name: "KMS_HSM_KEY_CACHE_SIZE".into(),
-                reason: format!("{size:?} is not a number"),
-            })?;
+        if let Some(size) = parsed_var(env, "KMS_HSM_KEY_CACHE_SIZE", "a number")? {
+            hsm.key_cache_size = size;
         }
         if hsm.key_cache_size == 0 {
             return Err(ConfigError::Invalid {
@@ -263,28 +257,31 @@ impl Config {
             .or(log.filter)
             .unwrap_or_else(|| "info".into());
 
-        let shutdown_grace_secs = match env.var("KMS_SHUTDOWN_GRACE_SECS") {
-            Some(text) => text.parse().map_err(|_| ConfigError::Invalid {
-                name: "KMS_SHUTDOWN_GRACE_SECS".into(),
-                reason: format!("{text:?} is not a number of seconds"),
-            })?,
-            None => file
-                .shutdown_grace_secs
-                .unwrap_or(DEFAULT_SHUTDOWN_GRACE_SECS),
-        };
+        let shutdown_grace_secs =
+            parsed_var(env, "KMS_SHUTDOWN_GRACE_SECS", "a number of seconds")?
+                .or(file.shutdown_grace_secs)
+                .unwrap_or(DEFAULT_SHUTDOWN_GRACE_SECS);
 
         let section = file.import.unwrap_or_default();
         let import = ImportConfig {
-            rsa_pool_size: parsed_var(env, "KMS_IMPORT_RSA_POOL_SIZE")?
+            rsa_pool_size: parsed_var(env, "KMS_IMPORT_RSA_POOL_SIZE", "a number")?
                 .or(section.rsa_pool_size)
                 .unwrap_or(DEFAULT_RSA_POOL_SIZE),
-            min_token_expiration_secs: parsed_var(env, "KMS_IMPORT_MIN_TOKEN_EXPIRATION_SECS")?
-                .or(section.min_token_expiration_secs)
-                .unwrap_or(DEFAULT_MIN_TOKEN_EXPIRATION_SECS),
+            min_token_expiration_secs: parsed_var(
+                env,
+                "KMS_IMPORT_MIN_TOKEN_EXPIRATION_SECS",
+                "a number of seconds",
+            )?
+            .or(section.min_token_expiration_secs)
+            .unwrap_or(DEFAULT_MIN_TOKEN_EXPIRATION_SECS),
             parameters_lifetime: Duration::from_secs(
-                parsed_var(env, "KMS_IMPORT_PARAMETERS_LIFETIME_SECS")?
-                    .or(section.parameters_lifetime_secs)
-                    .unwrap_or(DEFAULT_PARAMETERS_LIFETIME_SECS),
+                parsed_var(
+                    env,
+                    "KMS_IMPORT_PARAMETERS_LIFETIME_SECS",
+                    "a number of seconds",
+                )?
+                .or(section.parameters_lifetime_secs)
+                .unwrap_or(DEFAULT_PARAMETERS_LIFETIME_SECS),
             ),
         };
         if import.rsa_pool_size > 64 {
@@ -322,13 +319,18 @@ impl Config {
     }
 }
 
-/// An environment variable parsed as `T`, naming the variable when it does not parse.
-fn parsed_var<T: std::str::FromStr>(env: &dyn Env, name: &str) -> Result<Option<T>, ConfigError> {
+/// An environment variable parsed as `T`, naming the variable and what it should be
+/// (`expected`, e.g. "a number") when it does not parse.
+fn parsed_var<T: std::str::FromStr>(
+    env: &dyn Env,
+    name: &str,
+    expected: &str,
+) -> Result<Option<T>, ConfigError> {
     env.var(name)
         .map(|text| {
             text.parse().map_err(|_| ConfigError::Invalid {
                 name: name.into(),
-                reason: format!("{text:?} is not a valid value"),
+                reason: format!("{text:?} is not {expected}"),
             })
         })
         .transpose()
@@ -380,6 +382,20 @@ mod tests {
         assert_eq!(config.hsm.token_label, "other");
         assert!(config.embedded.is_none());
         assert!(matches!(config.hsm.pin, PinSource::File(_)));
+    }
+
+    #[test]
+    fn malformed_environment_values_name_the_variable() {
+        for (name, value, expected) in [
+            ("KMS_HSM_POOL_SIZE", "eight", "is not a number"),
+            ("KMS_SHUTDOWN_GRACE_SECS", "soon", "is not a number of seconds"),
+            ("KMS_HSM_OAEP_FALLBACK", "maybe", "is not true or false"),
+        ] {
+            let env = MapEnv(HashMap::from([(name, value)]));
+            let error = Config::resolve(FileConfig::default(), &env).unwrap_err();
+            let text = error.to_string();
+            assert!(text.starts_with(name) && text.contains(expected), "{text}");
+        }
     }
 
     #[test]
