@@ -388,7 +388,11 @@ mod tests {
     fn malformed_environment_values_name_the_variable() {
         for (name, value, expected) in [
             ("KMS_HSM_POOL_SIZE", "eight", "is not a number"),
-            ("KMS_SHUTDOWN_GRACE_SECS", "soon", "is not a number of seconds"),
+            (
+                "KMS_SHUTDOWN_GRACE_SECS",
+                "soon",
+                "is not a number of seconds",
+            ),
             ("KMS_HSM_OAEP_FALLBACK", "maybe", "is not true or false"),
         ] {
             let env = MapEnv(HashMap::from([(name, value)]));
