@@ -10,6 +10,7 @@
 //! (KMS_IMPORT_RSA_POOL_SIZE) and let it fill ("RSA key-pair pool is full" in its log).
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,6 +38,10 @@ pub struct BenchOptions {
     /// Sequential calls per import scenario.
     pub import_calls: usize,
     pub scenarios: Vec<Scenario>,
+    /// How many times each throughput scenario is measured, interleaved.
+    pub rounds: usize,
+    /// The server's process id, to report its CPU time per call (Linux `/proc`).
+    pub server_pid: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -97,7 +102,7 @@ pub enum BenchError {
     },
 }
 
-/// One scenario's measurements.
+/// One scenario's measurements, over all rounds.
 #[derive(Debug, Clone)]
 pub struct Measured {
     pub scenario: Scenario,
@@ -105,9 +110,32 @@ pub struct Measured {
     pub ops_per_sec: f64,
     pub p50: Duration,
     pub p99: Duration,
+    /// Throughput of each round, in round order (one entry for sequential scenarios).
+    pub rounds_ops_per_sec: Vec<f64>,
+    /// The server's CPU time (user + system, all threads) per measured call, when its
+    /// process id was given.
+    pub server_cpu_per_call: Option<Duration>,
+    /// This client's CPU time per measured call.
+    pub client_cpu_per_call: Option<Duration>,
 }
 
-/// Runs the scenarios in order and returns their measurements.
+/// One measured window of one scenario.
+struct Sample {
+    latencies: Vec<Duration>,
+    elapsed: Duration,
+    server_cpu: Option<Duration>,
+    client_cpu: Option<Duration>,
+}
+
+type CallFuture = Pin<Box<dyn Future<Output = Result<(), tonic::Status>> + Send>>;
+/// One call of a scenario; the argument numbers the call, to spread calls over keys.
+type Call = Arc<dyn Fn(usize) -> CallFuture + Send + Sync>;
+
+/// Runs the scenarios and returns their measurements. Setup (keys, sample ciphertexts)
+/// happens once; then every throughput scenario is measured once per round, in the
+/// given order, so that a slow phase of a shared machine weighs on all of them alike
+/// rather than on whichever ran then. Sequential import scenarios run in the first
+/// round only.
 pub async fn run(options: &BenchOptions) -> Result<Vec<Measured>, BenchError> {
     let channel = Channel::from_shared(options.addr.clone())
         .map_err(|_| BenchError::InvalidAddress(options.addr.clone()))?
@@ -117,148 +145,178 @@ pub async fn run(options: &BenchOptions) -> Result<Vec<Measured>, BenchError> {
             addr: options.addr.clone(),
             source,
         })?;
-    let instance = format!("bench-{}", uuid::Uuid::new_v4());
-    let keys = KeyServiceClient::new(channel.clone());
-    let tokens = ImportTokenServiceClient::new(channel.clone());
-    let health = HealthClient::new(channel);
+    let clients = Clients {
+        instance: format!("bench-{}", uuid::Uuid::new_v4()),
+        keys: KeyServiceClient::new(channel.clone()),
+        tokens: ImportTokenServiceClient::new(channel.clone()),
+        health: HealthClient::new(channel),
+    };
 
-    let mut results = Vec::new();
+    let mut prepared = Vec::with_capacity(options.scenarios.len());
     for scenario in &options.scenarios {
-        let measured = match scenario {
-            Scenario::Health => {
-                let health = health.clone();
-                measure(options, *scenario, move |_| {
-                    let mut health = health.clone();
-                    async move {
-                        health
-                            .check(HealthCheckRequest {
-                                service: "kms.v1.KeyService".into(),
-                            })
-                            .await
-                            .map(|_| ())
-                    }
-                })
-                .await?
+        prepared.push((*scenario, prepare(options, &clients, *scenario).await?));
+    }
+    let mut samples: Vec<Vec<Sample>> = prepared.iter().map(|_| Vec::new()).collect();
+    for round in 0..options.rounds.max(1) {
+        for ((scenario, call), samples) in prepared.iter().zip(samples.iter_mut()) {
+            if scenario.is_sequential() {
+                if round == 0 {
+                    samples.push(measure_sequential(options, *scenario, call).await?);
+                }
+            } else {
+                samples.push(measure(options, *scenario, call).await?);
             }
-            Scenario::Wrap => {
-                let key = create_root_keys(&keys, &instance, 1).await?.remove(0);
-                let (keys, instance) = (keys.clone(), instance.clone());
-                measure(options, *scenario, move |_| {
-                    let (mut keys, instance, key) = (keys.clone(), instance.clone(), key.clone());
-                    async move {
-                        keys.wrap_key(with_instance(
-                            &instance,
-                            WrapKeyRequest {
-                                id: key,
-                                plaintext: None,
-                                aad: vec!["bench".into()],
-                            },
-                        ))
+        }
+    }
+    Ok(prepared
+        .iter()
+        .zip(samples)
+        .map(|((scenario, _), samples)| summarise(*scenario, samples))
+        .collect())
+}
+
+struct Clients {
+    instance: String,
+    keys: KeyServiceClient<Channel>,
+    tokens: ImportTokenServiceClient<Channel>,
+    health: HealthClient<Channel>,
+}
+
+/// Creates what a scenario needs and returns its call.
+async fn prepare(
+    options: &BenchOptions,
+    clients: &Clients,
+    scenario: Scenario,
+) -> Result<Call, BenchError> {
+    let instance = clients.instance.clone();
+    let call: Call = match scenario {
+        Scenario::Health => {
+            let health = clients.health.clone();
+            Arc::new(move |_| {
+                let mut health = health.clone();
+                Box::pin(async move {
+                    health
+                        .check(HealthCheckRequest {
+                            service: "kms.v1.KeyService".into(),
+                        })
                         .await
                         .map(|_| ())
-                    }
                 })
+            })
+        }
+        Scenario::Wrap => {
+            let key = create_root_keys(&clients.keys, &instance, 1)
                 .await?
-            }
-            Scenario::Unwrap | Scenario::UnwrapManyKeys => {
-                let count = if *scenario == Scenario::Unwrap {
-                    1
-                } else {
-                    options.distinct_keys.max(1)
-                };
-                let ids = create_root_keys(&keys, &instance, count).await?;
-                let samples = Arc::new(wrap_one_each(&keys, &instance, ids).await?);
-                let (keys, instance) = (keys.clone(), instance.clone());
-                measure(options, *scenario, move |call| {
-                    let (mut keys, instance) = (keys.clone(), instance.clone());
-                    // Spread calls over the keys so that, with more keys than the cache
-                    // holds, most calls miss.
-                    let (key, ciphertext) = samples[spread(call, samples.len())].clone();
-                    async move {
-                        keys.unwrap_key(with_instance(
-                            &instance,
-                            UnwrapKeyRequest {
-                                id: key,
-                                ciphertext,
-                                aad: vec!["bench".into()],
-                            },
-                        ))
-                        .await
-                        .map(|_| ())
-                    }
-                })
-                .await?
-            }
-            Scenario::CreateImportToken => {
-                let (tokens, instance) = (tokens.clone(), instance.clone());
-                measure_sequential(options, *scenario, move || {
-                    let (mut tokens, instance) = (tokens.clone(), instance.clone());
-                    async move {
-                        tokens
-                            .create_import_token(with_instance(
-                                &instance,
-                                CreateImportTokenRequest::default(),
-                            ))
-                            .await
-                            .map(|_| ())
-                    }
-                })
-                .await?
-            }
-            Scenario::GetParametersForImport => {
-                let key = keys
-                    .clone()
-                    .create_key(with_instance(
+                .remove(0);
+            let keys = clients.keys.clone();
+            Arc::new(move |_| {
+                let (mut keys, instance, key) = (keys.clone(), instance.clone(), key.clone());
+                Box::pin(async move {
+                    keys.wrap_key(with_instance(
                         &instance,
-                        CreateKeyRequest {
-                            name: "bench-external".into(),
-                            origin: KeyOrigin::External as i32,
+                        WrapKeyRequest {
+                            id: key,
+                            plaintext: None,
+                            aad: vec!["bench".into()],
+                        },
+                    ))
+                    .await
+                    .map(|_| ())
+                })
+            })
+        }
+        Scenario::Unwrap | Scenario::UnwrapManyKeys => {
+            let count = if scenario == Scenario::Unwrap {
+                1
+            } else {
+                options.distinct_keys.max(1)
+            };
+            let ids = create_root_keys(&clients.keys, &instance, count).await?;
+            let samples = Arc::new(wrap_one_each(&clients.keys, &instance, ids).await?);
+            let keys = clients.keys.clone();
+            Arc::new(move |call| {
+                let (mut keys, instance) = (keys.clone(), instance.clone());
+                // Spread calls over the keys so that, with more keys than the cache
+                // holds, most calls miss.
+                let (key, ciphertext) = samples[spread(call, samples.len())].clone();
+                Box::pin(async move {
+                    keys.unwrap_key(with_instance(
+                        &instance,
+                        UnwrapKeyRequest {
+                            id: key,
+                            ciphertext,
+                            aad: vec!["bench".into()],
+                        },
+                    ))
+                    .await
+                    .map(|_| ())
+                })
+            })
+        }
+        Scenario::CreateImportToken => {
+            let tokens = clients.tokens.clone();
+            Arc::new(move |_| {
+                let (mut tokens, instance) = (tokens.clone(), instance.clone());
+                Box::pin(async move {
+                    tokens
+                        .create_import_token(with_instance(
+                            &instance,
+                            CreateImportTokenRequest::default(),
+                        ))
+                        .await
+                        .map(|_| ())
+                })
+            })
+        }
+        Scenario::GetParametersForImport => {
+            let key = clients
+                .keys
+                .clone()
+                .create_key(with_instance(
+                    &instance,
+                    CreateKeyRequest {
+                        name: "bench-external".into(),
+                        origin: KeyOrigin::External as i32,
+                        ..Default::default()
+                    },
+                ))
+                .await?
+                .into_inner()
+                .key
+                .map(|k| k.id)
+                .unwrap_or_default();
+            let keys = clients.keys.clone();
+            Arc::new(move |_| {
+                let (mut keys, instance, key) = (keys.clone(), instance.clone(), key.clone());
+                Box::pin(async move {
+                    keys.get_parameters_for_import(with_instance(
+                        &instance,
+                        GetParametersForImportRequest {
+                            key_id: key,
                             ..Default::default()
                         },
                     ))
-                    .await?
-                    .into_inner()
-                    .key
-                    .map(|k| k.id)
-                    .unwrap_or_default();
-                let (keys, instance) = (keys.clone(), instance.clone());
-                measure_sequential(options, *scenario, move || {
-                    let (mut keys, instance, key) = (keys.clone(), instance.clone(), key.clone());
-                    async move {
-                        keys.get_parameters_for_import(with_instance(
-                            &instance,
-                            GetParametersForImportRequest {
-                                key_id: key,
-                                ..Default::default()
-                            },
-                        ))
-                        .await
-                        .map(|_| ())
-                    }
+                    .await
+                    .map(|_| ())
                 })
-                .await?
-            }
-        };
-        results.push(measured);
-    }
-    Ok(results)
+            })
+        }
+    };
+    Ok(call)
 }
 
 /// `import_calls` calls one after another (each uses up a pre-generated key pair).
-async fn measure_sequential<F, Fut>(
+async fn measure_sequential(
     options: &BenchOptions,
     scenario: Scenario,
-    call: F,
-) -> Result<Measured, BenchError>
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = Result<(), tonic::Status>>,
-{
+    call: &Call,
+) -> Result<Sample, BenchError> {
+    let cpu = CpuClock::start(options.server_pid);
     let started = Instant::now();
     let mut latencies = Vec::with_capacity(options.import_calls);
-    for _ in 0..options.import_calls.max(1) {
+    for n in 0..options.import_calls.max(1) {
         let call_started = Instant::now();
-        if let Err(status) = call().await {
+        if let Err(status) = call(n).await {
             return Err(BenchError::Calls {
                 scenario: scenario.label(),
                 errors: 1,
@@ -268,60 +326,85 @@ where
         }
         latencies.push(call_started.elapsed());
     }
-    Ok(summarise(scenario, latencies, started.elapsed()))
+    let (server_cpu, client_cpu) = cpu.stop();
+    Ok(Sample {
+        latencies,
+        elapsed: started.elapsed(),
+        server_cpu,
+        client_cpu,
+    })
 }
 
 /// A markdown table of the results, with each throughput relative to the baseline.
 pub fn report(options: &BenchOptions, results: &[Measured]) -> String {
-    let baseline = results
-        .iter()
-        .find(|m| m.scenario == Scenario::Health)
-        .map(|m| m.ops_per_sec);
+    let baseline = results.iter().find(|m| m.scenario == Scenario::Health);
+    let rounds = options.rounds.max(1);
     let mut out = format!(
-        "{} callers in flight, {:?} per scenario after {:?} warm-up\n\n\
-         | scenario | ops/s | p50 | p99 | vs baseline |\n|---|---:|---:|---:|---:|\n",
-        options.concurrency, options.duration, options.warmup
+        "{} callers in flight, {} round(s) of {:?} per scenario, each after {:?} warm-up\n\n\
+         | scenario | ops/s | p50 | p99 | vs baseline | per round | server CPU/call | client CPU/call |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|\n",
+        options.concurrency, rounds, options.duration, options.warmup
     );
+    let micros = |d: Option<Duration>| match d {
+        Some(d) => format!("{:.1} µs", d.as_secs_f64() * 1e6),
+        None => "-".to_string(),
+    };
     for m in results {
-        let ratio = match baseline {
-            Some(b) if !m.scenario.is_sequential() => format!("{:.2}x", m.ops_per_sec / b),
-            _ => "-".to_string(),
+        let (ratio, per_round) = match baseline {
+            Some(b) if !m.scenario.is_sequential() => {
+                let ratios: Vec<f64> = m
+                    .rounds_ops_per_sec
+                    .iter()
+                    .zip(&b.rounds_ops_per_sec)
+                    .map(|(ops, base)| ops / base)
+                    .collect();
+                let low = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+                let high = ratios.iter().copied().fold(0.0, f64::max);
+                (
+                    format!("{:.2}x", m.ops_per_sec / b.ops_per_sec),
+                    format!("{low:.2}-{high:.2}x"),
+                )
+            }
+            _ => ("-".to_string(), "-".to_string()),
         };
         out.push_str(&format!(
-            "| {} | {:.1} | {:.2} ms | {:.2} ms | {} |\n",
+            "| {} | {:.1} | {:.2} ms | {:.2} ms | {} | {} | {} | {} |\n",
             m.scenario.label(),
             m.ops_per_sec,
             m.p50.as_secs_f64() * 1e3,
             m.p99.as_secs_f64() * 1e3,
-            ratio
+            ratio,
+            per_round,
+            micros(m.server_cpu_per_call),
+            micros(m.client_cpu_per_call),
         ));
     }
     if results.iter().any(|m| m.scenario.is_sequential()) {
         out.push_str(&format!(
-            "\nImport scenarios: {} sequential calls each (one caller), not {} in flight.\n",
+            "\nImport scenarios: {} sequential calls each (one caller), not {} in flight, \
+             first round only.\n",
             options.import_calls, options.concurrency
         ));
+    }
+    if options.server_pid.is_none() {
+        out.push_str("\nServer CPU/call needs --server-pid.\n");
     }
     out
 }
 
 /// Runs `call` from `concurrency` tasks, first for the warm-up (not recorded), then for
 /// the measured duration.
-async fn measure<F, Fut>(
+async fn measure(
     options: &BenchOptions,
     scenario: Scenario,
-    call: F,
-) -> Result<Measured, BenchError>
-where
-    F: Fn(usize) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<(), tonic::Status>> + Send,
-{
-    let call = Arc::new(call);
-    let warmup_end = Instant::now() + options.warmup;
+    call: &Call,
+) -> Result<Sample, BenchError> {
+    let warmup_end = tokio::time::Instant::now() + options.warmup;
     let end = warmup_end + options.duration;
+    let (warmup_end, end) = (warmup_end.into_std(), end.into_std());
     let mut tasks = Vec::with_capacity(options.concurrency);
     for worker in 0..options.concurrency {
-        let call = Arc::clone(&call);
+        let call = Arc::clone(call);
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let (mut errors, mut first_error) = (0usize, None);
@@ -345,6 +428,13 @@ where
             (latencies, errors, first_error)
         }));
     }
+    // CPU is read at the edges of the measured window, which holds the calls that
+    // started in it.
+    tokio::time::sleep_until(warmup_end.into()).await;
+    let cpu = CpuClock::start(options.server_pid);
+    tokio::time::sleep_until(end.into()).await;
+    let (server_cpu, client_cpu) = cpu.stop();
+
     let mut latencies = Vec::new();
     let (mut errors, mut first) = (0usize, None);
     for task in tasks {
@@ -363,10 +453,30 @@ where
             first: first.unwrap_or_default(),
         });
     }
-    Ok(summarise(scenario, latencies, options.duration))
+    Ok(Sample {
+        latencies,
+        elapsed: options.duration,
+        server_cpu,
+        client_cpu,
+    })
 }
 
-fn summarise(scenario: Scenario, mut latencies: Vec<Duration>, over: Duration) -> Measured {
+fn summarise(scenario: Scenario, samples: Vec<Sample>) -> Measured {
+    let rounds_ops_per_sec = samples
+        .iter()
+        .map(|s| s.latencies.len() as f64 / s.elapsed.as_secs_f64())
+        .collect();
+    let elapsed: Duration = samples.iter().map(|s| s.elapsed).sum();
+    let cpu_total = |pick: fn(&Sample) -> Option<Duration>| {
+        samples
+            .iter()
+            .map(pick)
+            .sum::<Option<Duration>>()
+            .filter(|_| !samples.is_empty())
+    };
+    let server_cpu = cpu_total(|s| s.server_cpu);
+    let client_cpu = cpu_total(|s| s.client_cpu);
+    let mut latencies: Vec<Duration> = samples.into_iter().flat_map(|s| s.latencies).collect();
     latencies.sort_unstable();
     let percentile = |p: f64| {
         latencies
@@ -374,13 +484,72 @@ fn summarise(scenario: Scenario, mut latencies: Vec<Duration>, over: Duration) -
             .copied()
             .unwrap_or_default()
     };
+    let per_call = |cpu: Option<Duration>| {
+        cpu.filter(|_| !latencies.is_empty())
+            .map(|cpu| cpu / latencies.len() as u32)
+    };
     Measured {
         scenario,
         ops: latencies.len(),
-        ops_per_sec: latencies.len() as f64 / over.as_secs_f64(),
+        ops_per_sec: latencies.len() as f64 / elapsed.as_secs_f64(),
         p50: percentile(0.50),
         p99: percentile(0.99),
+        rounds_ops_per_sec,
+        server_cpu_per_call: per_call(server_cpu),
+        client_cpu_per_call: per_call(client_cpu),
     }
+}
+
+/// CPU time (user + system, all threads) of the server process, when its id is known,
+/// and of this process, read from `/proc` at the start and end of a window.
+struct CpuClock {
+    server_pid: Option<u32>,
+    server: Option<Duration>,
+    client: Option<Duration>,
+}
+
+impl CpuClock {
+    fn start(server_pid: Option<u32>) -> Self {
+        Self {
+            server_pid,
+            server: server_pid.and_then(|pid| process_cpu(&pid.to_string())),
+            client: process_cpu("self"),
+        }
+    }
+
+    /// Server and client CPU time spent since `start`.
+    fn stop(self) -> (Option<Duration>, Option<Duration>) {
+        let since =
+            |before: Option<Duration>, now: Option<Duration>| Some(now?.saturating_sub(before?));
+        (
+            since(
+                self.server,
+                self.server_pid
+                    .and_then(|pid| process_cpu(&pid.to_string())),
+            ),
+            since(self.client, process_cpu("self")),
+        )
+    }
+}
+
+/// utime + stime of `/proc/<pid>/stat`, or None where there is no such file (not Linux,
+/// or no such process).
+fn process_cpu(pid: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces; the fields
+    // after it start with field 3, so utime (14) and stime (15) are the 12th and 13th.
+    let mut fields = stat
+        .get(stat.rfind(')')? + 1..)?
+        .split_whitespace()
+        .skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let ticks_per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let ticks_per_sec = u64::try_from(ticks_per_sec).ok().filter(|t| *t > 0)?;
+    Some(Duration::from_nanos(
+        (utime + stime).saturating_mul(1_000_000_000 / ticks_per_sec),
+    ))
 }
 
 fn spread(call: usize, len: usize) -> usize {

@@ -36,11 +36,11 @@ enum Command {
         /// Calls in flight at once.
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
-        /// Measured seconds per scenario.
-        #[arg(long, default_value_t = 10)]
+        /// Measured seconds per scenario and round.
+        #[arg(long, default_value_t = 5)]
         seconds: u64,
-        /// Unrecorded warm-up seconds per scenario.
-        #[arg(long, default_value_t = 2)]
+        /// Unrecorded warm-up seconds before each measured window.
+        #[arg(long, default_value_t = 1)]
         warmup_seconds: u64,
         /// Distinct keys for the many-keys scenario (more than the server's key cache).
         #[arg(long, default_value_t = 2048)]
@@ -53,6 +53,13 @@ enum Command {
         /// scenarios are opt-in).
         #[arg(long, value_enum, value_delimiter = ',')]
         scenarios: Vec<kms::bench::Scenario>,
+        /// Rounds: each throughput scenario is measured once per round, interleaved,
+        /// and the rounds are summed.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// The server's process id, to report its CPU time per call (Linux).
+        #[arg(long)]
+        server_pid: Option<u32>,
     },
     /// Bring your own AES key: read material from a file, encrypt it locally for the
     /// server's import token (secure import) or import parameters (EXTERNAL keys), and
@@ -103,6 +110,8 @@ fn main() -> ExitCode {
             keys,
             import_calls,
             scenarios,
+            rounds,
+            server_pid,
         } => {
             let options = kms::bench::BenchOptions {
                 addr,
@@ -116,6 +125,8 @@ fn main() -> ExitCode {
                 } else {
                     scenarios
                 },
+                rounds: rounds.max(1),
+                server_pid,
             };
             return bench(options);
         }
