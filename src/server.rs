@@ -54,7 +54,18 @@ pub enum ServeError {
 
 /// Runs the service until `shutdown` resolves, then stops accepting, lets in-flight calls
 /// finish, flushes the store, closes the HSM sessions and finalizes the module.
+///
+/// The port is bound before anything else, so a taken port is reported before the token
+/// is touched. Once the HSM is open it is shut down on every way out, errors included: a
+/// worker thread still inside the PKCS#11 module when the process exits would have the
+/// module's crypto library torn down under it by the exit handlers (a crash at exit).
 pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: config.listen.to_string(),
+            source,
+        })?;
     if let Some(parent) = config.store_path.parent() {
         std::fs::create_dir_all(parent).map_err(|source| ServeError::DataDir {
             path: parent.display().to_string(),
@@ -67,6 +78,22 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
     let hsm = Arc::new(
         tokio::task::spawn_blocking(move || Hsm::open(&hsm_config, may_create_kek)).await??,
     );
+    let outcome = serve_with_hsm(&config, store, Arc::clone(&hsm), listener, shutdown).await;
+    tokio::task::spawn_blocking(move || hsm.shutdown()).await?;
+    outcome?;
+    tracing::info!("shutdown complete");
+    Ok(())
+}
+
+/// Everything between opening the HSM and closing it. Background tasks are aborted
+/// when this returns, on success or error.
+async fn serve_with_hsm(
+    config: &Config,
+    store: Arc<SledStore>,
+    hsm: Arc<Hsm>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
     let caps = hsm.capabilities();
     tracing::info!(
         token = %config.hsm.token_label,
@@ -131,10 +158,12 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
         },
     ));
 
-    let sweeper = tokio::spawn(sweep_expired(Arc::clone(&keys), Arc::clone(&tokens)));
-    let refill = tokio::spawn(pairs.refill_forever());
     let (health, health_service) = tonic_health::server::health_reporter();
-    let monitor = tokio::spawn(monitor_hsm(Arc::clone(&hsm), health));
+    let _background = AbortOnDrop(vec![
+        tokio::spawn(sweep_expired(Arc::clone(&keys), Arc::clone(&tokens))),
+        tokio::spawn(pairs.refill_forever()),
+        tokio::spawn(monitor_hsm(Arc::clone(&hsm), health)),
+    ]);
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
@@ -145,12 +174,6 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| ServeError::Bind {
-            addr: config.listen.to_string(),
-            source,
-        })?;
     let local = listener.local_addr().map_err(|source| ServeError::Bind {
         addr: config.listen.to_string(),
         source,
@@ -198,16 +221,22 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
     };
 
     tracing::info!("stopped accepting; closing down");
-    monitor.abort();
-    sweeper.abort();
-    refill.abort();
+    drop(_background);
     let flushed = flusher.flush().await;
-    drop(keys);
-    tokio::task::spawn_blocking(move || hsm.shutdown()).await?;
     served?;
     flushed?;
-    tracing::info!("shutdown complete");
     Ok(())
+}
+
+/// Aborts the tasks when dropped, so no background task outlives the server.
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
 }
 
 /// Applies time-driven changes even to keys nobody uses, so lists and counts are right:

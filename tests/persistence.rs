@@ -210,6 +210,47 @@ async fn refuses_to_start_when_the_master_key_is_missing_but_keys_exist() {
 }
 
 #[tokio::test]
+async fn a_taken_port_is_reported_as_a_clean_start_failure() {
+    let token = TestToken::create();
+    let data = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let failure = TestServer::try_start(ServerSetup {
+        token: Some(&token),
+        data_dir: data.path(),
+        // With the RSA pool on, HSM workers would be busy from the first moment.
+        extra_env: vec![
+            ("KMS_LISTEN".into(), addr.clone()),
+            ("KMS_IMPORT_RSA_POOL_SIZE".into(), "2".into()),
+        ],
+    })
+    .await
+    .err()
+    .expect("the port is taken");
+    assert!(
+        failure.log.contains(&format!("cannot listen on {addr}")),
+        "{failure}"
+    );
+    // An exit code, not a signal: the process did not crash on its way out.
+    let status = failure.status.expect("the server exited");
+    assert_eq!(status.code(), Some(1), "{failure}");
+}
+
+#[tokio::test]
+async fn stops_cleanly_while_the_pool_is_generating_rsa_pairs() {
+    let token = TestToken::create();
+    let data = tempfile::tempdir().unwrap();
+    let server =
+        TestServer::start_with_env(&token, data.path(), &[("KMS_IMPORT_RSA_POOL_SIZE", "2")]).await;
+    assert!(
+        !server.log().contains("RSA key-pair pool is full"),
+        "the pool filled before the test could stop the server mid-generation"
+    );
+    let status = server.stop().await;
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
 async fn a_new_kek_drops_import_state_wrapped_under_the_old_one() {
     let token = TestToken::create();
     let data = tempfile::tempdir().unwrap();
