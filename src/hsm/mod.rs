@@ -725,6 +725,12 @@ fn with_key_object<T>(
 
 /// Unwraps a root-key blob into a non-extractable, sensitive session object that can
 /// only encrypt and decrypt.
+///
+/// CKA_PRIVATE is false on purpose. A session object is visible only to this process's
+/// sessions, which are all logged in, so "private" adds no access control here; but
+/// SoftHSM keeps the value of private objects encrypted under the token key and decrypts
+/// it on every C_EncryptInit/C_DecryptInit, a second cipher operation on each WrapKey and
+/// UnwrapKey. CKA_SENSITIVE and non-extractability still keep the value from being read.
 fn unwrap_root_key(
     session: &Session,
     kek: ObjectHandle,
@@ -735,7 +741,7 @@ fn unwrap_root_key(
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(KeyType::AES),
         Attribute::Token(false),
-        Attribute::Private(true),
+        Attribute::Private(false),
         Attribute::Sensitive(true),
         Attribute::Extractable(false),
         Attribute::Encrypt(true),
