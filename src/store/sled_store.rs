@@ -15,7 +15,11 @@
 //! - `rsa_pool`:          bits(BE u32) pair-uuid             -> RsaKeyPair (JSON)
 //! - `meta`:     "schema_version"                            -> BE u32
 
+use std::num::NonZeroUsize;
 use std::path::Path;
+use std::sync::Mutex;
+
+use lru::LruCache;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -42,6 +46,7 @@ pub struct SledStore {
     import_tokens: Tree,
     import_parameters: Tree,
     rsa_pool: Tree,
+    decoded_keys: DecodedKeys,
 }
 
 impl SledStore {
@@ -78,6 +83,7 @@ impl SledStore {
             expiry: db.open_tree("expiry")?,
             import_tokens: db.open_tree("import_tokens")?,
             import_parameters: db.open_tree("import_parameters")?,
+            decoded_keys: DecodedKeys::new(),
             rsa_pool: db.open_tree("rsa_pool")?,
             db,
         })
@@ -157,6 +163,43 @@ fn decode<T: DeserializeOwned>(what: &str, raw: &[u8]) -> Result<T, StoreError> 
     })
 }
 
+/// Decoded key records, each with the exact bytes it was decoded from. A read whose
+/// bytes equal the remembered ones skips the JSON decode, the largest cost of a
+/// WrapKey/UnwrapKey outside the HSM. sled stays the only source of truth: every read
+/// still fetches the stored bytes, so a changed record can never be served stale.
+struct DecodedKeys {
+    shards: Vec<Mutex<LruCache<Uuid, (sled::IVec, KeyRecord)>>>,
+}
+
+impl DecodedKeys {
+    const SHARDS: usize = 16;
+    const PER_SHARD: usize = 256;
+
+    fn new() -> Self {
+        let per_shard = NonZeroUsize::new(Self::PER_SHARD).expect("non-zero");
+        Self {
+            shards: (0..Self::SHARDS)
+                .map(|_| Mutex::new(LruCache::new(per_shard)))
+                .collect(),
+        }
+    }
+
+    fn decode(&self, id: Uuid, raw: sled::IVec) -> Result<KeyRecord, StoreError> {
+        let shard = &self.shards[id.as_u128() as usize % Self::SHARDS];
+        if let Some((bytes, record)) = shard.lock().unwrap_or_else(|e| e.into_inner()).get(&id)
+            && *bytes == raw
+        {
+            return Ok(record.clone());
+        }
+        let record: KeyRecord = decode("key", &raw)?;
+        shard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .put(id, (raw, record.clone()));
+        Ok(record)
+    }
+}
+
 type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
 
 fn add_to_counter(counters: &TransactionalTree, key: &KeyRecord, delta: i64) -> TxResult<()> {
@@ -208,10 +251,10 @@ impl KeyStore for SledStore {
     }
 
     fn get_key(&self, instance: &str, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
-        self.keys
-            .get(key_key(instance, id))?
-            .map(|raw| decode("key", &raw))
-            .transpose()
+        match self.keys.get(key_key(instance, id))? {
+            Some(raw) => self.decoded_keys.decode(id, raw).map(Some),
+            None => Ok(None),
+        }
     }
 
     fn replace_key(
@@ -550,6 +593,34 @@ mod tests {
             Err(StoreError::Conflict)
         ));
         assert_eq!(store.count_keys("a", &active).unwrap(), 1);
+    }
+
+    #[test]
+    fn reads_follow_every_change_and_stay_within_their_instance() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let a = key("a", 1, KeyState::Active, false);
+        store.insert_key(&a, None).unwrap();
+        assert_eq!(store.get_key("a", a.id).unwrap(), Some(a.clone()));
+        // Read twice (the second from the decoded records), then changed twice: every
+        // read returns what is stored now.
+        assert_eq!(store.get_key("a", a.id).unwrap(), Some(a.clone()));
+        let suspended = KeyRecord {
+            state: KeyState::Suspended,
+            updated_at: 2,
+            ..a.clone()
+        };
+        store.replace_key(&a, &suspended, None, false).unwrap();
+        assert_eq!(store.get_key("a", a.id).unwrap(), Some(suspended.clone()));
+        let renamed = KeyRecord {
+            name: "renamed".into(),
+            ..suspended.clone()
+        };
+        store
+            .replace_key(&suspended, &renamed, None, false)
+            .unwrap();
+        assert_eq!(store.get_key("a", a.id).unwrap(), Some(renamed));
+        assert_eq!(store.get_key("b", a.id).unwrap(), None);
     }
 
     #[test]
