@@ -77,10 +77,19 @@ fn instance_from(metadata: &MetadataMap) -> Result<String, String> {
 }
 
 fn with_correlation(mut status: Status, correlation_id: Uuid) -> Status {
-    if let Ok(value) = MetadataValue::try_from(correlation_id.to_string()) {
+    if let Some(value) = correlation_value(correlation_id) {
         status.metadata_mut().insert(CORRELATION_HEADER, value);
     }
     status
+}
+
+/// The correlation id as a header value that HPACK sends as a never-indexed literal:
+/// a value unique to each response would only churn the connection's header table,
+/// evicting the entries that do repeat.
+fn correlation_value(correlation_id: Uuid) -> Option<MetadataValue<tonic::metadata::Ascii>> {
+    let mut value = MetadataValue::try_from(correlation_id.to_string()).ok()?;
+    value.set_sensitive(true);
+    Some(value)
 }
 
 /// Logs the outcome and returns the response or status, both carrying the correlation id.
@@ -102,7 +111,7 @@ pub(crate) fn finish<T>(
                 outcome = "ok",
             );
             let mut response = Response::new(message);
-            if let Ok(value) = MetadataValue::try_from(ctx.correlation_id.to_string()) {
+            if let Some(value) = correlation_value(ctx.correlation_id) {
                 response.metadata_mut().insert(CORRELATION_HEADER, value);
             }
             Ok(response)
