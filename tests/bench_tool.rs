@@ -10,6 +10,7 @@ async fn bench_reports_every_scenario_against_a_running_server() {
     let token = TestToken::create();
     let data = tempfile::tempdir().unwrap();
     let server = TestServer::start(&token, data.path()).await;
+    let pid = server.pid().to_string();
     let stdout = run_bench(
         &server,
         &[
@@ -19,11 +20,16 @@ async fn bench_reports_every_scenario_against_a_running_server() {
             "1",
             "--warmup-seconds",
             "0",
+            "--rounds",
+            "2",
             "--keys",
             "10",
+            "--server-pid",
+            &pid,
         ],
     )
     .await;
+    assert!(stdout.contains("2 round(s) of 1s"), "{stdout}");
     for row in [
         "| Health/Check (baseline) |",
         "| WrapKey |",
@@ -34,8 +40,19 @@ async fn bench_reports_every_scenario_against_a_running_server() {
             .lines()
             .find(|l| l.starts_with(row))
             .unwrap_or_else(|| panic!("no row {row} in:\n{stdout}"));
-        let ops: f64 = line.split('|').nth(2).unwrap().trim().parse().unwrap();
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let ops: f64 = cells[2].parse().unwrap();
         assert!(ops > 0.0, "{line}");
+        // The per-round ratio range, and CPU per call for both processes.
+        assert!(cells[6].ends_with('x') && cells[6].contains('-'), "{line}");
+        for cpu in [cells[7], cells[8]] {
+            let micros: f64 = cpu
+                .strip_suffix(" µs")
+                .unwrap_or_else(|| panic!("no CPU figure in {line}"))
+                .parse()
+                .unwrap();
+            assert!(micros > 0.0, "{line}");
+        }
     }
 }
 

@@ -232,6 +232,11 @@ impl TestServer {
         Ok(server)
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server running").id()
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
