@@ -159,7 +159,7 @@ async fn serve_with_hsm(
     ));
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    let _background = AbortOnDrop(vec![
+    let background_tasks = AbortOnDrop(vec![
         tokio::spawn(sweep_expired(Arc::clone(&keys), Arc::clone(&tokens))),
         tokio::spawn(pairs.refill_forever()),
         tokio::spawn(monitor_hsm(Arc::clone(&hsm), health)),
@@ -221,7 +221,7 @@ async fn serve_with_hsm(
     };
 
     tracing::info!("stopped accepting; closing down");
-    drop(_background);
+    drop(background_tasks);
     let flushed = flusher.flush().await;
     served?;
     flushed?;
