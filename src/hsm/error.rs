@@ -115,6 +115,17 @@ impl HsmError {
         }
     }
 
+    /// The token refused an object template (an attribute value its policy forbids).
+    pub(crate) fn is_template_refused(&self) -> bool {
+        matches!(
+            self,
+            HsmError::Pkcs11 {
+                rv: RvError::TemplateInconsistent | RvError::AttributeValueInvalid,
+                ..
+            }
+        )
+    }
+
     /// The key cannot be used with the mechanism (wrong length or type for it): for an
     /// AES operation on imported material, the material is not an AES key.
     pub(crate) fn is_key_unfit(&self) -> bool {
@@ -194,6 +205,10 @@ mod tests {
             other.reclassify_aead_decrypt(),
             HsmError::Rejected { .. }
         ));
+        assert!(
+            classify(RvError::TemplateInconsistent, "C_UnwrapKey".into()).is_template_refused()
+        );
+        assert!(!classify(RvError::WrappedKeyInvalid, "C_UnwrapKey".into()).is_template_refused());
         let gone = classify(RvError::DeviceRemoved, "C_Decrypt".into());
         assert!(gone.reclassify_aead_decrypt().is_unavailable());
         // A bad client ciphertext must not cost the session (Kryoptic's OAEP failure).

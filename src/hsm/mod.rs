@@ -731,25 +731,38 @@ fn with_key_object<T>(
 /// SoftHSM keeps the value of private objects encrypted under the token key and decrypts
 /// it on every C_EncryptInit/C_DecryptInit, a second cipher operation on each WrapKey and
 /// UnwrapKey. CKA_SENSITIVE and non-extractability still keep the value from being read.
+/// A token whose policy refuses a non-private secret key gets a private one instead.
 fn unwrap_root_key(
     session: &Session,
     kek: ObjectHandle,
     wrap: WrapMechanism,
     wrapped: &WrappedKey,
 ) -> Result<ObjectHandle, HsmError> {
-    let template = [
-        Attribute::Class(ObjectClass::SECRET_KEY),
-        Attribute::KeyType(KeyType::AES),
-        Attribute::Token(false),
-        Attribute::Private(false),
-        Attribute::Sensitive(true),
-        Attribute::Extractable(false),
-        Attribute::Encrypt(true),
-        Attribute::Decrypt(true),
-        Attribute::Wrap(false),
-        Attribute::Unwrap(false),
-    ];
-    Ok(session.unwrap_key(&wrap.mechanism(), kek, &wrapped.blob, &template)?)
+    let template = |private: bool| {
+        [
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Token(false),
+            Attribute::Private(private),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Encrypt(true),
+            Attribute::Decrypt(true),
+            Attribute::Wrap(false),
+            Attribute::Unwrap(false),
+        ]
+    };
+    let mechanism = wrap.mechanism();
+    match session
+        .unwrap_key(&mechanism, kek, &wrapped.blob, &template(false))
+        .map_err(HsmError::from)
+    {
+        // A token whose policy wants every secret key private gets one.
+        Err(e) if e.is_template_refused() => {
+            Ok(session.unwrap_key(&mechanism, kek, &wrapped.blob, &template(true))?)
+        }
+        other => other,
+    }
 }
 
 /// Root keys: usable for AES-GCM inside the HSM, never readable.
