@@ -467,13 +467,8 @@ fn summarise(scenario: Scenario, samples: Vec<Sample>) -> Measured {
         .map(|s| s.latencies.len() as f64 / s.elapsed.as_secs_f64())
         .collect();
     let elapsed: Duration = samples.iter().map(|s| s.elapsed).sum();
-    let cpu_total = |pick: fn(&Sample) -> Option<Duration>| {
-        samples
-            .iter()
-            .map(pick)
-            .sum::<Option<Duration>>()
-            .filter(|_| !samples.is_empty())
-    };
+    let cpu_total =
+        |pick: fn(&Sample) -> Option<Duration>| samples.iter().map(pick).sum::<Option<Duration>>();
     let server_cpu = cpu_total(|s| s.server_cpu);
     let client_cpu = cpu_total(|s| s.client_cpu);
     let mut latencies: Vec<Duration> = samples.into_iter().flat_map(|s| s.latencies).collect();

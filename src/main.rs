@@ -214,52 +214,53 @@ fn main() -> ExitCode {
 }
 
 fn import_key(options: kms::client::ImportOptions) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("kms import-key: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(kms::client::import_key(&options)) {
-        Ok(key) => {
+    run_client(
+        "import-key",
+        &mut tokio::runtime::Builder::new_current_thread(),
+        kms::client::import_key(&options),
+        |key| {
             println!(
                 "key {} state {:?} version {} size {} bits",
                 key.id,
                 kms::proto::KeyState::try_from(key.state).unwrap_or_default(),
                 key.current_version_id,
                 key.size_bits
-            );
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("kms import-key: {e}");
-            ExitCode::FAILURE
-        }
-    }
+            )
+        },
+    )
 }
 
 fn bench(options: kms::bench::BenchOptions) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    run_client(
+        "bench",
+        &mut tokio::runtime::Builder::new_multi_thread(),
+        kms::bench::run(&options),
+        |results| print!("{}", kms::bench::report(&options, &results)),
+    )
+}
+
+/// Runs a client command on a runtime of its own; failures go to stderr, prefixed
+/// with the command's name.
+fn run_client<T, E: std::fmt::Display>(
+    command: &str,
+    runtime: &mut tokio::runtime::Builder,
+    work: impl std::future::Future<Output = Result<T, E>>,
+    print: impl FnOnce(T),
+) -> ExitCode {
+    let runtime = match runtime.enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
-            eprintln!("kms bench: cannot start the async runtime: {e}");
+            eprintln!("kms {command}: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(kms::bench::run(&options)) {
-        Ok(results) => {
-            print!("{}", kms::bench::report(&options, &results));
+    match runtime.block_on(work) {
+        Ok(value) => {
+            print(value);
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("kms bench: {e}");
+            eprintln!("kms {command}: {e}");
             ExitCode::FAILURE
         }
     }

@@ -556,27 +556,24 @@ async fn secure_import_refusals_store_nothing() {
     }
     // Malformed fields are refused before anything is decrypted.
     let good = || encrypt_for_token(&import_token, Hash::Sha1, &material, None);
-    let mut short_iv = good();
-    short_iv.iv.pop();
-    assert_refused(
-        secure_create(&mut keys, &tenant, short_iv, Hash::Sha1).await,
-        Code::InvalidArgument,
-        "iv",
-    );
-    let mut short_nonce = good();
-    short_nonce.encrypted_nonce.pop();
-    assert_refused(
-        secure_create(&mut keys, &tenant, short_nonce, Hash::Sha1).await,
-        Code::InvalidArgument,
-        "encrypted_nonce",
-    );
-    let mut no_payload = good();
-    no_payload.encrypted_payload.clear();
-    assert_refused(
-        secure_create(&mut keys, &tenant, no_payload, Hash::Sha1).await,
-        Code::InvalidArgument,
-        "encrypted_payload",
-    );
+    type Spoil = fn(&mut SecureFields);
+    let malformed: [(Spoil, &str); 3] = [
+        (|f| f.iv.truncate(f.iv.len() - 1), "iv"),
+        (
+            |f| f.encrypted_nonce.truncate(f.encrypted_nonce.len() - 1),
+            "encrypted_nonce",
+        ),
+        (|f| f.encrypted_payload.clear(), "encrypted_payload"),
+    ];
+    for (spoil, field) in malformed {
+        let mut fields = good();
+        spoil(&mut fields);
+        assert_refused(
+            secure_create(&mut keys, &tenant, fields, Hash::Sha1).await,
+            Code::InvalidArgument,
+            field,
+        );
+    }
     let unknown_algorithm = keys
         .create_key(req(
             &tenant,
