@@ -1,9 +1,10 @@
 //! An HSM-backed key management service: gRPC in front, PKCS#11 behind, sled for
-//! metadata and KEK-wrapped blobs.
+//! metadata, KEK-wrapped blobs and the audit trail.
 
 pub mod api;
-pub mod bench;
-pub mod client;
+pub mod audit;
+pub mod auth;
+pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod hsm;

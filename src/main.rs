@@ -1,5 +1,5 @@
 //! `kms`: parse the command line, load configuration, initialise tracing, serve until
-//! SIGTERM or SIGINT. `kms bench` measures a running server.
+//! SIGTERM or SIGINT; or run one of the client commands in `kms::cli`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,9 +30,12 @@ enum Command {
     },
     /// Measure a running server: N concurrent callers per scenario, ops/s, p50, p99.
     Bench {
-        /// The server's URL.
-        #[arg(long, default_value = "http://127.0.0.1:50051")]
-        addr: String,
+        #[command(flatten)]
+        target: TargetArgs,
+        /// The instance to create the bench keys in (the token needs Editor there);
+        /// default: a new random one (needs Editor on *).
+        #[arg(long)]
+        instance: Option<String>,
         /// Calls in flight at once.
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
@@ -52,7 +55,7 @@ enum Command {
         /// Scenarios to run (default: the four throughput scenarios; the import
         /// scenarios are opt-in).
         #[arg(long, value_enum, value_delimiter = ',')]
-        scenarios: Vec<kms::bench::Scenario>,
+        scenarios: Vec<kms::cli::bench::Scenario>,
         /// Rounds: each throughput scenario is measured once per round, interleaved,
         /// and the rounds are summed.
         #[arg(long, default_value_t = 3)]
@@ -65,9 +68,8 @@ enum Command {
     /// server's import token (secure import) or import parameters (EXTERNAL keys), and
     /// import it. Give exactly one of --name, --rotate, --external.
     ImportKey {
-        /// The server's URL.
-        #[arg(long, default_value = "http://127.0.0.1:50051")]
-        addr: String,
+        #[command(flatten)]
+        target: TargetArgs,
         /// The instance (bluemix-instance).
         #[arg(long)]
         instance: String,
@@ -96,14 +98,107 @@ enum Command {
         #[arg(long)]
         create_token: bool,
     },
+    /// Manage principals and their bearer tokens in the tokens file.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// The audit trail.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+/// Where a client command connects, and with which token.
+#[derive(clap::Args)]
+struct TargetArgs {
+    /// The server's URL (https://... for TLS).
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    addr: String,
+    /// PEM CA certificate the server's TLS certificate must chain to.
+    #[arg(long, value_name = "FILE")]
+    ca_file: Option<PathBuf>,
+    /// A file holding the bearer token (else KMS_TOKEN holds the token itself).
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+}
+
+impl TargetArgs {
+    fn target(self) -> kms::cli::connect::Target {
+        kms::cli::connect::Target {
+            addr: self.addr,
+            ca_file: self.ca_file,
+            token_file: self.token_file,
+        }
+    }
+}
+
+/// Which tokens file: a data directory's `tokens.toml`, or a file named outright.
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct TokensFileArgs {
+    /// The server's data directory (its tokens.toml).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// The tokens file itself (auth.tokens_file of a configuration).
+    #[arg(long, value_name = "FILE")]
+    tokens_file: Option<PathBuf>,
+}
+
+impl TokensFileArgs {
+    fn path(&self) -> PathBuf {
+        kms::cli::token::tokens_path(self.data_dir.as_deref(), self.tokens_file.as_deref())
+    }
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a principal with a new token; prints the token, once, on stdout.
+    Create {
+        #[command(flatten)]
+        file: TokensFileArgs,
+        #[arg(long)]
+        principal: String,
+        /// INSTANCE=ROLE (Viewer, Editor or Administrator; * = every instance). Repeat
+        /// for several instances.
+        #[arg(long = "role", value_name = "INSTANCE=ROLE", required = true)]
+        roles: Vec<String>,
+    },
+    /// Remove a principal and its token.
+    Revoke {
+        #[command(flatten)]
+        file: TokensFileArgs,
+        #[arg(long)]
+        principal: String,
+    },
+    /// Principals and their roles (never token digests).
+    List {
+        #[command(flatten)]
+        file: TokensFileArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the whole hash chain of a stopped server's audit trail (or of a copy).
+    Verify {
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = match cli.command {
         Command::Serve { config } => config,
+        Command::Token { command } => return token(command),
+        Command::Audit {
+            command: AuditCommand::Verify { data_dir },
+        } => return audit_verify(&data_dir),
         Command::Bench {
-            addr,
+            target,
+            instance,
             concurrency,
             seconds,
             warmup_seconds,
@@ -113,15 +208,16 @@ fn main() -> ExitCode {
             rounds,
             server_pid,
         } => {
-            let options = kms::bench::BenchOptions {
-                addr,
+            let options = kms::cli::bench::BenchOptions {
+                target: target.target(),
+                instance: instance.unwrap_or_else(|| format!("bench-{}", uuid::Uuid::new_v4())),
                 concurrency: concurrency.max(1),
                 duration: std::time::Duration::from_secs(seconds.max(1)),
                 warmup: std::time::Duration::from_secs(warmup_seconds),
                 distinct_keys: keys,
                 import_calls,
                 scenarios: if scenarios.is_empty() {
-                    kms::bench::Scenario::ALL.to_vec()
+                    kms::cli::bench::Scenario::ALL.to_vec()
                 } else {
                     scenarios
                 },
@@ -131,7 +227,7 @@ fn main() -> ExitCode {
             return bench(options);
         }
         Command::ImportKey {
-            addr,
+            target: server,
             instance,
             material,
             hash,
@@ -142,7 +238,7 @@ fn main() -> ExitCode {
             valid_for_secs,
             create_token,
         } => {
-            use kms::client::ImportTarget;
+            use kms::cli::import_key::ImportTarget;
             let target = match (name, rotate, external) {
                 (Some(name), None, None) => ImportTarget::NewKey { name },
                 (None, Some(key_id), None) => ImportTarget::Rotate { key_id },
@@ -156,8 +252,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let options = kms::client::ImportOptions {
-                addr,
+            let options = kms::cli::import_key::ImportOptions {
+                server: server.target(),
                 instance,
                 material,
                 hash: if hash == "sha1" {
@@ -179,6 +275,11 @@ fn main() -> ExitCode {
         }
     };
     let _log_writer = init_tracing(&config);
+    // Everything the server creates (database, tokens file, token, admin token) is
+    // owner-only from the start.
+    // SAFETY: umask only sets the process's file-creation mask.
+    unsafe { libc::umask(0o077) };
+    kms::server::tls::install_provider();
 
     if let Some(embedded) = &config.embedded {
         if let Err(e) = embedded.prepare_files() {
@@ -213,11 +314,67 @@ fn main() -> ExitCode {
     }
 }
 
-fn import_key(options: kms::client::ImportOptions) -> ExitCode {
+fn token(command: TokenCommand) -> ExitCode {
+    use kms::cli::token;
+    let outcome = match command {
+        TokenCommand::Create {
+            file,
+            principal,
+            roles,
+        } => token::parse_roles(&roles)
+            .and_then(|roles| token::create(&file.path(), &principal, roles))
+            .map(|created| {
+                println!("{}", created.expose());
+                eprintln!(
+                    "created principal {principal} in {}; a running server takes it on SIGHUP",
+                    file.path().display()
+                );
+            }),
+        TokenCommand::Revoke { file, principal } => {
+            token::revoke(&file.path(), &principal).map(|()| {
+                eprintln!("revoked principal {principal}; a running server drops it on SIGHUP")
+            })
+        }
+        TokenCommand::List { file } => token::list(&file.path()).map(|lines| {
+            for line in lines {
+                println!("{line}");
+            }
+        }),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kms token: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn audit_verify(data_dir: &std::path::Path) -> ExitCode {
+    match kms::cli::audit::verify_data_dir(data_dir) {
+        Ok(report) => {
+            match (report.first_seq, report.last_seq) {
+                (Some(first), Some(last)) => println!(
+                    "audit trail intact: {} records ({first}..{last}), head {}",
+                    report.records,
+                    hex::encode(report.head_hash)
+                ),
+                _ => println!("audit trail intact: no records"),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("kms audit verify: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn import_key(options: kms::cli::import_key::ImportOptions) -> ExitCode {
     run_client(
         "import-key",
         &mut tokio::runtime::Builder::new_current_thread(),
-        kms::client::import_key(&options),
+        kms::cli::import_key::import_key(&options),
         |key| {
             println!(
                 "key {} state {:?} version {} size {} bits",
@@ -230,12 +387,12 @@ fn import_key(options: kms::client::ImportOptions) -> ExitCode {
     )
 }
 
-fn bench(options: kms::bench::BenchOptions) -> ExitCode {
+fn bench(options: kms::cli::bench::BenchOptions) -> ExitCode {
     run_client(
         "bench",
         &mut tokio::runtime::Builder::new_multi_thread(),
-        kms::bench::run(&options),
-        |results| print!("{}", kms::bench::report(&options, &results)),
+        kms::cli::bench::run(&options),
+        |results| print!("{}", kms::cli::bench::report(&options, &results)),
     )
 }
 

@@ -3,12 +3,12 @@
 mod common;
 
 use common::{TestServer, TestToken, instance, req};
+use kms::cli::connect::AuthedChannel;
 use kms::proto::key_service_client::KeyServiceClient;
 use kms::proto::{
     CountKeysRequest, CreateKeyRequest, DeleteKeyRequest, GetKeyRequest, ListKeysRequest,
 };
 use prost_types::Timestamp;
-use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
 fn named(name: &str) -> CreateKeyRequest {
@@ -18,7 +18,7 @@ fn named(name: &str) -> CreateKeyRequest {
     }
 }
 
-async fn total(keys: &mut KeyServiceClient<Channel>, tenant: &str) -> u64 {
+async fn total(keys: &mut KeyServiceClient<AuthedChannel>, tenant: &str) -> u64 {
     keys.count_keys(req(tenant, CountKeysRequest::default()))
         .await
         .unwrap()

@@ -85,7 +85,11 @@ async fn bench_measures_the_import_scenarios() {
 /// Runs `kms bench` against the server with `args`; returns its stdout, asserting success.
 async fn run_bench(server: &TestServer, args: &[&str]) -> String {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kms"));
-    command.args(["bench", "--addr", &server.url()]).args(args);
+    let token_file = common::admin_token_path(&server.data_dir);
+    command
+        .args(["bench", "--addr", &server.url(), "--token-file"])
+        .arg(&token_file)
+        .args(args);
     let output = tokio::task::spawn_blocking(move || command.output().unwrap())
         .await
         .unwrap();

@@ -4,16 +4,16 @@
 mod common;
 
 use common::{TestServer, TestToken, instance, req};
+use kms::cli::connect::AuthedChannel;
 use kms::proto::key_service_client::KeyServiceClient;
 use kms::proto::{
     CreateKeyRequest, DeleteKeyRequest, DisableKeyRequest, EnableKeyRequest, GetKeyRequest,
     KeyState, ListKeyVersionsRequest, RewrapKeyRequest, RotateKeyRequest, UnwrapKeyRequest,
     WrapKeyRequest,
 };
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-type Client = KeyServiceClient<Channel>;
+type Client = KeyServiceClient<AuthedChannel>;
 
 const GENERIC: &str = "ciphertext: cannot be unwrapped";
 

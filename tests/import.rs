@@ -12,6 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{TestServer, TestToken, instance, req};
+use kms::cli::connect::AuthedChannel;
 use kms::proto::import_token_service_client::ImportTokenServiceClient;
 use kms::proto::key_service_client::KeyServiceClient;
 use kms::proto::{
@@ -21,11 +22,10 @@ use kms::proto::{
     RotateKeyRequest, UnwrapKeyRequest, WrapKeyRequest, WrappingAlgorithm, WrappingKeySpec,
 };
 use serde_json::{Value, json};
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-type Keys = KeyServiceClient<Channel>;
-type Tokens = ImportTokenServiceClient<Channel>;
+type Keys = KeyServiceClient<AuthedChannel>;
+type Tokens = ImportTokenServiceClient<AuthedChannel>;
 
 #[derive(Clone, Copy, Debug)]
 enum Hash {
@@ -1240,6 +1240,8 @@ fn import_command(
     let output = Command::new(env!("CARGO_BIN_EXE_kms"))
         .arg("import-key")
         .args(["--addr", &server.url(), "--instance", tenant])
+        .arg("--token-file")
+        .arg(common::admin_token_path(&server.data_dir))
         .arg("--material")
         .arg(material)
         .args(args)

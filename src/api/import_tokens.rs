@@ -4,20 +4,27 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::{caller_context, convert, finish};
+use super::call::{AuditedKey, CallGate, Rpc};
+use super::convert;
 use crate::domain::import_tokens::ImportTokenManager;
 use crate::proto;
 use crate::proto::import_token_service_server::ImportTokenService;
 
 pub struct ImportTokenApi {
     tokens: Arc<ImportTokenManager>,
+    gate: Arc<CallGate>,
 }
 
 impl ImportTokenApi {
-    pub fn new(tokens: Arc<ImportTokenManager>) -> Self {
-        Self { tokens }
+    pub fn new(tokens: Arc<ImportTokenManager>, gate: Arc<CallGate>) -> Self {
+        Self { tokens, gate }
     }
 }
+
+impl AuditedKey for proto::CreateImportTokenRequest {}
+impl AuditedKey for proto::GetImportTokenRequest {}
+impl AuditedKey for proto::ImportToken {}
+impl AuditedKey for proto::GetImportTokenResponse {}
 
 #[tonic::async_trait]
 impl ImportTokenService for ImportTokenApi {
@@ -25,32 +32,41 @@ impl ImportTokenService for ImportTokenApi {
         &self,
         request: Request<proto::CreateImportTokenRequest>,
     ) -> Result<Response<proto::ImportToken>, Status> {
-        let ctx = caller_context(&request)?;
-        let request = request.into_inner();
-        let result = self
-            .tokens
-            .create(&ctx, request.expiration, request.max_allowed_retrievals)
+        self.gate
+            .call(
+                Rpc::CreateImportToken,
+                request,
+                |caller, request| async move {
+                    self.tokens
+                        .create(
+                            &caller.ctx,
+                            request.expiration,
+                            request.max_allowed_retrievals,
+                        )
+                        .await
+                        .map(|token| convert::import_token(&token))
+                },
+            )
             .await
-            .map(|token| convert::import_token(&token));
-        finish(&ctx, "CreateImportToken", None, result)
     }
 
     async fn get_import_token(
         &self,
         request: Request<proto::GetImportTokenRequest>,
     ) -> Result<Response<proto::GetImportTokenResponse>, Status> {
-        let ctx = caller_context(&request)?;
-        let result = self.tokens.retrieve(&ctx).await.map(|retrieved| {
-            let metadata = convert::import_token(&retrieved.token);
-            proto::GetImportTokenResponse {
-                creation_date: metadata.creation_date,
-                expiration_date: metadata.expiration_date,
-                max_allowed_retrievals: metadata.max_allowed_retrievals,
-                remaining_retrievals: metadata.remaining_retrievals,
-                payload: retrieved.public_key,
-                nonce: retrieved.token.nonce,
-            }
-        });
-        finish(&ctx, "GetImportToken", None, result)
+        self.gate
+            .call(Rpc::GetImportToken, request, |caller, _| async move {
+                let retrieved = self.tokens.retrieve(&caller.ctx).await?;
+                let metadata = convert::import_token(&retrieved.token);
+                Ok(proto::GetImportTokenResponse {
+                    creation_date: metadata.creation_date,
+                    expiration_date: metadata.expiration_date,
+                    max_allowed_retrievals: metadata.max_allowed_retrievals,
+                    remaining_retrievals: metadata.remaining_retrievals,
+                    payload: retrieved.public_key,
+                    nonce: retrieved.token.nonce,
+                })
+            })
+            .await
     }
 }

@@ -1,80 +1,23 @@
-//! The gRPC layer only: request metadata to a caller context, request validation,
-//! proto <-> domain conversion, and domain errors to gRPC statuses.
+//! The gRPC layer only: one call gate for every RPC (authentication, authorization,
+//! audit, logging), request validation, proto <-> domain conversion, and domain errors
+//! to gRPC statuses.
 
+mod audit;
+mod call;
 mod convert;
 mod import_tokens;
 mod keys;
 
+pub use audit::AuditApi;
+pub use call::{CORRELATION_HEADER, CallGate, GateOptions, Rpc};
 pub use import_tokens::ImportTokenApi;
 pub use keys::KeyApi;
 
-use tonic::metadata::{MetadataMap, MetadataValue};
-use tonic::{Code, Request, Response, Status};
+use tonic::Status;
+use tonic::metadata::MetadataValue;
 use uuid::Uuid;
 
-use crate::domain::{CallerContext, KmsError};
-
-pub const INSTANCE_HEADER: &str = "bluemix-instance";
-pub const ICP_INSTANCE_HEADER: &str = "icp-instance";
-pub const CORRELATION_HEADER: &str = "correlation-id";
-const MAX_INSTANCE_LEN: usize = 128;
-
-/// Builds the caller context from metadata. The one place every RPC goes through, so
-/// that authentication can be added here.
-pub(crate) fn caller_context<T>(request: &Request<T>) -> Result<CallerContext, Status> {
-    let metadata = request.metadata();
-    let correlation_id = match metadata.get(CORRELATION_HEADER) {
-        None => Uuid::new_v4(),
-        Some(value) => match value.to_str().ok().and_then(|v| Uuid::parse_str(v).ok()) {
-            Some(id) if id.get_version_num() == 4 => id,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "correlation-id: must be a v4 UUID",
-                ));
-            }
-        },
-    };
-    let instance = instance_from(metadata)
-        .map_err(|message| with_correlation(Status::invalid_argument(message), correlation_id))?;
-    Ok(CallerContext {
-        instance,
-        correlation_id,
-    })
-}
-
-fn instance_from(metadata: &MetadataMap) -> Result<String, String> {
-    let read = |header: &str| -> Result<Option<String>, String> {
-        match metadata.get(header) {
-            None => Ok(None),
-            Some(value) => value
-                .to_str()
-                .map(|v| Some(v.to_owned()))
-                .map_err(|_| format!("{header}: must be printable ASCII")),
-        }
-    };
-    let instance = match (read(INSTANCE_HEADER)?, read(ICP_INSTANCE_HEADER)?) {
-        (Some(a), Some(b)) if a != b => {
-            return Err(format!(
-                "{INSTANCE_HEADER} and {ICP_INSTANCE_HEADER} name different instances"
-            ));
-        }
-        (Some(a), _) | (None, Some(a)) => a,
-        (None, None) => {
-            return Err(format!(
-                "{INSTANCE_HEADER}: required (the instance id; {ICP_INSTANCE_HEADER} is accepted too)"
-            ));
-        }
-    };
-    if instance.is_empty()
-        || instance.len() > MAX_INSTANCE_LEN
-        || !instance.bytes().all(|b| b.is_ascii_graphic())
-    {
-        return Err(format!(
-            "{INSTANCE_HEADER}: must be 1..{MAX_INSTANCE_LEN} printable ASCII characters without spaces"
-        ));
-    }
-    Ok(instance)
-}
+use crate::domain::KmsError;
 
 fn with_correlation(mut status: Status, correlation_id: Uuid) -> Status {
     if let Some(value) = correlation_value(correlation_id) {
@@ -92,62 +35,13 @@ fn correlation_value(correlation_id: Uuid) -> Option<MetadataValue<tonic::metada
     Some(value)
 }
 
-/// Logs the outcome and returns the response or status, both carrying the correlation id.
-pub(crate) fn finish<T>(
-    ctx: &CallerContext,
-    operation: &'static str,
-    key_id: Option<Uuid>,
-    result: Result<T, KmsError>,
-) -> Result<Response<T>, Status> {
-    // Formatted only if the event is actually logged.
-    let key_id = key_id.map(tracing::field::display);
-    match result {
-        Ok(message) => {
-            tracing::info!(
-                operation,
-                instance = %ctx.instance,
-                key_id,
-                correlation_id = %ctx.correlation_id,
-                outcome = "ok",
-            );
-            let mut response = Response::new(message);
-            if let Some(value) = correlation_value(ctx.correlation_id) {
-                response.metadata_mut().insert(CORRELATION_HEADER, value);
-            }
-            Ok(response)
-        }
-        Err(error) => {
-            let status = status_from(&error);
-            if matches!(status.code(), Code::Internal | Code::Unavailable) {
-                tracing::error!(
-                    operation,
-                    instance = %ctx.instance,
-                    key_id,
-                    correlation_id = %ctx.correlation_id,
-                    error = %error,
-                    outcome = "error",
-                );
-            } else {
-                tracing::info!(
-                    operation,
-                    instance = %ctx.instance,
-                    key_id,
-                    correlation_id = %ctx.correlation_id,
-                    code = ?status.code(),
-                    outcome = "refused",
-                );
-            }
-            Err(with_correlation(status, ctx.correlation_id))
-        }
-    }
-}
-
 /// Every domain error to one gRPC status. Internal and HSM faults get a generic message;
-/// the detail is logged by `finish`.
+/// the detail is logged by the call gate.
 fn status_from(error: &KmsError) -> Status {
     match error {
         KmsError::InvalidArgument { .. } => Status::invalid_argument(error.to_string()),
         KmsError::NotFound { .. } => Status::not_found(error.to_string()),
+        KmsError::PermissionDenied(_) => Status::permission_denied(error.to_string()),
         KmsError::WrongState { .. } | KmsError::FailedPrecondition(_) => {
             Status::failed_precondition(error.to_string())
         }
@@ -157,6 +51,7 @@ fn status_from(error: &KmsError) -> Status {
         }
         KmsError::Hsm(_) => Status::internal("internal HSM error"),
         KmsError::Store(_) => Status::internal("internal storage error"),
+        KmsError::Internal(_) => Status::internal("internal error"),
     }
 }
 
@@ -173,6 +68,7 @@ pub(crate) fn parse_key_id(field: &'static str, value: &str) -> Result<Uuid, Kms
 mod tests {
     use super::*;
     use crate::hsm::HsmError;
+    use tonic::Code;
 
     #[test]
     fn hsm_and_store_faults_never_leak_detail() {
@@ -182,15 +78,5 @@ mod tests {
         assert!(!status.message().contains("C_WrapKey"));
         let e = KmsError::Hsm(HsmError::Worker("gone".into()));
         assert_eq!(status_from(&e).code(), Code::Internal);
-    }
-
-    #[test]
-    fn instance_header_rules() {
-        let mut md = MetadataMap::new();
-        assert!(instance_from(&md).is_err());
-        md.insert(ICP_INSTANCE_HEADER, "tenant-a".parse().unwrap());
-        assert_eq!(instance_from(&md).unwrap(), "tenant-a");
-        md.insert(INSTANCE_HEADER, "tenant-b".parse().unwrap());
-        assert!(instance_from(&md).is_err());
     }
 }

@@ -142,7 +142,8 @@ impl ImportTokenManager {
     }
 
     /// Replaces the instance's token by what `change` makes of the stored one, retrying
-    /// when another call changed it in between; flushed before returning.
+    /// when another call changed it in between. Durable once the caller's group flush
+    /// (the API's call gate) returns.
     async fn swap<T>(
         &self,
         ctx: &CallerContext,
@@ -155,10 +156,7 @@ impl ImportTokenManager {
                 .store
                 .swap_import_token(&ctx.instance, previous.as_ref(), Some(&next))
             {
-                Ok(()) => {
-                    self.flusher.flush().await?;
-                    return Ok(output);
-                }
+                Ok(()) => return Ok(output),
                 Err(StoreError::Conflict) => continue,
                 Err(e) => return Err(e.into()),
             }

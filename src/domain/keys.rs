@@ -9,7 +9,10 @@
 //! - Material is created in the HSM and only its KEK-wrapped blob is persisted; the HSM
 //!   session objects are destroyed before the store is written, so a failed write leaves
 //!   nothing behind in the HSM.
-//! - A mutating call returns only after the store has flushed (group commit).
+//! - Operations write; the API's call gate makes a call's change and its audit record
+//!   durable with one group flush before answering. Background sweeps flush their own.
+//! - Time-driven transitions (expiry, material past valid-to) are audited as `system`,
+//!   whether a sweep or a call finds them due.
 //! - A key id from another instance is indistinguishable from an unknown id.
 //!
 //! Key import (secure import with the instance's token, EXTERNAL-origin keys) is in
@@ -26,6 +29,7 @@ use super::model::{
     KeyFilter, KeyOrigin, KeyRecord, KeyState, Millis, RECORD_SCHEMA, VersionRecord, now_millis,
 };
 use super::{CallerContext, KmsError};
+use crate::audit::{AuditEvent, AuditTrail, SYSTEM};
 use crate::hsm::{Hsm, HsmError, KeyKind, KeyVersionRef, NewMaterial, VersionId};
 use crate::secret::SecretBytes;
 use crate::store::{GroupFlusher, KeyStore, StoreError};
@@ -66,8 +70,10 @@ pub struct NewKey {
 pub struct KeyManager {
     hsm: Arc<Hsm>,
     store: Arc<dyn KeyStore>,
+    /// For the sweep of expired import parameters, which no call's flush covers.
     flusher: GroupFlusher,
     imports: Imports,
+    audit: Arc<AuditTrail>,
 }
 
 impl KeyManager {
@@ -76,12 +82,14 @@ impl KeyManager {
         store: Arc<dyn KeyStore>,
         flusher: GroupFlusher,
         imports: Imports,
+        audit: Arc<AuditTrail>,
     ) -> Self {
         Self {
             hsm,
             store,
             flusher,
             imports,
+            audit,
         }
     }
 
@@ -181,7 +189,6 @@ impl KeyManager {
             check_value: None,
         };
         self.store.insert_key(&key, version.as_ref())?;
-        self.flusher.flush().await?;
         Ok(key)
     }
 
@@ -546,6 +553,12 @@ impl KeyManager {
             match self.store.replace_key(&key, &next, None, erase_material) {
                 Ok(()) => {
                     self.hsm.forget_key(&id);
+                    let operation = if erase_material {
+                        "ExpireKeyMaterial"
+                    } else {
+                        "ExpireKey"
+                    };
+                    self.audit_transition(ctx, operation, id);
                     return Ok(next);
                 }
                 Err(StoreError::Conflict) => continue,
@@ -555,7 +568,7 @@ impl KeyManager {
     }
 
     /// Compare-and-swap update with a few retries when another call changed the key
-    /// in between; flushed before returning.
+    /// in between. Durable once the caller's group flush returns.
     async fn update(
         &self,
         ctx: &CallerContext,
@@ -573,15 +586,34 @@ impl KeyManager {
                 .store
                 .replace_key(&key, &next, new_version.as_ref(), erase_material)
             {
-                Ok(()) => {
-                    self.flusher.flush().await?;
-                    return Ok(next);
-                }
+                Ok(()) => return Ok(next),
                 Err(StoreError::Conflict) => continue,
                 Err(e) => return Err(e.into()),
             }
         }
         Err(KmsError::Conflict)
+    }
+
+    /// A time-driven change on the audit trail, as principal `system`. A failure is
+    /// logged, not returned: the change follows from the clock and would be made again.
+    fn audit_transition(&self, ctx: &CallerContext, operation: &'static str, id: Uuid) {
+        let correlation_id = if ctx.correlation_id.is_nil() {
+            Uuid::new_v4()
+        } else {
+            ctx.correlation_id
+        };
+        let event = AuditEvent {
+            principal: SYSTEM,
+            instance: &ctx.instance,
+            operation,
+            key_id: Some(id),
+            code: 0,
+            correlation_id,
+            peer: None,
+        };
+        if let Err(error) = self.audit.append(&event) {
+            tracing::error!(operation, key_id = %id, error = %error, "cannot audit a time-driven change");
+        }
     }
 
     fn find(&self, ctx: &CallerContext, id: Uuid) -> Result<KeyRecord, KmsError> {

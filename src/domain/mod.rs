@@ -14,7 +14,7 @@ use crate::store::StoreError;
 use model::KeyState;
 
 /// Everything an operation knows about its caller, built once per request by the API
-/// layer. Authentication adds the principal here without touching each operation.
+/// layer's call gate once the caller is authenticated and authorized.
 #[derive(Clone, Debug)]
 pub struct CallerContext {
     pub instance: String,
@@ -40,8 +40,16 @@ pub enum KmsError {
     #[error("{0}")]
     FailedPrecondition(String),
 
+    /// A scope beyond the caller's role (for example the audit trail of every instance).
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+
     #[error("the key was modified concurrently; retry")]
     Conflict,
+
+    /// A fault of the service itself; logged in detail, answered generically.
+    #[error("internal error: {0}")]
+    Internal(String),
 
     #[error(transparent)]
     Hsm(#[from] HsmError),

@@ -5,6 +5,7 @@
 //! acknowledged, and concurrent callers share one fsync.
 
 mod flush;
+mod sled_audit;
 mod sled_store;
 
 pub use flush::GroupFlusher;
@@ -142,4 +143,32 @@ pub trait ImportStore: Send + Sync + 'static {
     /// Drops every import token, import parameters record and pooled pair: used when a
     /// new master KEK was created, since their private keys were wrapped under the old.
     fn clear_import_state(&self) -> Result<usize, StoreError>;
+}
+
+/// The audit trail's storage: records as opaque bytes under their sequence numbers, and
+/// the anchor retention leaves behind. Record format and chaining are `crate::audit`'s.
+pub trait AuditStore: Send + Sync + 'static {
+    /// Stores a record; records arrive in sequence order.
+    fn append_audit(&self, seq: u64, record: &[u8]) -> Result<(), StoreError>;
+
+    /// The newest record.
+    fn last_audit(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
+
+    /// Up to `limit` records with a sequence number below `before` (all, with `None`),
+    /// newest first.
+    fn audit_before(
+        &self,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+
+    /// Up to `limit` records from sequence number `from` on, oldest first.
+    fn audit_from(&self, from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+
+    /// The sequence number and hash of the last record retention removed, if any.
+    fn audit_anchor(&self) -> Result<Option<(u64, [u8; 32])>, StoreError>;
+
+    /// Removes every record up to `upto` and makes (`upto`, `hash`) the anchor, in one
+    /// transaction. Returns how many records it removed.
+    fn prune_audit(&self, upto: u64, hash: [u8; 32]) -> Result<usize, StoreError>;
 }

@@ -14,6 +14,7 @@
 //! - `import_parameters`: key-uuid                           -> ImportParametersRecord (JSON)
 //! - `rsa_pool`:          bits(BE u32) pair-uuid             -> RsaKeyPair (JSON)
 //! - `meta`:     "schema_version"                            -> BE u32
+//! - `audit`, `audit_meta`: the audit trail (see `sled_audit`)
 
 use std::num::NonZeroUsize;
 use std::path::Path;
@@ -35,6 +36,9 @@ use crate::domain::model::{
 use crate::hsm::RsaKeyPair;
 
 const SCHEMA_KEY: &[u8] = b"schema_version";
+/// sled writes what is not yet flushed at least this often: the bound on how long a
+/// read call's audit record may stay volatile.
+pub const PERIODIC_FLUSH_MS: u64 = 500;
 
 pub struct SledStore {
     db: sled::Db,
@@ -46,13 +50,18 @@ pub struct SledStore {
     import_tokens: Tree,
     import_parameters: Tree,
     rsa_pool: Tree,
+    audit: Tree,
+    audit_meta: Tree,
     decoded_keys: DecodedKeys,
 }
 
 impl SledStore {
     /// Opens (creating if absent) the database and checks its schema version.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(path).open()?;
+        let db = sled::Config::new()
+            .path(path)
+            .flush_every_ms(Some(PERIODIC_FLUSH_MS))
+            .open()?;
         let meta = db.open_tree("meta")?;
         match meta.get(SCHEMA_KEY)? {
             Some(raw) => {
@@ -85,6 +94,8 @@ impl SledStore {
             import_parameters: db.open_tree("import_parameters")?,
             decoded_keys: DecodedKeys::new(),
             rsa_pool: db.open_tree("rsa_pool")?,
+            audit: db.open_tree("audit")?,
+            audit_meta: db.open_tree("audit_meta")?,
             db,
         })
     }
@@ -98,6 +109,14 @@ impl SledStore {
             &self.versions,
             &self.expiry,
         )
+    }
+
+    pub(super) fn audit_tree(&self) -> &Tree {
+        &self.audit
+    }
+
+    pub(super) fn audit_meta_tree(&self) -> &Tree {
+        &self.audit_meta
     }
 
     /// The handle the group flusher syncs.

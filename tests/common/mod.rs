@@ -1,7 +1,9 @@
 //! The test harness: a fresh PKCS#11 token in a temporary directory (made by the
 //! project's own `softhsm/create-token.sh`, or `kryoptic/create-token.sh` when
 //! `KMS_TEST_TOKEN=kryoptic`), the real `kms` binary on 127.0.0.1 port 0, and readiness
-//! by the gRPC health check.
+//! by the gRPC health check. Every server gets a principal `admin` (`*=Administrator`),
+//! made with `kms token create` before the first start (or by the server itself on the
+//! embedded default); the clients the harness hands out authenticate with its token.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
@@ -10,11 +12,14 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use kms::cli::connect::{AuthedChannel, BearerAuth};
+use kms::proto::audit_service_client::AuditServiceClient;
 use kms::proto::import_token_service_client::ImportTokenServiceClient;
 use kms::proto::key_service_client::KeyServiceClient;
 use tempfile::TempDir;
 use tonic::Request;
 use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -96,6 +101,50 @@ pub struct TestServer {
     pub addr: String,
     pub log_file: PathBuf,
     pub data_dir: PathBuf,
+    /// The `admin` principal's token (`*=Administrator`).
+    pub admin_token: String,
+}
+
+/// Where the harness keeps the admin token of a data directory.
+pub fn admin_token_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("admin.token")
+}
+
+/// Runs `kms token ARGS...`; returns stdout, asserting success.
+pub fn kms_token(args: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_kms"))
+        .arg("token")
+        .args(args)
+        .output()
+        .expect("run kms token");
+    assert!(
+        output.status.success(),
+        "kms token {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// Creates a principal in the data directory's tokens file; returns its token.
+pub fn create_principal(data_dir: &Path, name: &str, roles: &[&str]) -> String {
+    let dir = data_dir.to_str().unwrap();
+    let mut args = vec!["create", "--data-dir", dir, "--principal", name];
+    for role in roles {
+        args.push("--role");
+        args.push(role);
+    }
+    kms_token(&args).trim().to_owned()
+}
+
+/// Before a configured server's first start: the admin principal, as an operator would
+/// make it. (The embedded default makes its own.)
+fn ensure_admin(data_dir: &Path) {
+    let token_path = admin_token_path(data_dir);
+    if data_dir.join("tokens.toml").exists() || token_path.exists() {
+        return;
+    }
+    let token = create_principal(data_dir, "admin", &["*=Administrator"]);
+    std::fs::write(&token_path, format!("{token}\n")).unwrap();
 }
 
 /// A server that exited (or never printed its address) instead of starting.
@@ -169,6 +218,9 @@ impl TestServer {
             // No background RSA generation unless a test asks for the pool: it would eat
             // the CPU of every other test.
             .env("KMS_IMPORT_RSA_POOL_SIZE", "0");
+        if setup.token.is_some() {
+            ensure_admin(setup.data_dir);
+        }
         if let Some(token) = setup.token {
             let config = setup.data_dir.join("kms.toml");
             std::fs::write(
@@ -198,8 +250,12 @@ impl TestServer {
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(line)) = lines.next() {
-                let _ = tx.send(line);
+            // The embedded default's first start says where the admin token is first.
+            for line in lines.by_ref().map_while(Result::ok) {
+                if line.starts_with("kms listening on ") {
+                    let _ = tx.send(line);
+                    break;
+                }
             }
             // Keep draining so the server never blocks on a full pipe.
             for _ in lines {}
@@ -216,11 +272,16 @@ impl TestServer {
                 });
             }
         };
+        let admin_token = std::fs::read_to_string(admin_token_path(setup.data_dir))
+            .expect("admin token file")
+            .trim()
+            .to_owned();
         let server = TestServer {
             child: Some(child),
             addr,
             log_file,
             data_dir: setup.data_dir.to_owned(),
+            admin_token,
         };
         server.wait_until_serving().await;
         // Logs are written by a buffered thread: once the "listening" line is in the
@@ -249,12 +310,28 @@ impl TestServer {
             .expect("connect")
     }
 
-    pub async fn keys(&self) -> KeyServiceClient<Channel> {
-        KeyServiceClient::new(self.channel().await)
+    /// A channel whose calls carry `token`.
+    pub async fn channel_with(&self, token: &str) -> AuthedChannel {
+        let token = kms::auth::BearerToken::parse(token).expect("a kms token");
+        InterceptedService::new(self.channel().await, BearerAuth::new(&token))
     }
 
-    pub async fn import_tokens(&self) -> ImportTokenServiceClient<Channel> {
-        ImportTokenServiceClient::new(self.channel().await)
+    /// Clients authenticated as `admin` (`*=Administrator`).
+    pub async fn keys(&self) -> KeyServiceClient<AuthedChannel> {
+        KeyServiceClient::new(self.channel_with(&self.admin_token).await)
+    }
+
+    pub async fn import_tokens(&self) -> ImportTokenServiceClient<AuthedChannel> {
+        ImportTokenServiceClient::new(self.channel_with(&self.admin_token).await)
+    }
+
+    pub async fn audit(&self) -> AuditServiceClient<AuthedChannel> {
+        AuditServiceClient::new(self.channel_with(&self.admin_token).await)
+    }
+
+    /// SIGHUP: the server re-reads its tokens file and TLS files.
+    pub fn hangup(&self) {
+        signal(self.child.as_ref().expect("server running"), "HUP");
     }
 
     /// Polls the health service until KeyService reports SERVING.
@@ -356,7 +433,7 @@ impl TestServer {
 
 /// CreateKey in `tenant`, returning the created key's metadata.
 pub async fn create_key(
-    keys: &mut KeyServiceClient<Channel>,
+    keys: &mut KeyServiceClient<AuthedChannel>,
     tenant: &str,
     request: kms::proto::CreateKeyRequest,
 ) -> kms::proto::Key {
@@ -381,4 +458,28 @@ pub fn req<T>(instance: &str, message: T) -> Request<T> {
 /// A random instance id, so tests never share tenants by accident.
 pub fn instance() -> String {
     format!("inst-{}", uuid::Uuid::new_v4())
+}
+
+/// Every audit event of `tenant` matching `request`'s filters, newest first, following
+/// next_page_token to the end. Authenticated as admin.
+pub async fn audit_events(
+    server: &TestServer,
+    tenant: &str,
+    mut request: kms::proto::ListAuditEventsRequest,
+) -> Vec<kms::proto::AuditEvent> {
+    let mut audit = server.audit().await;
+    let mut events = Vec::new();
+    request.page_size = 1000;
+    loop {
+        let page = audit
+            .list_audit_events(req(tenant, request.clone()))
+            .await
+            .unwrap()
+            .into_inner();
+        events.extend(page.events);
+        if page.next_page_token.is_empty() {
+            return events;
+        }
+        request.page_token = page.next_page_token;
+    }
 }

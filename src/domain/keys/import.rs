@@ -159,7 +159,6 @@ impl KeyManager {
             key_pair,
         };
         self.imports.store.put_import_parameters(&parameters)?;
-        self.flusher.flush().await?;
         Ok(ImportParameters {
             key_id: id,
             import_token: encode_import_token(&parameters),

@@ -1,5 +1,6 @@
-//! Wires the store, the HSM, the domain and the gRPC services together, and runs them
-//! until the shutdown future completes.
+//! Wires the store, the HSM, the audit trail, the domain and the gRPC services
+//! together, and runs them until the shutdown future completes: the listener and its
+//! limits ([`listener`]), TLS ([`tls`]), the tokens file and SIGHUP reloads.
 
 use std::future::Future;
 use std::io::Write;
@@ -8,25 +9,37 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::api::{ImportTokenApi, KeyApi};
-use crate::config::Config;
+pub mod bootstrap;
+pub mod listener;
+pub mod tls;
+
+use crate::api::{AuditApi, CallGate, GateOptions, ImportTokenApi, KeyApi};
+use crate::audit::{AuditError, AuditTrail};
+use crate::auth::{Authenticator, TokensFileError};
+use crate::config::{Config, FD_HEADROOM};
 use crate::domain::import_tokens::ImportTokenManager;
 use crate::domain::key_pairs::KeyPairPool;
 use crate::domain::keys::{Imports, KeyManager};
 use crate::hsm::oaep::OaepHash;
 use crate::hsm::{Hsm, HsmError, OaepSupport};
+use crate::proto::audit_service_server::AuditServiceServer;
 use crate::proto::import_token_service_server::ImportTokenServiceServer;
 use crate::proto::key_service_server::KeyServiceServer;
-use crate::store::{GroupFlusher, ImportStore, KeyStore, SledStore, StoreError};
+use crate::store::{AuditStore, GroupFlusher, ImportStore, KeyStore, SledStore, StoreError};
+use listener::ListenerOptions;
+use tls::{ReloadableTls, TlsError};
 
 /// How often the health service asks the token whether it is still there.
 const HSM_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 /// How often expired keys are looked for.
 const EXPIRY_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// How often audit retention runs, and how many records one pass may remove: above
+/// the rate a saturated server appends (about 25k calls/s on this class of machine).
+const AUDIT_RETENTION_INTERVAL: Duration = Duration::from_secs(1);
+const AUDIT_RETENTION_BUDGET: usize = 100_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -50,6 +63,14 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("start-up task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error("{0}")]
+    Tokens(#[from] TokensFileError),
+    #[error("{0}")]
+    Bootstrap(String),
+    #[error("audit trail: {0}")]
+    Audit(#[from] AuditError),
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
 }
 
 /// Runs the service until `shutdown` resolves, then stops accepting, lets in-flight calls
@@ -72,28 +93,57 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
             source,
         })?;
     }
+    let auth = Arc::new(bootstrap::authenticator(&config)?);
+    let tls = match &config.tls {
+        Some(files) => Some(Arc::new(ReloadableTls::load(files.clone())?)),
+        None => None,
+    };
     let store = Arc::new(SledStore::open(&config.store_path)?);
+    bootstrap::restrict_permissions(&config.data_dir);
     let may_create_kek = !store.has_keys()?;
     let hsm_config = config.hsm.clone();
     let hsm = Arc::new(
         tokio::task::spawn_blocking(move || Hsm::open(&hsm_config, may_create_kek)).await??,
     );
-    let outcome = serve_with_hsm(&config, store, Arc::clone(&hsm), listener, shutdown).await;
+    let outcome = serve_with_hsm(
+        &config,
+        Frontend {
+            listener,
+            auth,
+            tls,
+        },
+        store,
+        Arc::clone(&hsm),
+        shutdown,
+    )
+    .await;
     tokio::task::spawn_blocking(move || hsm.shutdown()).await?;
     outcome?;
     tracing::info!("shutdown complete");
     Ok(())
 }
 
+/// What faces the network: the bound port, the tokens in force and TLS.
+struct Frontend {
+    listener: TcpListener,
+    auth: Arc<Authenticator>,
+    tls: Option<Arc<ReloadableTls>>,
+}
+
 /// Everything between opening the HSM and closing it. Background tasks are aborted
 /// when this returns, on success or error.
 async fn serve_with_hsm(
     config: &Config,
+    frontend: Frontend,
     store: Arc<SledStore>,
     hsm: Arc<Hsm>,
-    listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    let Frontend {
+        listener,
+        auth,
+        tls,
+    } = frontend;
     let caps = hsm.capabilities();
     tracing::info!(
         token = %config.hsm.token_label,
@@ -123,6 +173,7 @@ async fn serve_with_hsm(
     }
 
     let flusher = GroupFlusher::start(store.db());
+    let audit = Arc::new(AuditTrail::open(store.clone() as Arc<dyn AuditStore>)?);
     let import_store = store.clone() as Arc<dyn ImportStore>;
     if hsm.kek_created() {
         let dropped = import_store.clear_import_state()?;
@@ -156,6 +207,15 @@ async fn serve_with_hsm(
             pairs: Arc::clone(&pairs),
             parameters_lifetime: config.import.parameters_lifetime,
         },
+        Arc::clone(&audit),
+    ));
+    let gate = Arc::new(CallGate::new(
+        Arc::clone(&auth),
+        Arc::clone(&audit),
+        flusher.clone(),
+        GateOptions {
+            sync_reads: config.audit.sync_reads,
+        },
     ));
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -163,6 +223,11 @@ async fn serve_with_hsm(
         tokio::spawn(sweep_expired(Arc::clone(&keys), Arc::clone(&tokens))),
         tokio::spawn(pairs.refill_forever()),
         tokio::spawn(monitor_hsm(Arc::clone(&hsm), health)),
+        tokio::spawn(retain_audit(
+            Arc::clone(&audit),
+            config.audit.retention.clone(),
+        )),
+        tokio::spawn(reload_on_hangup(Arc::clone(&auth), tls.clone())),
     ]);
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -178,7 +243,43 @@ async fn serve_with_hsm(
         addr: config.listen.to_string(),
         source,
     })?;
-    tracing::info!(%local, "listening");
+    let limits = &config.limits;
+    let fd_limit = listener::raise_fd_limit().unwrap_or(1024);
+    let max_connections = limits
+        .max_connections
+        .min((fd_limit as usize).saturating_sub(FD_HEADROOM).max(1));
+    if max_connections < limits.max_connections {
+        tracing::warn!(
+            configured = limits.max_connections,
+            max_connections,
+            fd_limit,
+            "connection limit lowered to fit the open-file limit"
+        );
+    }
+    let (incoming, accept_task) = listener::accept(
+        listener,
+        tls.clone(),
+        ListenerOptions {
+            max_connections,
+            idle_timeout: limits.idle_timeout,
+            handshake_timeout: limits.handshake_timeout,
+        },
+    );
+    let _accept_task = AbortOnDrop(vec![accept_task]);
+    match &tls {
+        Some(tls) => tracing::info!(
+            %local,
+            mutual_tls = tls.mutual(),
+            max_connections,
+            "listening (TLS)"
+        ),
+        None => tracing::info!(
+            %local,
+            max_connections,
+            "listening (plaintext: without TLS, bearer tokens cross the network in clear; \
+             set KMS_TLS_CERT_FILE and KMS_TLS_KEY_FILE to serve TLS)"
+        ),
+    }
     // A machine-readable line on stdout, so scripts and tests can find an ephemeral port.
     println!("kms listening on {local}");
     let _ = std::io::stdout().flush();
@@ -199,19 +300,33 @@ async fn serve_with_hsm(
             std::future::pending::<()>().await;
         }
     };
+    let max_request = limits.max_request_bytes;
     let server = Server::builder()
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        // Flow-control windows bound what one connection can make the server buffer:
+        // a stream holds at most one window (64 KiB, enough for the largest valid
+        // request), a connection at most 1 MiB across its streams.
+        .initial_stream_window_size(64 * 1024)
+        .initial_connection_window_size(1024 * 1024)
+        .http2_max_header_list_size(16 * 1024)
+        .http2_keepalive_interval(Some(limits.idle_timeout / 3))
+        .http2_keepalive_timeout(Some(limits.idle_timeout / 3))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(KeyServiceServer::new(KeyApi::new(Arc::clone(&keys))))
-        .add_service(ImportTokenServiceServer::new(ImportTokenApi::new(tokens)))
-        .serve_with_incoming_shutdown(
-            // Without TCP_NODELAY, small responses wait on delayed ACKs (~40 ms tails).
-            TcpIncoming::from(listener)
-                .with_nodelay(Some(true))
-                .with_keepalive(Some(Duration::from_secs(60))),
-            shutdown,
-        );
+        .add_service(
+            KeyServiceServer::new(KeyApi::new(Arc::clone(&keys), Arc::clone(&gate)))
+                .max_decoding_message_size(max_request),
+        )
+        .add_service(
+            ImportTokenServiceServer::new(ImportTokenApi::new(tokens, Arc::clone(&gate)))
+                .max_decoding_message_size(max_request),
+        )
+        .add_service(
+            AuditServiceServer::new(AuditApi::new(Arc::clone(&audit), gate))
+                .max_decoding_message_size(max_request),
+        )
+        .serve_with_incoming_shutdown(incoming, shutdown);
     let served = tokio::select! {
         served = server => served,
         () = deadline => {
@@ -258,9 +373,66 @@ async fn sweep_expired(keys: Arc<KeyManager>, tokens: Arc<ImportTokenManager>) {
     }
 }
 
+/// Applies the audit trail's retention bounds.
+async fn retain_audit(audit: Arc<AuditTrail>, retention: crate::audit::retention::Retention) {
+    loop {
+        tokio::time::sleep(AUDIT_RETENTION_INTERVAL).await;
+        let audit = Arc::clone(&audit);
+        let retention = retention.clone();
+        match tokio::task::spawn_blocking(move || audit.prune(&retention, AUDIT_RETENTION_BUDGET))
+            .await
+        {
+            Ok(Ok(0)) => {}
+            Ok(Ok(removed)) => tracing::debug!(removed, "audit retention removed old records"),
+            Ok(Err(e)) => tracing::error!(error = %e, "audit retention failed"),
+            Err(e) => tracing::error!(error = %e, "audit retention task failed"),
+        }
+    }
+}
+
+/// SIGHUP: re-read the tokens file and the TLS files. What does not load is refused,
+/// logged, and the previous settings stay in force.
+async fn reload_on_hangup(auth: Arc<Authenticator>, tls: Option<Arc<ReloadableTls>>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGHUP: no reloads");
+            return;
+        }
+    };
+    while hangups.recv().await.is_some() {
+        match auth.reload() {
+            Ok(principals) => tracing::info!(
+                principals,
+                file = %auth.path().display(),
+                "SIGHUP: tokens file reloaded"
+            ),
+            Err(e) => tracing::error!(
+                error = %e,
+                "SIGHUP: tokens file refused; the previous tokens stay in force"
+            ),
+        }
+        if let Some(tls) = &tls {
+            match tls.reload() {
+                Ok(()) => tracing::info!("SIGHUP: TLS certificate files reloaded"),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "SIGHUP: TLS files refused; the previous certificates stay in force"
+                ),
+            }
+        }
+    }
+}
+
 /// Keeps the health service in step with the token: NOT_SERVING while it does not answer.
 async fn monitor_hsm(hsm: Arc<Hsm>, health: HealthReporter) {
-    let services = ["", "kms.v1.KeyService", "kms.v1.ImportTokenService"];
+    let services = [
+        "",
+        "kms.v1.KeyService",
+        "kms.v1.ImportTokenService",
+        "kms.v1.AuditService",
+    ];
     let mut last = None;
     loop {
         let status = match hsm.ping().await {

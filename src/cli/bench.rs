@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 use tonic::Request;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
+
+use super::connect::{AuthedChannel, ConnectError, Target};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
@@ -29,7 +31,9 @@ use crate::proto::{
 
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
-    pub addr: String,
+    pub target: Target,
+    /// The instance the bench creates its keys in (the token needs Editor there).
+    pub instance: String,
     pub concurrency: usize,
     pub duration: Duration,
     pub warmup: Duration,
@@ -84,13 +88,8 @@ impl Scenario {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
-    #[error("{0:?} is not a URL such as http://127.0.0.1:50051")]
-    InvalidAddress(String),
-    #[error("cannot connect to {addr}: {source}")]
-    Connect {
-        addr: String,
-        source: tonic::transport::Error,
-    },
+    #[error("{0}")]
+    Connect(#[from] ConnectError),
     #[error("setup call failed: {0}")]
     Setup(#[from] tonic::Status),
     #[error("{errors} of {calls} calls failed in {scenario}; first: {first}")]
@@ -137,18 +136,11 @@ type Call = Arc<dyn Fn(usize) -> CallFuture + Send + Sync>;
 /// rather than on whichever ran then. Sequential import scenarios run in the first
 /// round only.
 pub async fn run(options: &BenchOptions) -> Result<Vec<Measured>, BenchError> {
-    let channel = Channel::from_shared(options.addr.clone())
-        .map_err(|_| BenchError::InvalidAddress(options.addr.clone()))?
-        .connect()
-        .await
-        .map_err(|source| BenchError::Connect {
-            addr: options.addr.clone(),
-            source,
-        })?;
+    let (channel, authed) = super::connect::connect(&options.target).await?;
     let clients = Clients {
-        instance: format!("bench-{}", uuid::Uuid::new_v4()),
-        keys: KeyServiceClient::new(channel.clone()),
-        tokens: ImportTokenServiceClient::new(channel.clone()),
+        instance: options.instance.clone(),
+        keys: KeyServiceClient::new(authed.clone()),
+        tokens: ImportTokenServiceClient::new(authed),
         health: HealthClient::new(channel),
     };
 
@@ -177,8 +169,8 @@ pub async fn run(options: &BenchOptions) -> Result<Vec<Measured>, BenchError> {
 
 struct Clients {
     instance: String,
-    keys: KeyServiceClient<Channel>,
-    tokens: ImportTokenServiceClient<Channel>,
+    keys: KeyServiceClient<AuthedChannel>,
+    tokens: ImportTokenServiceClient<AuthedChannel>,
     health: HealthClient<Channel>,
 }
 
@@ -561,7 +553,7 @@ fn with_instance<T>(instance: &str, message: T) -> Request<T> {
 }
 
 async fn create_root_keys(
-    keys: &KeyServiceClient<Channel>,
+    keys: &KeyServiceClient<AuthedChannel>,
     instance: &str,
     count: usize,
 ) -> Result<Vec<String>, BenchError> {
@@ -591,7 +583,7 @@ async fn create_root_keys(
 }
 
 async fn wrap_one_each(
-    keys: &KeyServiceClient<Channel>,
+    keys: &KeyServiceClient<AuthedChannel>,
     instance: &str,
     ids: Vec<String>,
 ) -> Result<Vec<(String, Vec<u8>)>, BenchError> {

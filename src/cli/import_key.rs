@@ -8,8 +8,9 @@
 use std::path::PathBuf;
 
 use tonic::metadata::MetadataValue;
-use tonic::transport::Channel;
 use tonic::{Request, Status};
+
+use super::connect::{ConnectError, Target};
 
 use crate::hsm::encrypt_oaep;
 use crate::hsm::oaep::OaepHash;
@@ -35,7 +36,7 @@ pub enum ImportTarget {
 
 #[derive(Clone, Debug)]
 pub struct ImportOptions {
-    pub addr: String,
+    pub server: Target,
     pub instance: String,
     pub material: PathBuf,
     pub hash: OaepHash,
@@ -53,11 +54,8 @@ pub enum ClientError {
     },
     #[error("{path}: key material must be 16, 24 or 32 bytes; the file has {len}")]
     MaterialSize { path: String, len: usize },
-    #[error("connecting to {addr}: {source}")]
-    Connect {
-        addr: String,
-        source: tonic::transport::Error,
-    },
+    #[error("{0}")]
+    Connect(#[from] ConnectError),
     #[error("{call}: {code:?}: {message}", code = .status.code(), message = .status.message())]
     Call { call: &'static str, status: Status },
     #[error("--wrapping-key-bits must be 2048, 3072 or 4096; got {0}")]
@@ -84,14 +82,7 @@ pub async fn import_key(options: &ImportOptions) -> Result<proto::Key, ClientErr
             len: material.len(),
         });
     }
-    let channel = Channel::from_shared(options.addr.clone())
-        .map_err(|_| ClientError::Instance)?
-        .connect()
-        .await
-        .map_err(|source| ClientError::Connect {
-            addr: options.addr.clone(),
-            source,
-        })?;
+    let (_, channel) = super::connect::connect(&options.server).await?;
     let mut keys = KeyServiceClient::new(channel.clone());
     let instance = options.instance.as_str();
     let algorithm = match options.hash {

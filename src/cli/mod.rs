@@ -1,0 +1,8 @@
+//! Client commands: `kms bench`, `kms import-key`, `kms token`, `kms audit verify`. The
+//! server never imports this module.
+
+pub mod audit;
+pub mod bench;
+pub mod connect;
+pub mod import_key;
+pub mod token;
