@@ -140,7 +140,7 @@ pub fn create_principal(data_dir: &Path, name: &str, roles: &[&str]) -> String {
 /// make it. (The embedded default makes its own.)
 fn ensure_admin(data_dir: &Path) {
     let token_path = admin_token_path(data_dir);
-    if data_dir.join("tokens.toml").exists() || token_path.exists() {
+    if token_path.exists() {
         return;
     }
     let token = create_principal(data_dir, "admin", &["*=Administrator"]);
