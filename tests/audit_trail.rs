@@ -1,0 +1,429 @@
+//! The audit trail end to end: `kms audit verify` on a real data directory, tampering
+//! with copies of it (a changed, deleted, reordered record), kill -9 under load,
+//! durability of read records in both modes, retention, and time-driven changes
+//! recorded as `system`.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::{TestServer, TestToken, audit_events, instance, req};
+use kms::proto::*;
+
+/// Runs `kms audit verify` on `data_dir`; returns (success, stdout + stderr).
+fn verify(data_dir: &Path) -> (bool, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_kms"))
+        .args(["audit", "verify", "--data-dir"])
+        .arg(data_dir)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// A copy of `data_dir`'s database with `change` applied to its audit tree.
+fn tampered_copy(data_dir: &Path, change: impl FnOnce(&sled::Tree)) -> tempfile::TempDir {
+    let copy = tempfile::tempdir().unwrap();
+    copy_dir(&data_dir.join("db"), &copy.path().join("db"));
+    let db = sled::open(copy.path().join("db")).unwrap();
+    let tree = db.open_tree("audit").unwrap();
+    change(&tree);
+    db.flush().unwrap();
+    copy
+}
+
+fn record(tree: &sled::Tree, seq: u64) -> serde_json::Value {
+    serde_json::from_slice(&tree.get(seq.to_be_bytes()).unwrap().unwrap()).unwrap()
+}
+
+fn put(tree: &sled::Tree, seq: u64, value: &serde_json::Value) {
+    tree.insert(seq.to_be_bytes(), serde_json::to_vec(value).unwrap())
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_deleted_or_reordered_record_is_found_at_the_right_place() {
+    let token = TestToken::create();
+    let data = tempfile::tempdir().unwrap();
+    let tenant = instance();
+    let server = TestServer::start(&token, data.path()).await;
+    let mut keys = server.keys().await;
+    for n in 0..10 {
+        common::create_key(
+            &mut keys,
+            &tenant,
+            CreateKeyRequest {
+                name: format!("k{n}"),
+                ..Default::default()
+            },
+        )
+        .await;
+    }
+    assert!(server.stop().await.success());
+
+    let (ok, text) = verify(data.path());
+    assert!(ok, "{text}");
+    assert!(text.contains("audit trail intact: 10 records (1..10)"), "{text}");
+
+    let cases: Vec<(&str, Box<dyn FnOnce(&sled::Tree)>, &str)> = vec![
+        (
+            "a field changed",
+            Box::new(|tree| {
+                let mut r = record(tree, 5);
+                r["principal"] = "mallory".into();
+                put(tree, 5, &r);
+            }),
+            "audit record 5: its fields do not match its hash",
+        ),
+        (
+            "a field changed and its hash recomputed",
+            Box::new(|tree| {
+                // The forger cannot recompute the next record's link without rewriting
+                // everything after it: record 6 still points at the original.
+                let mut r = record(tree, 5);
+                r["code"] = 7.into();
+                r["hash"] = "00".repeat(32).into();
+                put(tree, 5, &r);
+            }),
+            "audit record 5",
+        ),
+        (
+            "a record deleted",
+            Box::new(|tree| {
+                tree.remove(5u64.to_be_bytes()).unwrap();
+            }),
+            "audit record 6: records 5..5 are missing",
+        ),
+        (
+            "two records swapped",
+            Box::new(|tree| {
+                let (five, six) = (record(tree, 5), record(tree, 6));
+                put(tree, 5, &six);
+                put(tree, 6, &five);
+            }),
+            "audit record 5: stored at position 5 but says it is record 6",
+        ),
+    ];
+    for (what, change, expected) in cases {
+        let copy = tampered_copy(data.path(), change);
+        let (ok, text) = verify(copy.path());
+        assert!(!ok, "{what}: verify passed");
+        assert!(text.contains(expected), "{what}: {text}");
+    }
+    // Relinking a changed record's successor is caught at the successor.
+    let copy = tampered_copy(data.path(), |tree| {
+        let mut r = record(tree, 6);
+        r["prev_hash"] = "11".repeat(32).into();
+        put(tree, 6, &r);
+    });
+    let (ok, text) = verify(copy.path());
+    assert!(!ok && text.contains("audit record 6"), "{text}");
+    // The original is still intact.
+    assert!(verify(data.path()).0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_under_load_leaves_a_chain_that_verifies_with_every_acknowledged_change() {
+    let token = TestToken::create();
+    let data = tempfile::tempdir().unwrap();
+    let tenant = instance();
+    let server = TestServer::start(&token, data.path()).await;
+    let keys = server.keys().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for worker in 0..8 {
+        let (mut keys, tenant, stop) = (keys.clone(), tenant.clone(), Arc::clone(&stop));
+        workers.push(tokio::spawn(async move {
+            let mut created = Vec::new();
+            for n in 0..10_000 {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let answer = keys
+                    .create_key(req(
+                        &tenant,
+                        CreateKeyRequest {
+                            name: format!("w{worker}-{n}"),
+                            ..Default::default()
+                        },
+                    ))
+                    .await;
+                match answer {
+                    Ok(r) => {
+                        let id = r.into_inner().key.unwrap().id;
+                        // Reads in between, so the trail interleaves both kinds.
+                        let _ = keys
+                            .wrap_key(req(
+                                &tenant,
+                                WrapKeyRequest {
+                                    id: id.clone(),
+                                    plaintext: None,
+                                    aad: vec![],
+                                },
+                            ))
+                            .await;
+                        created.push(id);
+                    }
+                    Err(_) => break,
+                }
+            }
+            created
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.kill().await;
+    stop.store(true, Ordering::SeqCst);
+    let mut acknowledged = Vec::new();
+    for worker in workers {
+        acknowledged.extend(worker.await.unwrap());
+    }
+    assert!(acknowledged.len() >= 20, "only {} keys created", acknowledged.len());
+
+    let (ok, text) = verify(data.path());
+    assert!(ok, "{text}");
+    let server = TestServer::start(&token, data.path()).await;
+    let recorded: std::collections::HashSet<String> = audit_events(
+        &server,
+        &tenant,
+        ListAuditEventsRequest {
+            operation: "CreateKey".into(),
+            code: Some(0),
+            ..Default::default()
+        },
+    )
+    .await
+    .into_iter()
+    .map(|e| e.key_id)
+    .collect();
+    for id in &acknowledged {
+        assert!(recorded.contains(id), "acknowledged CreateKey {id} has no record");
+    }
+    assert!(server.stop().await.success());
+    assert!(verify(data.path()).0, "still intact after a restart appended to it");
+}
+
+fn named(name: &str) -> CreateKeyRequest {
+    CreateKeyRequest {
+        name: name.into(),
+        ..Default::default()
+    }
+}
+
+/// Wraps `n` times and returns how many were acknowledged.
+async fn wrap_many(server: &TestServer, tenant: &str, key: &str, n: usize) -> usize {
+    let mut keys = server.keys().await;
+    for _ in 0..n {
+        keys.wrap_key(req(
+            tenant,
+            WrapKeyRequest {
+                id: key.into(),
+                plaintext: None,
+                aad: vec![],
+            },
+        ))
+        .await
+        .unwrap();
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_records_are_durable_before_the_answer_or_within_the_flush_interval() {
+    let token = TestToken::create();
+    for (sync_reads, pause) in [("true", Duration::ZERO), ("false", Duration::from_millis(1200))] {
+        let data = tempfile::tempdir().unwrap();
+        let tenant = instance();
+        let server =
+            TestServer::start_with_env(&token, data.path(), &[("KMS_AUDIT_SYNC_READS", sync_reads)])
+                .await;
+        let mut keys = server.keys().await;
+        let key = common::create_key(&mut keys, &tenant, named("k"))
+            .await
+            .id;
+        let wrapped = wrap_many(&server, &tenant, &key, 50).await;
+        // Past the periodic flush (500 ms) in the batched mode; at once with sync reads.
+        tokio::time::sleep(pause).await;
+        server.kill().await;
+        let server = TestServer::start(&token, data.path()).await;
+        let recorded = audit_events(
+            &server,
+            &tenant,
+            ListAuditEventsRequest {
+                operation: "WrapKey".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+        assert_eq!(recorded.len(), wrapped, "sync_reads={sync_reads}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_bounds_the_trail_and_what_remains_verifies() {
+    let token = TestToken::create();
+    let data = tempfile::tempdir().unwrap();
+    let tenant = instance();
+    let server =
+        TestServer::start_with_env(&token, data.path(), &[("KMS_AUDIT_MAX_RECORDS", "40")]).await;
+    let mut keys = server.keys().await;
+    let key = common::create_key(&mut keys, &tenant, named("k"))
+        .await
+        .id;
+    wrap_many(&server, &tenant, &key, 150).await;
+    let mut held = usize::MAX;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        held = audit_events(&server, &tenant, ListAuditEventsRequest::default())
+            .await
+            .len();
+        // Each look is itself audited, so a few more than the bound may be there.
+        if held <= 45 {
+            break;
+        }
+    }
+    assert!(held <= 45, "{held} records held");
+    assert!(server.stop().await.success());
+    let (ok, text) = verify(data.path());
+    assert!(ok, "{text}");
+    assert!(!text.contains("(1.."), "the oldest records are gone: {text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_driven_changes_are_recorded_as_system() {
+    let token = TestToken::create();
+    let data = tempfile::tempdir().unwrap();
+    let tenant = instance();
+    let server = TestServer::start(&token, data.path()).await;
+    let mut keys = server.keys().await;
+    let soon = std::time::SystemTime::now() + Duration::from_secs(2);
+    let key = common::create_key(
+        &mut keys,
+        &tenant,
+        CreateKeyRequest {
+            name: "short-lived".into(),
+            expiration_date: Some(prost_types::Timestamp::from(soon)),
+            ..Default::default()
+        },
+    )
+    .await
+    .id;
+    let mut found = Vec::new();
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        found = audit_events(
+            &server,
+            &tenant,
+            ListAuditEventsRequest {
+                operation: "ExpireKey".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+        if !found.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].principal, "system");
+    assert_eq!(found[0].key_id, key);
+    assert_eq!(found[0].code, 0);
+    assert!(found[0].peer.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_audit_events_filters_and_pages_newest_first() {
+    let token = TestToken::create();
+    let data = tempfile::tempdir().unwrap();
+    let tenant = instance();
+    let server = TestServer::start(&token, data.path()).await;
+    let mut keys = server.keys().await;
+    let key = common::create_key(&mut keys, &tenant, named("k"))
+        .await
+        .id;
+    wrap_many(&server, &tenant, &key, 25).await;
+    let other = common::create_key(&mut keys, &tenant, named("k"))
+        .await
+        .id;
+    let mut audit = server.audit().await;
+    let mut pages = Vec::new();
+    let mut request = ListAuditEventsRequest {
+        key_id: key.clone(),
+        operation: "WrapKey".into(),
+        page_size: 10,
+        ..Default::default()
+    };
+    loop {
+        let page = audit
+            .list_audit_events(req(&tenant, request.clone()))
+            .await
+            .unwrap()
+            .into_inner();
+        pages.push(page.events.len());
+        let sequences: Vec<u64> = page.events.iter().map(|e| e.sequence).collect();
+        assert!(sequences.windows(2).all(|w| w[0] > w[1]), "newest first");
+        assert!(page.events.iter().all(|e| e.key_id == key && e.operation == "WrapKey"));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        request.page_token = page.next_page_token;
+    }
+    assert_eq!(pages, [10, 10, 5]);
+    // A token belongs to its query.
+    let first = audit
+        .list_audit_events(req(
+            &tenant,
+            ListAuditEventsRequest {
+                page_size: 1,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let status = audit
+        .list_audit_events(req(
+            &tenant,
+            ListAuditEventsRequest {
+                page_size: 1,
+                key_id: other,
+                page_token: first.next_page_token,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("page_token"));
+    let status = audit
+        .list_audit_events(req(
+            &tenant,
+            ListAuditEventsRequest {
+                page_size: 5000,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert!(status.message().contains("page_size"));
+}
