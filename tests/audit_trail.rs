@@ -84,7 +84,10 @@ async fn a_changed_deleted_or_reordered_record_is_found_at_the_right_place() {
 
     let (ok, text) = verify(data.path());
     assert!(ok, "{text}");
-    assert!(text.contains("audit trail intact: 10 records (1..10)"), "{text}");
+    assert!(
+        text.contains("audit trail intact: 10 records (1..10)"),
+        "{text}"
+    );
 
     let cases: Vec<(&str, Box<dyn FnOnce(&sled::Tree)>, &str)> = vec![
         (
@@ -198,7 +201,11 @@ async fn kill_9_under_load_leaves_a_chain_that_verifies_with_every_acknowledged_
     for worker in workers {
         acknowledged.extend(worker.await.unwrap());
     }
-    assert!(acknowledged.len() >= 20, "only {} keys created", acknowledged.len());
+    assert!(
+        acknowledged.len() >= 20,
+        "only {} keys created",
+        acknowledged.len()
+    );
 
     let (ok, text) = verify(data.path());
     assert!(ok, "{text}");
@@ -217,10 +224,16 @@ async fn kill_9_under_load_leaves_a_chain_that_verifies_with_every_acknowledged_
     .map(|e| e.key_id)
     .collect();
     for id in &acknowledged {
-        assert!(recorded.contains(id), "acknowledged CreateKey {id} has no record");
+        assert!(
+            recorded.contains(id),
+            "acknowledged CreateKey {id} has no record"
+        );
     }
     assert!(server.stop().await.success());
-    assert!(verify(data.path()).0, "still intact after a restart appended to it");
+    assert!(
+        verify(data.path()).0,
+        "still intact after a restart appended to it"
+    );
 }
 
 fn named(name: &str) -> CreateKeyRequest {
@@ -251,16 +264,20 @@ async fn wrap_many(server: &TestServer, tenant: &str, key: &str, n: usize) -> us
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_records_are_durable_before_the_answer_or_within_the_flush_interval() {
     let token = TestToken::create();
-    for (sync_reads, pause) in [("true", Duration::ZERO), ("false", Duration::from_millis(1200))] {
+    for (sync_reads, pause) in [
+        ("true", Duration::ZERO),
+        ("false", Duration::from_millis(1200)),
+    ] {
         let data = tempfile::tempdir().unwrap();
         let tenant = instance();
-        let server =
-            TestServer::start_with_env(&token, data.path(), &[("KMS_AUDIT_SYNC_READS", sync_reads)])
-                .await;
+        let server = TestServer::start_with_env(
+            &token,
+            data.path(),
+            &[("KMS_AUDIT_SYNC_READS", sync_reads)],
+        )
+        .await;
         let mut keys = server.keys().await;
-        let key = common::create_key(&mut keys, &tenant, named("k"))
-            .await
-            .id;
+        let key = common::create_key(&mut keys, &tenant, named("k")).await.id;
         let wrapped = wrap_many(&server, &tenant, &key, 50).await;
         // Past the periodic flush (500 ms) in the batched mode; at once with sync reads.
         tokio::time::sleep(pause).await;
@@ -287,9 +304,7 @@ async fn retention_bounds_the_trail_and_what_remains_verifies() {
     let server =
         TestServer::start_with_env(&token, data.path(), &[("KMS_AUDIT_MAX_RECORDS", "40")]).await;
     let mut keys = server.keys().await;
-    let key = common::create_key(&mut keys, &tenant, named("k"))
-        .await
-        .id;
+    let key = common::create_key(&mut keys, &tenant, named("k")).await.id;
     wrap_many(&server, &tenant, &key, 150).await;
     let mut held = usize::MAX;
     for _ in 0..50 {
@@ -306,7 +321,10 @@ async fn retention_bounds_the_trail_and_what_remains_verifies() {
     assert!(server.stop().await.success());
     let (ok, text) = verify(data.path());
     assert!(ok, "{text}");
-    assert!(!text.contains("(1.."), "the oldest records are gone: {text}");
+    assert!(
+        !text.contains("(1.."),
+        "the oldest records are gone: {text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -358,13 +376,9 @@ async fn list_audit_events_filters_and_pages_newest_first() {
     let tenant = instance();
     let server = TestServer::start(&token, data.path()).await;
     let mut keys = server.keys().await;
-    let key = common::create_key(&mut keys, &tenant, named("k"))
-        .await
-        .id;
+    let key = common::create_key(&mut keys, &tenant, named("k")).await.id;
     wrap_many(&server, &tenant, &key, 25).await;
-    let other = common::create_key(&mut keys, &tenant, named("k"))
-        .await
-        .id;
+    let other = common::create_key(&mut keys, &tenant, named("k")).await.id;
     let mut audit = server.audit().await;
     let mut pages = Vec::new();
     let mut request = ListAuditEventsRequest {
@@ -382,7 +396,11 @@ async fn list_audit_events_filters_and_pages_newest_first() {
         pages.push(page.events.len());
         let sequences: Vec<u64> = page.events.iter().map(|e| e.sequence).collect();
         assert!(sequences.windows(2).all(|w| w[0] > w[1]), "newest first");
-        assert!(page.events.iter().all(|e| e.key_id == key && e.operation == "WrapKey"));
+        assert!(
+            page.events
+                .iter()
+                .all(|e| e.key_id == key && e.operation == "WrapKey")
+        );
         if page.next_page_token.is_empty() {
             break;
         }

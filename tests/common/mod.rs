@@ -20,7 +20,7 @@ use tempfile::TempDir;
 use tonic::Request;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -103,6 +103,7 @@ pub struct TestServer {
     pub data_dir: PathBuf,
     /// The `admin` principal's token (`*=Administrator`).
     pub admin_token: String,
+    client_tls: Option<ClientTlsConfig>,
 }
 
 /// Where the harness keeps the admin token of a data directory.
@@ -165,6 +166,19 @@ pub struct ServerSetup<'a> {
     pub token: Option<&'a TestToken>,
     pub data_dir: &'a Path,
     pub extra_env: Vec<(String, String)>,
+    /// Set when the server serves TLS: how the harness's own clients connect.
+    pub client_tls: Option<ClientTlsConfig>,
+}
+
+impl<'a> ServerSetup<'a> {
+    pub fn new(token: Option<&'a TestToken>, data_dir: &'a Path) -> Self {
+        Self {
+            token,
+            data_dir,
+            extra_env: vec![],
+            client_tls: None,
+        }
+    }
 }
 
 impl TestServer {
@@ -174,6 +188,7 @@ impl TestServer {
             token: Some(token),
             data_dir,
             extra_env: vec![],
+            client_tls: None,
         })
         .await
         .unwrap_or_else(|failure| panic!("server did not start: {failure}"))
@@ -192,6 +207,7 @@ impl TestServer {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            client_tls: None,
         })
         .await
         .unwrap_or_else(|failure| panic!("server did not start: {failure}"))
@@ -282,6 +298,7 @@ impl TestServer {
             log_file,
             data_dir: setup.data_dir.to_owned(),
             admin_token,
+            client_tls: setup.client_tls,
         };
         server.wait_until_serving().await;
         // Logs are written by a buffered thread: once the "listening" line is in the
@@ -299,15 +316,25 @@ impl TestServer {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.client_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// The endpoint the harness's clients use (TLS when the server serves it).
+    pub fn endpoint(&self) -> tonic::transport::Endpoint {
+        let endpoint = Channel::from_shared(self.url()).unwrap();
+        match &self.client_tls {
+            Some(tls) => endpoint.tls_config(tls.clone()).unwrap(),
+            None => endpoint,
+        }
     }
 
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url())
-            .unwrap()
-            .connect()
-            .await
-            .expect("connect")
+        self.endpoint().connect().await.expect("connect")
     }
 
     /// A channel whose calls carry `token`.
@@ -338,7 +365,7 @@ impl TestServer {
     async fn wait_until_serving(&self) {
         let deadline = Instant::now() + STARTUP_DEADLINE;
         loop {
-            if let Ok(channel) = Channel::from_shared(self.url()).unwrap().connect().await {
+            if let Ok(channel) = self.endpoint().connect().await {
                 let mut health = HealthClient::new(channel);
                 let reply = health
                     .check(HealthCheckRequest {
