@@ -198,6 +198,7 @@ async fn refuses_to_start_when_the_master_key_is_missing_but_keys_exist() {
         data_dir: data.path(),
         extra_env: vec![],
         client_tls: None,
+        fd_limit: None,
     })
     .await
     .err()
@@ -225,6 +226,7 @@ async fn a_taken_port_is_reported_as_a_clean_start_failure() {
             ("KMS_IMPORT_RSA_POOL_SIZE".into(), "2".into()),
         ],
         client_tls: None,
+        fd_limit: None,
     })
     .await
     .err()
@@ -288,6 +290,7 @@ async fn embedded_default_creates_token_and_database_under_the_data_dir() {
         data_dir: data.path(),
         extra_env: vec![],
         client_tls: None,
+        fd_limit: None,
     };
     let server = TestServer::try_start(setup()).await.unwrap();
     let softhsm = data.path().join("softhsm");

@@ -36,6 +36,22 @@ pub struct ListenerOptions {
     pub handshake_timeout: Duration,
 }
 
+/// Connections the kernel queues for us while the loop is at the cap or busy (the
+/// kernel caps it at net.core.somaxconn).
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// Binds the listening socket with a backlog deep enough to queue a burst.
+pub fn bind(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Starts the accept loop; it runs until the returned task is aborted.
 pub fn accept(
     listener: TcpListener,

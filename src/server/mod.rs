@@ -81,12 +81,10 @@ pub enum ServeError {
 /// worker thread still inside the PKCS#11 module when the process exits would have the
 /// module's crypto library torn down under it by the exit handlers (a crash at exit).
 pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| ServeError::Bind {
-            addr: config.listen.to_string(),
-            source,
-        })?;
+    let listener = listener::bind(config.listen).map_err(|source| ServeError::Bind {
+        addr: config.listen.to_string(),
+        source,
+    })?;
     if let Some(parent) = config.store_path.parent() {
         std::fs::create_dir_all(parent).map_err(|source| ServeError::DataDir {
             path: parent.display().to_string(),

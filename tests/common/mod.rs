@@ -168,6 +168,8 @@ pub struct ServerSetup<'a> {
     pub extra_env: Vec<(String, String)>,
     /// Set when the server serves TLS: how the harness's own clients connect.
     pub client_tls: Option<ClientTlsConfig>,
+    /// Start the server under this open-file limit (soft and hard), with prlimit.
+    pub fd_limit: Option<u32>,
 }
 
 impl<'a> ServerSetup<'a> {
@@ -177,6 +179,7 @@ impl<'a> ServerSetup<'a> {
             data_dir,
             extra_env: vec![],
             client_tls: None,
+            fd_limit: None,
         }
     }
 }
@@ -189,6 +192,7 @@ impl TestServer {
             data_dir,
             extra_env: vec![],
             client_tls: None,
+            fd_limit: None,
         })
         .await
         .unwrap_or_else(|failure| panic!("server did not start: {failure}"))
@@ -208,6 +212,7 @@ impl TestServer {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             client_tls: None,
+            fd_limit: None,
         })
         .await
         .unwrap_or_else(|failure| panic!("server did not start: {failure}"))
@@ -223,7 +228,17 @@ impl TestServer {
                 .unwrap()
                 .as_nanos()
         ));
-        let mut command = Command::new(env!("CARGO_BIN_EXE_kms"));
+        let mut command = match setup.fd_limit {
+            None => Command::new(env!("CARGO_BIN_EXE_kms")),
+            Some(limit) => {
+                let mut command = Command::new("prlimit");
+                command
+                    .arg(format!("--nofile={limit}:{limit}"))
+                    .arg("--")
+                    .arg(env!("CARGO_BIN_EXE_kms"));
+                command
+            }
+        };
         command.arg("serve");
         command
             .env_clear()
@@ -428,6 +443,14 @@ impl Drop for TestServer {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        // Every test's server log, at debug, is checked for the token it was called with.
+        if !std::thread::panicking() {
+            assert!(
+                !self.log().contains(&self.admin_token),
+                "the admin token appears in the server log {}",
+                self.log_file.display()
+            );
         }
     }
 }
