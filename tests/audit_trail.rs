@@ -89,7 +89,8 @@ async fn a_changed_deleted_or_reordered_record_is_found_at_the_right_place() {
         "{text}"
     );
 
-    let cases: Vec<(&str, Box<dyn FnOnce(&sled::Tree)>, &str)> = vec![
+    type Tamper = Box<dyn FnOnce(&sled::Tree)>;
+    let cases: Vec<(&str, Tamper, &str)> = vec![
         (
             "a field changed",
             Box::new(|tree| {
