@@ -279,7 +279,7 @@ async fn no_secret_reaches_the_log_at_debug_or_the_store() {
         ),
         ("admin token", admin_token.clone().into_bytes()),
         ("viewer token", viewer.clone().into_bytes()),
-        ("token hex part", viewer[4..].as_bytes().to_vec()),
+        ("token hex part", viewer.as_bytes()[4..].to_vec()),
         ("user PIN", pin.clone().into_bytes()),
     ];
     let log = std::fs::read(&log_file).unwrap();
