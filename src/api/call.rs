@@ -295,15 +295,17 @@ impl CallGate {
     }
 
     /// Appends the record and, for a mutating call (or every call with `sync_reads`),
-    /// waits until it is durable, together with the change the handler made.
+    /// waits for the group flush that writes the trail's pending records and makes them
+    /// durable together with the change the handler made.
     async fn record(&self, rpc: Rpc, event: &AuditEvent<'_>) -> Result<(), Status> {
         if let Err(error) = self.audit.append(event) {
             tracing::error!(operation = rpc.name(), error = %error, "cannot write the audit trail");
             return Err(audit_unavailable());
         }
-        if (rpc.mutates() || self.options.sync_reads)
-            && let Err(error) = self.flusher.flush().await
-        {
+        if !(rpc.mutates() || self.options.sync_reads) {
+            return Ok(());
+        }
+        if let Err(error) = self.flusher.flush().await {
             tracing::error!(
                 operation = rpc.name(),
                 error = %error,

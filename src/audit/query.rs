@@ -11,12 +11,13 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::AuditError;
-use super::record::AuditRecord;
+use super::record::{AuditRecord, decode_block};
 use crate::store::AuditStore;
 
 /// Records read per call at most.
 pub const SCAN_BUDGET: usize = 10_000;
-const READ_CHUNK: usize = 512;
+/// Blocks read from the store at a time.
+const READ_BLOCKS: usize = 4;
 
 #[derive(Clone, Debug, Default)]
 pub struct AuditQuery {
@@ -97,43 +98,46 @@ impl AuditQuery {
 
 pub(super) fn run(store: &dyn AuditStore, query: &AuditQuery) -> Result<AuditPage, AuditError> {
     let mut records = Vec::new();
-    let mut before = query.before_seq;
     let mut scanned = 0;
+    // Blocks are keyed by their first record, so the block holding `before_seq - 1`
+    // is the newest one keyed below `before_seq`.
+    let mut below_block = query.before_seq;
     loop {
-        if before == Some(0) {
+        let blocks = store.audit_blocks_before(below_block, READ_BLOCKS)?;
+        if blocks.is_empty() {
             return Ok(AuditPage {
                 records,
                 next_page_token: None,
             });
         }
-        let chunk = store.audit_before(before, READ_CHUNK.min(SCAN_BUDGET - scanned))?;
-        if chunk.is_empty() {
-            return Ok(AuditPage {
-                records,
-                next_page_token: None,
-            });
-        }
-        for (seq, raw) in chunk {
-            scanned += 1;
-            before = Some(seq);
-            let record =
-                AuditRecord::decode(&raw).map_err(|reason| AuditError::Corrupt { seq, reason })?;
-            if query.matches(&record) {
-                records.push(record);
-                if records.len() == query.page_size {
+        for (block_seq, raw) in blocks {
+            below_block = Some(block_seq);
+            let decoded = decode_block(&raw).map_err(|reason| AuditError::Corrupt {
+                seq: block_seq,
+                reason,
+            })?;
+            for (record, _) in decoded.into_iter().rev() {
+                if query.before_seq.is_some_and(|before| record.seq >= before) {
+                    continue;
+                }
+                scanned += 1;
+                let seq = record.seq;
+                if query.matches(&record) {
+                    records.push(record);
+                    if records.len() == query.page_size {
+                        return Ok(AuditPage {
+                            records,
+                            next_page_token: (seq > 1).then(|| query.token(seq)),
+                        });
+                    }
+                }
+                if scanned >= SCAN_BUDGET {
                     return Ok(AuditPage {
                         records,
                         next_page_token: (seq > 1).then(|| query.token(seq)),
                     });
                 }
             }
-        }
-        if scanned >= SCAN_BUDGET {
-            let seq = before.expect("scanned something");
-            return Ok(AuditPage {
-                records,
-                next_page_token: (seq > 1).then(|| query.token(seq)),
-            });
         }
     }
 }

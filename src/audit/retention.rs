@@ -1,15 +1,14 @@
-//! Bounded retention: the oldest records beyond `max_records`, or older than
-//! `max_age`, are removed, a chunk at a time, with the hash of the last removed record
-//! kept as the chain's anchor (in the same store transaction), so the rest verifies.
+//! Bounded retention: the oldest blocks of records are removed while the trail holds
+//! more than `max_records`, or while a block's newest record is older than `max_age`,
+//! with the hash of the last removed record kept as the chain's anchor (in the same
+//! store transaction), so the rest verifies. Whole blocks go, so a trail may hold up to
+//! one block (512 records) more than the bound.
 
 use std::time::Duration;
 
-use super::record::AuditRecord;
+use super::record::decode_block;
 use super::{AuditError, AuditTrail};
 use crate::domain::model::now_millis;
-
-/// Records removed per store transaction.
-const PRUNE_CHUNK: usize = 5_000;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Retention {
@@ -19,40 +18,46 @@ pub struct Retention {
 
 impl AuditTrail {
     /// Removes what retention says must go; returns how many records were removed.
-    /// At most `budget` records per call, so a pass never holds the store for long.
+    /// At most about `budget` records per call, so a pass never holds the store long.
     pub fn prune(&self, retention: &Retention, budget: usize) -> Result<usize, AuditError> {
         let store = self.store();
         let cutoff = now_millis() - retention.max_age.as_millis() as i64;
+        let Some((last_block, raw)) = store.last_audit_block()? else {
+            return Ok(0);
+        };
+        let last_seq = last_seq_of(last_block, &raw)?;
         let mut removed = 0;
+        // One block at a time, oldest first: at steady state a pass decodes one block.
         while removed < budget {
-            let Some((last_seq, _)) = store.last_audit()? else {
+            let Some((block_seq, raw)) = store.audit_blocks_from(0, 1)?.pop() else {
                 break;
             };
-            let oldest = store.audit_from(0, PRUNE_CHUNK.min(budget - removed))?;
-            let Some((first_seq, _)) = oldest.first() else {
-                break;
-            };
-            let held = last_seq - first_seq + 1;
-            let over_count = held.saturating_sub(retention.max_records) as usize;
-            let mut upto = None;
-            for (index, (seq, raw)) in oldest.iter().enumerate() {
-                let record = AuditRecord::decode(raw)
-                    .map_err(|reason| AuditError::Corrupt { seq: *seq, reason })?;
-                // Never the newest record: the chain head must stay readable.
-                if *seq == last_seq || (index >= over_count && record.time_ms >= cutoff) {
-                    break;
-                }
-                upto = Some((*seq, record.hash));
-            }
-            let Some((upto_seq, hash)) = upto else {
-                break;
-            };
-            let n = store.prune_audit(upto_seq, hash)?;
-            removed += n;
-            if n == 0 {
+            // Never the newest block: the chain head must stay readable.
+            if block_seq == last_block {
                 break;
             }
+            let held = last_seq - block_seq + 1;
+            let records = decode_block(&raw).map_err(|reason| AuditError::Corrupt {
+                seq: block_seq,
+                reason,
+            })?;
+            let Some((newest, _)) = records.last() else {
+                break;
+            };
+            if held <= retention.max_records && newest.time_ms >= cutoff {
+                break;
+            }
+            store.prune_audit_blocks(block_seq, newest.seq, newest.hash)?;
+            removed += records.len();
         }
         Ok(removed)
     }
+}
+
+fn last_seq_of(block_seq: u64, raw: &[u8]) -> Result<u64, AuditError> {
+    let records = decode_block(raw).map_err(|reason| AuditError::Corrupt {
+        seq: block_seq,
+        reason,
+    })?;
+    Ok(records.last().map_or(block_seq, |(r, _)| r.seq))
 }

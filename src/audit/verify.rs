@@ -1,11 +1,12 @@
-//! Checks a whole trail: every record decodes, sits at its own sequence number, follows
-//! the one before without a gap, carries the hash of the one before, and its own hash
-//! matches its fields.
+//! Checks a whole trail: every block decodes and sits under its first record's sequence
+//! number; every record follows the one before without a gap, carries the hash of the
+//! one before, and its own hash matches its stored bytes.
 
-use super::record::{AuditRecord, GENESIS_HASH};
+use super::record::{GENESIS_HASH, decode_block};
 use crate::store::{AuditStore, StoreError};
 
-const CHUNK: usize = 4096;
+/// Blocks read at a time.
+const CHUNK: usize = 64;
 
 #[derive(Debug, PartialEq, Eq)]
 pub struct VerifyReport {
@@ -25,7 +26,7 @@ pub struct VerifyFailure {
 }
 
 /// Walks the trail oldest first. `progress` is called with the records checked so far
-/// after each chunk.
+/// after each chunk of blocks.
 pub fn verify(
     store: &dyn AuditStore,
     mut progress: impl FnMut(u64),
@@ -42,44 +43,66 @@ pub fn verify(
     };
     let mut from = 0;
     loop {
-        let chunk = store.audit_from(from, CHUNK)?;
+        let chunk = store.audit_blocks_from(from, CHUNK)?;
         let Some((last_key, _)) = chunk.last() else {
             break;
         };
         from = last_key + 1;
-        for (key, raw) in &chunk {
-            let fail = |reason: String| Ok(Err(VerifyFailure { seq: *key, reason }));
-            if *key != expected_seq {
-                return fail(if *key > expected_seq {
-                    format!(
-                        "records {expected_seq}..{} are missing (the chain jumps to {key})",
-                        key - 1
-                    )
-                } else {
-                    format!("out of order: expected record {expected_seq}")
-                });
-            }
-            let record = match AuditRecord::decode(raw) {
-                Ok(record) => record,
-                Err(reason) => return fail(format!("does not decode: {reason}")),
+        for (block_seq, raw) in &chunk {
+            let records = match decode_block(raw) {
+                Ok(records) => records,
+                Err(reason) => {
+                    return Ok(Err(VerifyFailure {
+                        seq: *block_seq,
+                        reason: format!("the block holding it does not decode: {reason}"),
+                    }));
+                }
             };
-            if record.seq != *key {
-                return fail(format!(
-                    "stored at position {key} but says it is record {}: reordered",
-                    record.seq
-                ));
+            if records.first().is_some_and(|(r, _)| r.seq != *block_seq) {
+                return Ok(Err(VerifyFailure {
+                    seq: *block_seq,
+                    reason: "missing: its block begins with another record".into(),
+                }));
             }
-            if record.prev_hash != prev_hash {
-                return fail("does not carry the hash of the record before it".into());
+            let seqs: Vec<u64> = records.iter().map(|(r, _)| r.seq).collect();
+            for (index, (record, hash_matches)) in records.into_iter().enumerate() {
+                let fail = |reason: String| {
+                    Ok(Err(VerifyFailure {
+                        seq: expected_seq,
+                        reason,
+                    }))
+                };
+                if record.seq != expected_seq && seqs[index + 1..].contains(&expected_seq) {
+                    return fail(format!(
+                        "out of order: record {} stands where {expected_seq} belongs",
+                        record.seq
+                    ));
+                }
+                if record.seq > expected_seq {
+                    return fail(format!(
+                        "missing (records {expected_seq}..{} are gone; the chain resumes at {})",
+                        record.seq - 1,
+                        record.seq
+                    ));
+                }
+                if record.seq < expected_seq {
+                    return fail(format!(
+                        "out of order: record {} stands where {expected_seq} belongs",
+                        record.seq
+                    ));
+                }
+                if !hash_matches {
+                    return fail("its fields do not match its hash: changed".into());
+                }
+                if record.prev_hash != prev_hash {
+                    return fail("does not carry the hash of the record before it".into());
+                }
+                report.first_seq.get_or_insert(record.seq);
+                report.last_seq = Some(record.seq);
+                report.records += 1;
+                prev_hash = record.hash;
+                expected_seq += 1;
             }
-            if record.compute_hash() != record.hash {
-                return fail("its fields do not match its hash: changed".into());
-            }
-            report.first_seq.get_or_insert(*key);
-            report.last_seq = Some(*key);
-            report.records += 1;
-            prev_hash = record.hash;
-            expected_seq += 1;
         }
         progress(report.records);
     }

@@ -17,7 +17,7 @@ pub mod listener;
 pub mod tls;
 
 use crate::api::{AuditApi, CallGate, GateOptions, ImportTokenApi, KeyApi};
-use crate::audit::{AuditError, AuditTrail};
+use crate::audit::{AuditError, AuditTrail, BACKGROUND_COMMIT};
 use crate::auth::{Authenticator, TokensFileError};
 use crate::config::{Config, FD_HEADROOM};
 use crate::domain::import_tokens::ImportTokenManager;
@@ -170,8 +170,11 @@ async fn serve_with_hsm(
         }
     }
 
-    let flusher = GroupFlusher::start(store.db());
     let audit = Arc::new(AuditTrail::open(store.clone() as Arc<dyn AuditStore>)?);
+    let trail = Arc::clone(&audit);
+    let flusher = GroupFlusher::start(store.db(), move || {
+        trail.commit().map_err(|e| e.to_string())
+    });
     let import_store = store.clone() as Arc<dyn ImportStore>;
     if hsm.kek_created() {
         let dropped = import_store.clear_import_state()?;
@@ -225,6 +228,7 @@ async fn serve_with_hsm(
             Arc::clone(&audit),
             config.audit.retention.clone(),
         )),
+        tokio::spawn(commit_audit(flusher.clone())),
         tokio::spawn(reload_on_hangup(Arc::clone(&auth), tls.clone())),
     ]);
 
@@ -335,6 +339,7 @@ async fn serve_with_hsm(
 
     tracing::info!("stopped accepting; closing down");
     drop(background_tasks);
+    // Commits the last audit records too.
     let flushed = flusher.flush().await;
     served?;
     flushed?;
@@ -368,6 +373,18 @@ async fn sweep_expired(keys: Arc<KeyManager>, tokens: Arc<ImportTokenManager>) {
             tracing::error!(error = %e, "import parameters sweep failed");
         }
         tokio::time::sleep(EXPIRY_SWEEP_INTERVAL).await;
+    }
+}
+
+/// Makes read calls' (and time-driven changes') audit records durable, every
+/// [`BACKGROUND_COMMIT`]: a group flush commits the trail first. Mutating calls do not
+/// wait for this.
+async fn commit_audit(flusher: GroupFlusher) {
+    loop {
+        tokio::time::sleep(BACKGROUND_COMMIT).await;
+        if let Err(e) = flusher.flush().await {
+            tracing::error!(error = %e, "committing audit records failed");
+        }
     }
 }
 

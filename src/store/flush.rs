@@ -1,5 +1,10 @@
 //! Group commit: every mutating call waits for a flush that started after its write,
 //! and all callers waiting at the same moment share that one flush.
+//!
+//! A flush first runs the `before_sync` step (the audit trail writes its pending
+//! records there, as one block for the whole group), then syncs the database.
+
+use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -14,7 +19,11 @@ pub struct GroupFlusher {
 
 impl GroupFlusher {
     /// Starts the flush worker on the current tokio runtime.
-    pub fn start(db: sled::Db) -> Self {
+    pub fn start(
+        db: sled::Db,
+        before_sync: impl Fn() -> Result<(), String> + Send + Sync + 'static,
+    ) -> Self {
+        let before_sync = Arc::new(before_sync);
         let (requests, mut incoming) = mpsc::unbounded_channel::<Waiter>();
         tokio::spawn(async move {
             while let Some(first) = incoming.recv().await {
@@ -24,10 +33,14 @@ impl GroupFlusher {
                     waiters.push(more);
                 }
                 let db = db.clone();
-                let outcome = tokio::task::spawn_blocking(move || db.flush())
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r.map(|_| ()).map_err(|e| e.to_string()));
+                let before_sync = Arc::clone(&before_sync);
+                let outcome = tokio::task::spawn_blocking(move || {
+                    before_sync()?;
+                    db.flush().map(|_| ()).map_err(|e| e.to_string())
+                })
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r);
                 for waiter in waiters {
                     let _ = waiter.send(outcome.clone());
                 }

@@ -145,30 +145,38 @@ pub trait ImportStore: Send + Sync + 'static {
     fn clear_import_state(&self) -> Result<usize, StoreError>;
 }
 
-/// The audit trail's storage: records as opaque bytes under their sequence numbers, and
-/// the anchor retention leaves behind. Record format and chaining are `crate::audit`'s.
+/// The audit trail's storage: blocks of consecutive records as opaque bytes, each under
+/// the sequence number of its first record, and the anchor retention leaves behind.
+/// Record format and chaining are `crate::audit`'s.
 pub trait AuditStore: Send + Sync + 'static {
-    /// Stores a record; records arrive in sequence order.
-    fn append_audit(&self, seq: u64, record: &[u8]) -> Result<(), StoreError>;
+    /// Stores a block; blocks arrive in sequence order.
+    fn append_audit_block(&self, first_seq: u64, block: &[u8]) -> Result<(), StoreError>;
 
-    /// The newest record.
-    fn last_audit(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
+    /// The newest block.
+    fn last_audit_block(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
 
-    /// Up to `limit` records with a sequence number below `before` (all, with `None`),
-    /// newest first.
-    fn audit_before(
+    /// Up to `limit` blocks whose first sequence number is below `before` (all, with
+    /// `None`), newest first.
+    fn audit_blocks_before(
         &self,
         before: Option<u64>,
         limit: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
 
-    /// Up to `limit` records from sequence number `from` on, oldest first.
-    fn audit_from(&self, from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+    /// Up to `limit` blocks whose first sequence number is `from` or more, oldest first.
+    fn audit_blocks_from(&self, from: u64, limit: usize)
+    -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
 
     /// The sequence number and hash of the last record retention removed, if any.
     fn audit_anchor(&self) -> Result<Option<(u64, [u8; 32])>, StoreError>;
 
-    /// Removes every record up to `upto` and makes (`upto`, `hash`) the anchor, in one
-    /// transaction. Returns how many records it removed.
-    fn prune_audit(&self, upto: u64, hash: [u8; 32]) -> Result<usize, StoreError>;
+    /// Removes every block whose first sequence number is `upto` or less and makes
+    /// (`anchor_seq`, `anchor_hash`) the anchor, in one transaction. Returns how many
+    /// blocks it removed.
+    fn prune_audit_blocks(
+        &self,
+        upto: u64,
+        anchor_seq: u64,
+        anchor_hash: [u8; 32],
+    ) -> Result<usize, StoreError>;
 }

@@ -1,6 +1,9 @@
 //! The sled implementation of [`AuditStore`]. Trees:
-//! - `audit`:      seq (BE u64)  -> record bytes
-//! - `audit_meta`: "anchor"      -> seq (BE u64) || hash (32 bytes)
+//! - `audit`:      first seq of the block (BE u64) -> block bytes
+//! - `audit_meta`: "anchor" -> seq (BE u64) || hash (32 bytes)
+//!
+//! Blocks, not single records: a sled insert costs several microseconds whatever its
+//! size, too much per call at tens of thousands of calls a second.
 
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -25,19 +28,19 @@ fn entry(item: sled::Result<(sled::IVec, sled::IVec)>) -> Result<(u64, Vec<u8>),
 }
 
 impl AuditStore for SledStore {
-    fn append_audit(&self, seq: u64, record: &[u8]) -> Result<(), StoreError> {
-        self.audit_tree().insert(seq.to_be_bytes(), record)?;
+    fn append_audit_block(&self, first_seq: u64, block: &[u8]) -> Result<(), StoreError> {
+        self.audit_tree().insert(first_seq.to_be_bytes(), block)?;
         Ok(())
     }
 
-    fn last_audit(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+    fn last_audit_block(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
         match self.audit_tree().last()? {
             Some((key, value)) => Ok(Some((seq_of(&key)?, value.to_vec()))),
             None => Ok(None),
         }
     }
 
-    fn audit_before(
+    fn audit_blocks_before(
         &self,
         before: Option<u64>,
         limit: usize,
@@ -50,7 +53,11 @@ impl AuditStore for SledStore {
         iter.rev().take(limit).map(entry).collect()
     }
 
-    fn audit_from(&self, from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    fn audit_blocks_from(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         self.audit_tree()
             .range(from.to_be_bytes()..)
             .take(limit)
@@ -73,14 +80,19 @@ impl AuditStore for SledStore {
         Ok(Some((seq, hash)))
     }
 
-    fn prune_audit(&self, upto: u64, hash: [u8; 32]) -> Result<usize, StoreError> {
+    fn prune_audit_blocks(
+        &self,
+        upto: u64,
+        anchor_seq: u64,
+        anchor_hash: [u8; 32],
+    ) -> Result<usize, StoreError> {
         let doomed: Vec<sled::IVec> = self
             .audit_tree()
             .range(..=upto.to_be_bytes())
             .keys()
             .collect::<Result<_, _>>()?;
-        let mut anchor = upto.to_be_bytes().to_vec();
-        anchor.extend_from_slice(&hash);
+        let mut anchor = anchor_seq.to_be_bytes().to_vec();
+        anchor.extend_from_slice(&anchor_hash);
         (self.audit_tree(), self.audit_meta_tree())
             .transaction(|(audit, meta)| {
                 for key in &doomed {

@@ -36,8 +36,7 @@ use crate::domain::model::{
 use crate::hsm::RsaKeyPair;
 
 const SCHEMA_KEY: &[u8] = b"schema_version";
-/// sled writes what is not yet flushed at least this often: the bound on how long a
-/// read call's audit record may stay volatile.
+/// sled writes what is not yet flushed at least this often (its default, made explicit).
 pub const PERIODIC_FLUSH_MS: u64 = 500;
 
 pub struct SledStore {
