@@ -3,6 +3,16 @@
 //! With no file (or a file without an `[hsm]` section) the service runs on the embedded
 //! default: a SoftHSM token, its PINs and the sled database under the data directory.
 //! The PIN is read from a file or an environment variable, never from the command line.
+//! What faces callers (tokens file, TLS, connection limits, audit) is in [`frontend`].
+
+mod frontend;
+
+pub use frontend::{
+    AuditConfig, DEFAULT_AUDIT_MAX_AGE_DAYS, DEFAULT_AUDIT_MAX_RECORDS,
+    DEFAULT_HANDSHAKE_TIMEOUT_SECS, DEFAULT_IDLE_TIMEOUT_SECS, DEFAULT_MAX_CONCURRENT_STREAMS,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_REQUEST_BYTES, FD_HEADROOM, Limits, TlsConfig,
+};
+use frontend::{AuditSection, AuthSection, Frontend, FrontendSections, ServerSection, TlsSection};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -53,75 +63,6 @@ struct FileConfig {
     auth: Option<AuthSection>,
     audit: Option<AuditSection>,
 }
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ServerSection {
-    allow_plaintext: Option<bool>,
-    max_connections: Option<usize>,
-    max_concurrent_streams: Option<u32>,
-    idle_timeout_secs: Option<u64>,
-    handshake_timeout_secs: Option<u64>,
-    max_request_bytes: Option<usize>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TlsSection {
-    cert_file: Option<PathBuf>,
-    key_file: Option<PathBuf>,
-    client_ca_file: Option<PathBuf>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AuthSection {
-    tokens_file: Option<PathBuf>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AuditSection {
-    sync_reads: Option<bool>,
-    max_records: Option<u64>,
-    max_age_days: Option<u64>,
-}
-
-/// TLS files; re-read on SIGHUP.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TlsConfig {
-    pub cert_file: PathBuf,
-    pub key_file: PathBuf,
-    /// Set: every client must present a certificate signed by this CA (mutual TLS).
-    pub client_ca_file: Option<PathBuf>,
-}
-
-/// Limits that keep hostile or broken clients from exhausting the process.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Limits {
-    /// Connections served at once; further ones wait in the kernel's accept queue.
-    /// Clamped at start to the file-descriptor limit less [`FD_HEADROOM`].
-    pub max_connections: usize,
-    /// HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS per connection.
-    pub max_concurrent_streams: u32,
-    /// A connection that sends no byte for this long is closed (the server's HTTP/2
-    /// pings, answered by any live client, count as traffic).
-    pub idle_timeout: Duration,
-    /// Time allowed for a TLS handshake.
-    pub handshake_timeout: Duration,
-    /// Largest request message accepted (the largest valid request is about 37 KiB).
-    pub max_request_bytes: usize,
-}
-
-/// File descriptors kept free for the token, the store and the log.
-pub const FD_HEADROOM: usize = 256;
-pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
-pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 128;
-pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 60;
-pub const DEFAULT_HANDSHAKE_TIMEOUT_SECS: u64 = 10;
-pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024;
-pub const DEFAULT_AUDIT_MAX_RECORDS: u64 = 5_000_000;
-pub const DEFAULT_AUDIT_MAX_AGE_DAYS: u64 = 90;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -200,13 +141,6 @@ pub struct Config {
     pub allow_plaintext: bool,
     pub limits: Limits,
     pub audit: AuditConfig,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AuditConfig {
-    /// Make every call's record durable before answering, reads included.
-    pub sync_reads: bool,
-    pub retention: crate::audit::retention::Retention,
 }
 
 /// Reads environment variables; a seam so tests need not touch the process environment.
@@ -395,142 +329,23 @@ impl Config {
             });
         }
 
-        let auth = file.auth.unwrap_or_default();
-        let tokens_file = env
-            .var("KMS_TOKENS_FILE")
-            .map(PathBuf::from)
-            .or(auth.tokens_file)
-            .unwrap_or_else(|| data_dir.join("tokens.toml"));
-
-        let tls_section = file.tls.unwrap_or_default();
-        let cert_file = env
-            .var("KMS_TLS_CERT_FILE")
-            .map(PathBuf::from)
-            .or(tls_section.cert_file);
-        let key_file = env
-            .var("KMS_TLS_KEY_FILE")
-            .map(PathBuf::from)
-            .or(tls_section.key_file);
-        let client_ca_file = env
-            .var("KMS_TLS_CLIENT_CA_FILE")
-            .map(PathBuf::from)
-            .or(tls_section.client_ca_file);
-        let tls = match (cert_file, key_file) {
-            (Some(cert_file), Some(key_file)) => Some(TlsConfig {
-                cert_file,
-                key_file,
-                client_ca_file,
-            }),
-            (None, None) if client_ca_file.is_none() => None,
-            (None, None) => {
-                return Err(ConfigError::Invalid {
-                    name: "tls.client_ca_file (KMS_TLS_CLIENT_CA_FILE)".into(),
-                    reason: "needs tls.cert_file and tls.key_file too".into(),
-                });
-            }
-            _ => {
-                return Err(ConfigError::Invalid {
-                    name: "tls.cert_file / tls.key_file (KMS_TLS_CERT_FILE / KMS_TLS_KEY_FILE)"
-                        .into(),
-                    reason: "give both or neither".into(),
-                });
-            }
-        };
-
-        let server = file.server.unwrap_or_default();
-        let allow_plaintext = parsed_var(env, "KMS_ALLOW_PLAINTEXT", "true or false")?
-            .or(server.allow_plaintext)
-            .unwrap_or(false);
-        if tls.is_none() && !allow_plaintext && !listen.ip().is_loopback() {
-            return Err(ConfigError::Invalid {
-                name: "listen (KMS_LISTEN)".into(),
-                reason: format!(
-                    "{listen} is not a loopback address and TLS is not configured: set \
-                     tls.cert_file and tls.key_file (KMS_TLS_CERT_FILE, KMS_TLS_KEY_FILE), or \
-                     server.allow_plaintext = true (KMS_ALLOW_PLAINTEXT=true) to serve \
-                     bearer tokens in clear"
-                ),
-            });
-        }
-        let limits = Limits {
-            max_connections: parsed_var(env, "KMS_MAX_CONNECTIONS", "a number")?
-                .or(server.max_connections)
-                .unwrap_or(DEFAULT_MAX_CONNECTIONS),
-            max_concurrent_streams: parsed_var(env, "KMS_MAX_CONCURRENT_STREAMS", "a number")?
-                .or(server.max_concurrent_streams)
-                .unwrap_or(DEFAULT_MAX_CONCURRENT_STREAMS),
-            idle_timeout: Duration::from_secs(
-                parsed_var(env, "KMS_IDLE_TIMEOUT_SECS", "a number of seconds")?
-                    .or(server.idle_timeout_secs)
-                    .unwrap_or(DEFAULT_IDLE_TIMEOUT_SECS),
-            ),
-            handshake_timeout: Duration::from_secs(
-                parsed_var(env, "KMS_HANDSHAKE_TIMEOUT_SECS", "a number of seconds")?
-                    .or(server.handshake_timeout_secs)
-                    .unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT_SECS),
-            ),
-            max_request_bytes: parsed_var(env, "KMS_MAX_REQUEST_BYTES", "a number of bytes")?
-                .or(server.max_request_bytes)
-                .unwrap_or(DEFAULT_MAX_REQUEST_BYTES),
-        };
-        for (name, ok, range) in [
-            (
-                "server.max_connections",
-                (1..=1_000_000).contains(&limits.max_connections),
-                "1..1000000",
-            ),
-            (
-                "server.max_concurrent_streams",
-                (1..=10_000).contains(&limits.max_concurrent_streams),
-                "1..10000",
-            ),
-            (
-                "server.idle_timeout_secs",
-                (1..=86_400).contains(&limits.idle_timeout.as_secs()),
-                "1..86400",
-            ),
-            (
-                "server.handshake_timeout_secs",
-                (1..=600).contains(&limits.handshake_timeout.as_secs()),
-                "1..600",
-            ),
-            (
-                "server.max_request_bytes",
-                (4096..=16 << 20).contains(&limits.max_request_bytes),
-                "4096..16777216",
-            ),
-        ] {
-            if !ok {
-                return Err(ConfigError::Invalid {
-                    name: name.into(),
-                    reason: format!("must be {range}"),
-                });
-            }
-        }
-
-        let audit_section = file.audit.unwrap_or_default();
-        let audit = AuditConfig {
-            sync_reads: parsed_var(env, "KMS_AUDIT_SYNC_READS", "true or false")?
-                .or(audit_section.sync_reads)
-                .unwrap_or(false),
-            retention: crate::audit::retention::Retention {
-                max_records: parsed_var(env, "KMS_AUDIT_MAX_RECORDS", "a number")?
-                    .or(audit_section.max_records)
-                    .unwrap_or(DEFAULT_AUDIT_MAX_RECORDS),
-                max_age: Duration::from_secs(
-                    86_400
-                        * parsed_var(env, "KMS_AUDIT_MAX_AGE_DAYS", "a number of days")?
-                            .or(audit_section.max_age_days)
-                            .unwrap_or(DEFAULT_AUDIT_MAX_AGE_DAYS),
-                ),
+        let Frontend {
+            tokens_file,
+            tls,
+            allow_plaintext,
+            limits,
+            audit,
+        } = frontend::resolve(
+            FrontendSections {
+                server: file.server,
+                tls: file.tls,
+                auth: file.auth,
+                audit: file.audit,
             },
-        };
-        if audit.retention.max_records == 0 || audit.retention.max_age.is_zero() {
-            return Err(ConfigError::Invalid {
-                name: "audit.max_records / audit.max_age_days".into(),
-                reason: "must be at least 1".into(),
-            });
-        }
+            env,
+            listen,
+            &data_dir,
+        )?;
 
         Ok(Config {
             bootstrap_admin: embedded.is_some(),
@@ -554,7 +369,7 @@ impl Config {
 
 /// An environment variable parsed as `T`, naming the variable and what it should be
 /// (`expected`, e.g. "a number") when it does not parse.
-fn parsed_var<T: std::str::FromStr>(
+pub(crate) fn parsed_var<T: std::str::FromStr>(
     env: &dyn Env,
     name: &str,
     expected: &str,
@@ -632,6 +447,49 @@ mod tests {
             let error = Config::resolve(FileConfig::default(), &env).unwrap_err();
             let text = error.to_string();
             assert!(text.starts_with(name) && text.contains(expected), "{text}");
+        }
+    }
+
+    #[test]
+    fn plaintext_off_loopback_needs_tls_or_an_explicit_allowance() {
+        let env = MapEnv(HashMap::from([("KMS_LISTEN", "0.0.0.0:50051")]));
+        let error = Config::resolve(FileConfig::default(), &env).unwrap_err();
+        assert!(error.to_string().contains("KMS_ALLOW_PLAINTEXT"), "{error}");
+        let env = MapEnv(HashMap::from([
+            ("KMS_LISTEN", "0.0.0.0:50051"),
+            ("KMS_ALLOW_PLAINTEXT", "true"),
+        ]));
+        assert!(
+            Config::resolve(FileConfig::default(), &env)
+                .unwrap()
+                .tls
+                .is_none()
+        );
+        let env = MapEnv(HashMap::from([
+            ("KMS_LISTEN", "0.0.0.0:50051"),
+            ("KMS_TLS_CERT_FILE", "/c.pem"),
+            ("KMS_TLS_KEY_FILE", "/k.pem"),
+        ]));
+        let config = Config::resolve(FileConfig::default(), &env).unwrap();
+        assert_eq!(config.tls.unwrap().key_file, PathBuf::from("/k.pem"));
+    }
+
+    #[test]
+    fn half_a_tls_setting_and_limits_out_of_range_are_refused() {
+        for (name, value, expected) in [
+            ("KMS_TLS_CERT_FILE", "/c.pem", "give both or neither"),
+            ("KMS_TLS_CLIENT_CA_FILE", "/ca.pem", "needs tls.cert_file"),
+            ("KMS_MAX_REQUEST_BYTES", "100", "server.max_request_bytes"),
+            (
+                "KMS_MAX_CONCURRENT_STREAMS",
+                "0",
+                "server.max_concurrent_streams",
+            ),
+            ("KMS_AUDIT_MAX_RECORDS", "0", "audit.max_records"),
+        ] {
+            let env = MapEnv(HashMap::from([(name, value)]));
+            let error = Config::resolve(FileConfig::default(), &env).unwrap_err();
+            assert!(error.to_string().contains(expected), "{name}: {error}");
         }
     }
 
