@@ -9,7 +9,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{TestServer, TestToken, create_principal, instance, kms_token, req};
+use common::{TestServer, TestToken, bearer, create_principal, instance, kms_token, req};
 use kms::api::Rpc;
 use kms::proto::audit_service_client::AuditServiceClient;
 use kms::proto::import_token_service_client::ImportTokenServiceClient;
@@ -86,10 +86,7 @@ impl Fixture {
     fn request<T>(&self, caller: Caller, message: T, correlation: &str) -> Request<T> {
         let mut request = req(&self.tenant, message);
         if let Some(Some(token)) = self.tokens.get(&caller) {
-            request.metadata_mut().insert(
-                "authorization",
-                MetadataValue::try_from(format!("Bearer {token}")).unwrap(),
-            );
+            request = bearer(request, token);
         }
         request.metadata_mut().insert(
             "correlation-id",
@@ -99,12 +96,7 @@ impl Fixture {
     }
 
     fn admin<T>(&self, message: T) -> Request<T> {
-        let mut request = req(&self.tenant, message);
-        request.metadata_mut().insert(
-            "authorization",
-            MetadataValue::try_from(format!("Bearer {}", self.admin)).unwrap(),
-        );
-        request
+        bearer(req(&self.tenant, message), &self.admin)
     }
 
     fn keys(&self) -> KeyServiceClient<Channel> {
@@ -450,12 +442,9 @@ async fn every_rpc_for_every_kind_of_caller_and_every_call_on_the_audit_trail() 
     assert_eq!(code, Code::Ok);
     let before = fixture.tokens[&Caller::RevokedToken].clone().unwrap();
     let mut keys = fixture.keys();
-    let mut count = req(&tenant, CountKeysRequest::default());
-    count.metadata_mut().insert(
-        "authorization",
-        MetadataValue::try_from(format!("Bearer {before}")).unwrap(),
-    );
-    keys.count_keys(count).await.unwrap();
+    keys.count_keys(bearer(req(&tenant, CountKeysRequest::default()), &before))
+        .await
+        .unwrap();
     kms_token(&[
         "revoke",
         "--data-dir",

@@ -8,14 +8,13 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{ServerSetup, TestServer, TestToken, instance, req};
+use common::{ServerSetup, TestServer, TestToken, bearer, instance, req};
 use kms::proto::key_service_client::KeyServiceClient;
 use kms::proto::{CountKeysRequest, CreateKeyRequest};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
 };
-use tonic::metadata::MetadataValue;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 struct Ca {
@@ -137,13 +136,8 @@ async fn count_keys(url: &str, tls: Option<ClientTlsConfig>, token: &str) -> Res
         .connect()
         .await
         .map_err(|e| format!("connect: {e:?}"))?;
-    let mut request = req(&instance(), CountKeysRequest::default());
-    request.metadata_mut().insert(
-        "authorization",
-        MetadataValue::try_from(format!("Bearer {token}")).unwrap(),
-    );
     KeyServiceClient::new(channel)
-        .count_keys(request)
+        .count_keys(bearer(req(&instance(), CountKeysRequest::default()), token))
         .await
         .map(|r| r.into_inner().count)
         .map_err(|e| format!("call: {e:?}"))

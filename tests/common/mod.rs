@@ -505,6 +505,15 @@ pub fn req<T>(instance: &str, message: T) -> Request<T> {
     request
 }
 
+/// Adds `authorization: Bearer <token>` to a request.
+pub fn bearer<T>(mut request: Request<T>, token: &str) -> Request<T> {
+    request.metadata_mut().insert(
+        "authorization",
+        MetadataValue::try_from(format!("Bearer {token}")).unwrap(),
+    );
+    request
+}
+
 /// A random instance id, so tests never share tenants by accident.
 pub fn instance() -> String {
     format!("inst-{}", uuid::Uuid::new_v4())
