@@ -148,7 +148,8 @@ async fn tls_only_once_configured_and_a_wrong_ca_is_refused() {
     let token = TestToken::create();
     let data = tempfile::tempdir().unwrap();
     let server_ca = ca("server CA");
-    let env = server_files(data.path(), &server_ca, None, false);
+    let mut env = server_files(data.path(), &server_ca, None, false);
+    env.push(("KMS_HANDSHAKE_TIMEOUT_SECS".into(), "2".into()));
     let server = start(&token, data.path(), env, trusting(&server_ca)).await;
     let https = format!("https://{}", server.addr);
     assert_eq!(
@@ -165,6 +166,27 @@ async fn tls_only_once_configured_and_a_wrong_ca_is_refused() {
             .await
             .is_err()
     );
+    // A socket that never starts its handshake is closed after the handshake timeout.
+    let addr = server.addr.clone();
+    let closed = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut silent = std::net::TcpStream::connect(&addr).unwrap();
+        silent
+            .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
+        let mut buf = [0u8; 16];
+        // Ok(0) or a reset: closed by the server; a timeout: still open after 30 s.
+        match silent.read(&mut buf) {
+            Ok(n) => n == 0,
+            Err(e) => !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+        }
+    })
+    .await
+    .unwrap();
+    assert!(closed);
     // TLS changes nothing about authentication: no token, no service.
     let mut keys = KeyServiceClient::new(server.channel().await);
     let status = keys

@@ -209,6 +209,73 @@ mod tests {
         }
     }
 
+    /// A store whose block writes fail while `failing` is set.
+    struct FlakyStore {
+        inner: SledStore,
+        failing: AtomicBool,
+    }
+
+    impl AuditStore for FlakyStore {
+        fn append_audit_block(&self, first_seq: u64, block: &[u8]) -> Result<(), StoreError> {
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(StoreError::Flush("disk gone".into()));
+            }
+            self.inner.append_audit_block(first_seq, block)
+        }
+        fn last_audit_block(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+            self.inner.last_audit_block()
+        }
+        fn audit_blocks_before(
+            &self,
+            before: Option<u64>,
+            limit: usize,
+        ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+            self.inner.audit_blocks_before(before, limit)
+        }
+        fn audit_blocks_from(
+            &self,
+            from: u64,
+            limit: usize,
+        ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+            self.inner.audit_blocks_from(from, limit)
+        }
+        fn audit_anchor(&self) -> Result<Option<(u64, [u8; 32])>, StoreError> {
+            self.inner.audit_anchor()
+        }
+        fn prune_audit_blocks(
+            &self,
+            upto: u64,
+            anchor_seq: u64,
+            anchor_hash: [u8; 32],
+        ) -> Result<usize, StoreError> {
+            self.inner.prune_audit_blocks(upto, anchor_seq, anchor_hash)
+        }
+    }
+
+    #[test]
+    fn a_trail_that_cannot_be_written_refuses_appends_until_it_can_and_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FlakyStore {
+            inner: SledStore::open(&dir.path().join("db")).unwrap(),
+            failing: AtomicBool::new(false),
+        });
+        let trail = AuditTrail::open(store.clone() as Arc<dyn AuditStore>).unwrap();
+        trail.append(&event("A")).unwrap();
+        store.failing.store(true, Ordering::SeqCst);
+        assert!(trail.commit().is_err());
+        // Calls are then refused rather than served unaudited.
+        assert!(matches!(
+            trail.append(&event("B")),
+            Err(AuditError::Unavailable)
+        ));
+        store.failing.store(false, Ordering::SeqCst);
+        trail.commit().unwrap();
+        trail.append(&event("C")).unwrap();
+        trail.commit().unwrap();
+        let report = verify(store.as_ref(), |_| {}).unwrap().unwrap();
+        assert_eq!(report.records, 2, "A kept across the failed commit, then C");
+    }
+
     #[test]
     fn the_chain_continues_across_commits_and_reopening() {
         let dir = tempfile::tempdir().unwrap();
