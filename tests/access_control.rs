@@ -480,6 +480,7 @@ async fn every_rpc_for_every_kind_of_caller_and_every_call_on_the_audit_trail() 
         .iter()
         .map(|e| (e.correlation_id.as_str(), e))
         .collect();
+    assert_eq!(by_correlation.len(), events.len(), "one record per call");
     for (rpc, caller, code, key, correlation) in &made {
         let event = by_correlation
             .get(correlation.as_str())

@@ -179,6 +179,20 @@ async fn streams_per_connection_and_request_size_are_capped() {
         "{status:?}"
     );
     assert!(status.message().contains("65536"), "{}", status.message());
+    // Refused by gRPC before any handler ran, and still on the audit trail.
+    let refused = common::audit_events(
+        &server,
+        &tenant,
+        kms::proto::ListAuditEventsRequest {
+            operation: "WrapKey".into(),
+            code: Some(status.code() as i32),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].principal, "admin");
+    assert!(refused[0].peer.starts_with("127.0.0.1:"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,6 +17,7 @@ use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Response, Status};
 use uuid::Uuid;
 
+use super::unreached::GateReached;
 use super::{correlation_value, status_from, with_correlation};
 use crate::audit::{ANONYMOUS, AuditEvent, AuditTrail};
 use crate::auth::{Authenticator, BearerToken, Principal, Role, WILDCARD_INSTANCE};
@@ -221,6 +222,9 @@ impl CallGate {
         Fut: Future<Output = Result<Resp, KmsError>>,
     {
         let peer = request.remote_addr();
+        if let Some(reached) = request.extensions().get::<GateReached>() {
+            reached.mark();
+        }
         let (metadata, _, message) = request.into_parts();
         let request_key = message.audited_key();
         let (outcome, principal, instance, correlation_id) = match self.admit(rpc, &metadata) {
@@ -375,7 +379,7 @@ fn audit_unavailable() -> Status {
     )
 }
 
-fn correlation_from(metadata: &MetadataMap) -> Result<Uuid, Status> {
+pub(super) fn correlation_from(metadata: &MetadataMap) -> Result<Uuid, Status> {
     let mut values = metadata.get_all(CORRELATION_HEADER).iter();
     let first = values.next();
     if values.next().is_some() {
@@ -394,7 +398,7 @@ fn correlation_from(metadata: &MetadataMap) -> Result<Uuid, Status> {
     }
 }
 
-fn instance_from(metadata: &MetadataMap) -> Result<String, String> {
+pub(super) fn instance_from(metadata: &MetadataMap) -> Result<String, String> {
     let read = |header: &str| -> Result<Option<String>, String> {
         let mut values = metadata.get_all(header).iter();
         let first = values.next();

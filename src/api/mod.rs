@@ -7,11 +7,13 @@ mod call;
 mod convert;
 mod import_tokens;
 mod keys;
+mod unreached;
 
 pub use audit::AuditApi;
 pub use call::{CORRELATION_HEADER, CallGate, GateOptions, Rpc};
 pub use import_tokens::ImportTokenApi;
 pub use keys::KeyApi;
+pub use unreached::AuditUnreachedLayer;
 
 use tonic::Status;
 use tonic::metadata::MetadataValue;
