@@ -303,17 +303,18 @@ impl CallGate {
     /// durable together with the change the handler made.
     async fn record(&self, rpc: Rpc, event: &AuditEvent<'_>) -> Result<(), Status> {
         if let Err(error) = self.audit.append(event) {
-            tracing::error!(operation = rpc.name(), error = %error, "cannot write the audit trail");
+            // The trail logs the episode once; each refused call only at debug.
+            tracing::debug!(operation = rpc.name(), error = %error, "call refused: audit trail unavailable");
             return Err(audit_unavailable());
         }
         if !(rpc.mutates() || self.options.sync_reads) {
             return Ok(());
         }
         if let Err(error) = self.flusher.flush().await {
-            tracing::error!(
+            tracing::debug!(
                 operation = rpc.name(),
                 error = %error,
-                "cannot make the audit record durable"
+                "call refused: its audit record could not be made durable"
             );
             return Err(audit_unavailable());
         }

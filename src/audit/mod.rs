@@ -173,11 +173,16 @@ impl AuditTrail {
                 let mut unwritten = pending[index * BLOCK_RECORDS..].to_vec();
                 unwritten.append(&mut head.pending);
                 head.pending = unwritten;
-                self.writable.store(false, Ordering::Relaxed);
+                // Logged once per episode, not once per refused call.
+                if self.writable.swap(false, Ordering::Relaxed) {
+                    tracing::error!(error = %error, "the audit trail cannot be written: calls are refused until it can");
+                }
                 return Err(error.into());
             }
         }
-        self.writable.store(true, Ordering::Relaxed);
+        if !self.writable.swap(true, Ordering::Relaxed) {
+            tracing::warn!("the audit trail is writable again");
+        }
         Ok(())
     }
 

@@ -26,6 +26,7 @@ impl GroupFlusher {
         let before_sync = Arc::new(before_sync);
         let (requests, mut incoming) = mpsc::unbounded_channel::<Waiter>();
         tokio::spawn(async move {
+            let mut failing = false;
             while let Some(first) = incoming.recv().await {
                 // Everyone who asked before this flush starts is covered by it.
                 let mut waiters = vec![first];
@@ -41,6 +42,18 @@ impl GroupFlusher {
                 .await
                 .map_err(|e| e.to_string())
                 .and_then(|r| r);
+                // Once per episode: every waiter's call fails, and says so at debug.
+                match &outcome {
+                    Err(error) if !failing => {
+                        tracing::error!(error = %error, "flushing the store failed: mutating calls are refused until it works");
+                        failing = true;
+                    }
+                    Ok(()) if failing => {
+                        tracing::warn!("flushing the store works again");
+                        failing = false;
+                    }
+                    _ => {}
+                }
                 for waiter in waiters {
                     let _ = waiter.send(outcome.clone());
                 }
