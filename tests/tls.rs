@@ -245,6 +245,23 @@ async fn tls_only_once_configured_and_a_wrong_ca_is_refused() {
         .output()
         .unwrap();
     assert!(!output.status.success());
+
+    // The client commands speak TLS too, with --ca-file.
+    let output = Command::new(env!("CARGO_BIN_EXE_kms"))
+        .args(["bench", "--addr", &https, "--ca-file"])
+        .arg(&ca_file)
+        .arg("--token-file")
+        .arg(common::admin_token_path(data.path()))
+        .args(["--seconds", "1", "--warmup-seconds", "0", "--rounds", "1"])
+        .args(["--concurrency", "4", "--scenarios", "health,wrap"])
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && printed.contains("| WrapKey |"),
+        "{printed}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
