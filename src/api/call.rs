@@ -470,6 +470,27 @@ mod tests {
     }
 
     #[test]
+    fn every_method_of_the_kms_services_is_an_rpc_with_a_role() {
+        use prost::Message;
+        let set =
+            prost_types::FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET).unwrap();
+        let mut methods: Vec<String> = set
+            .file
+            .iter()
+            .filter(|f| f.package() == "kms.v1")
+            .flat_map(|f| f.service.iter())
+            .flat_map(|s| s.method.iter().map(|m| m.name().to_owned()))
+            .collect();
+        methods.sort();
+        let mut declared: Vec<String> = Rpc::ALL.iter().map(|r| r.name().to_owned()).collect();
+        declared.sort();
+        assert_eq!(
+            methods, declared,
+            "a method of the proto has no Rpc (and so no role)"
+        );
+    }
+
+    #[test]
     fn every_rpc_declares_a_role_and_the_levels_nest() {
         let viewer: Vec<_> = Rpc::ALL
             .iter()

@@ -52,6 +52,18 @@ pub fn authenticator(config: &Config) -> Result<Authenticator, ServeError> {
 fn create_admin(tokens_file: &Path, token_path: &Path) -> Result<(), ServeError> {
     let token = BearerToken::generate()
         .map_err(|e| ServeError::Bootstrap(format!("cannot generate a token: {e}")))?;
+    // Left by a first start that failed before the tokens file was written: its token
+    // was never valid anywhere.
+    match std::fs::remove_file(token_path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(ServeError::Bootstrap(format!(
+                "cannot replace {}: {e}",
+                token_path.display()
+            )));
+        }
+    }
     write_owner_only(token_path, format!("{}\n", token.expose()).as_bytes()).map_err(|e| {
         ServeError::Bootstrap(format!("cannot write {}: {e}", token_path.display()))
     })?;
