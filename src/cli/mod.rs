@@ -3,6 +3,9 @@
 
 pub mod audit;
 pub mod bench;
+pub mod command_line;
 pub mod connect;
 pub mod import_key;
 pub mod token;
+
+pub use command_line::run;
