@@ -495,8 +495,11 @@ async fn every_rpc_for_every_kind_of_caller_and_every_call_on_the_audit_trail() 
         assert_eq!(event.instance, tenant);
         assert_eq!(event.code, *code as i32);
         assert!(event.peer.starts_with("127.0.0.1:"), "{}", event.peer);
-        if let Some(key) = key {
-            assert_eq!(&event.key_id, key, "{} as {caller:?}", rpc.name());
+        match key {
+            // An unauthenticated call is refused before its body is read.
+            _ if event.principal == "anonymous" => assert!(event.key_id.is_empty()),
+            Some(key) => assert_eq!(&event.key_id, key, "{} as {caller:?}", rpc.name()),
+            None => {}
         }
         assert_eq!(event.hash.len(), 64);
     }
@@ -618,6 +621,35 @@ async fn authentication_comes_first_and_says_the_same_for_every_failure() {
     }
     messages.dedup();
     assert_eq!(messages.len(), 1, "{messages:?}");
+
+    // Even a request gRPC would refuse undecoded (here 4 MiB, over the 64 KiB limit)
+    // tells an unauthenticated caller only that it is not authenticated, and is audited.
+    let tenant = instance();
+    let status = keys
+        .wrap_key(req(
+            &tenant,
+            WrapKeyRequest {
+                id: uuid::Uuid::new_v4().to_string(),
+                plaintext: None,
+                aad: vec![String::new(); 2_000_000],
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert_eq!(status.message(), messages[0]);
+    let recorded = common::audit_events(
+        &server,
+        &tenant,
+        ListAuditEventsRequest {
+            operation: "WrapKey".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(recorded.len(), 1);
+    assert_eq!(recorded[0].principal, "anonymous");
+    assert_eq!(recorded[0].code, Code::Unauthenticated as i32);
 
     // A repeated header is refused, not "first one wins".
     for header in ["authorization", "bluemix-instance"] {

@@ -4,7 +4,8 @@
 //!
 //! Order matters: the bearer token is checked before anything else is looked at, so
 //! an unauthenticated caller learns nothing, not even whether its request is
-//! well-formed. Every outcome, refusals included, is audited; if the record cannot be
+//! well-formed. The edge layer ([`super::edge`]) checks it before tonic decodes the
+//! request and hands the principal over; the gate checks it itself where no edge runs. Every outcome, refusals included, is audited; if the record cannot be
 //! written the call is answered UNAVAILABLE (Vault's rule: nothing served unaudited).
 //! A handler can only reach the domain through the [`Caller`] this gate hands it, and
 //! an RPC cannot be served without an [`Rpc`] variant, whose role is an exhaustive
@@ -13,11 +14,12 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use http::HeaderMap;
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Response, Status};
 use uuid::Uuid;
 
-use super::unreached::GateReached;
+use super::edge::GateReached;
 use super::{correlation_value, status_from, with_correlation};
 use crate::audit::{ANONYMOUS, AuditEvent, AuditTrail};
 use crate::auth::{Authenticator, BearerToken, Principal, Role, WILDCARD_INSTANCE};
@@ -30,7 +32,7 @@ pub const ICP_INSTANCE_HEADER: &str = "icp-instance";
 pub const CORRELATION_HEADER: &str = "correlation-id";
 const MAX_INSTANCE_LEN: usize = 128;
 /// The one answer to every authentication failure, so none tells them apart.
-const UNAUTHENTICATED_MESSAGE: &str =
+pub(super) const UNAUTHENTICATED_MESSAGE: &str =
     "authentication required: send a valid token as \"authorization: Bearer kms_...\"";
 
 /// Every RPC of the KMS services.
@@ -222,12 +224,18 @@ impl CallGate {
         Fut: Future<Output = Result<Resp, KmsError>>,
     {
         let peer = request.remote_addr();
-        if let Some(reached) = request.extensions().get::<GateReached>() {
-            reached.mark();
-        }
+        // The edge layer authenticated the call before tonic decoded it (when present).
+        let authenticated = match request.extensions().get::<GateReached>() {
+            Some(reached) => {
+                reached.mark();
+                reached.principal()
+            }
+            None => None,
+        };
         let (metadata, _, message) = request.into_parts();
         let request_key = message.audited_key();
-        let (outcome, principal, instance, correlation_id) = match self.admit(rpc, &metadata) {
+        let admitted = self.admit(rpc, &metadata, authenticated);
+        let (outcome, principal, instance, correlation_id) = match admitted {
             Ok(caller) => {
                 let principal = Arc::clone(&caller.principal);
                 let instance = caller.ctx.instance.clone();
@@ -321,7 +329,12 @@ impl CallGate {
         Ok(())
     }
 
-    fn admit(&self, rpc: Rpc, metadata: &MetadataMap) -> Result<Caller, Refusal> {
+    fn admit(
+        &self,
+        rpc: Rpc,
+        metadata: &MetadataMap,
+        authenticated: Option<Arc<Principal>>,
+    ) -> Result<Caller, Refusal> {
         let correlation = correlation_from(metadata);
         let correlation_id = *correlation.as_ref().unwrap_or(&Uuid::new_v4());
         // Kept for the record even when the call is refused, if it is a valid id.
@@ -334,7 +347,10 @@ impl CallGate {
             correlation_id,
         };
 
-        let principal = self.authenticate(metadata).map_err(|s| refuse(s, None))?;
+        let principal = match authenticated {
+            Some(principal) => principal,
+            None => authenticate(&self.auth, metadata.as_ref()).map_err(|s| refuse(s, None))?,
+        };
         let with = |status| refuse(status, Some(Arc::clone(&principal)));
         correlation.map_err(with)?;
         let instance = instance.map_err(|m| with(Status::invalid_argument(m)))?;
@@ -357,21 +373,26 @@ impl CallGate {
             principal,
         })
     }
+}
 
-    fn authenticate(&self, metadata: &MetadataMap) -> Result<Arc<Principal>, Status> {
-        let mut values = metadata.get_all(AUTHORIZATION_HEADER).iter();
-        let first = values.next();
-        if values.next().is_some() {
-            return Err(Status::invalid_argument(format!(
-                "{AUTHORIZATION_HEADER}: give the header once"
-            )));
-        }
-        first
-            .and_then(|value| value.to_str().ok())
-            .and_then(BearerToken::from_header)
-            .and_then(|token| self.auth.authenticate(&token))
-            .ok_or_else(|| Status::unauthenticated(UNAUTHENTICATED_MESSAGE))
+/// The principal holding the request's bearer token. A repeated header is refused as
+/// malformed; every other failure gets the one UNAUTHENTICATED message.
+pub(super) fn authenticate(
+    auth: &Authenticator,
+    headers: &HeaderMap,
+) -> Result<Arc<Principal>, Status> {
+    let mut values = headers.get_all(AUTHORIZATION_HEADER).iter();
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(Status::invalid_argument(format!(
+            "{AUTHORIZATION_HEADER}: give the header once"
+        )));
     }
+    first
+        .and_then(|value| value.to_str().ok())
+        .and_then(BearerToken::from_header)
+        .and_then(|token| auth.authenticate(&token))
+        .ok_or_else(|| Status::unauthenticated(UNAUTHENTICATED_MESSAGE))
 }
 
 fn audit_unavailable() -> Status {

@@ -5,15 +5,15 @@
 mod audit;
 mod call;
 mod convert;
+mod edge;
 mod import_tokens;
 mod keys;
-mod unreached;
 
 pub use audit::AuditApi;
 pub use call::{CORRELATION_HEADER, CallGate, GateOptions, Rpc};
+pub use edge::EdgeLayer;
 pub use import_tokens::ImportTokenApi;
 pub use keys::KeyApi;
-pub use unreached::AuditUnreachedLayer;
 
 use tonic::Status;
 use tonic::metadata::MetadataValue;

@@ -16,7 +16,7 @@ pub mod bootstrap;
 pub mod listener;
 pub mod tls;
 
-use crate::api::{AuditApi, AuditUnreachedLayer, CallGate, GateOptions, ImportTokenApi, KeyApi};
+use crate::api::{AuditApi, CallGate, EdgeLayer, GateOptions, ImportTokenApi, KeyApi};
 use crate::audit::{AuditError, AuditTrail, BACKGROUND_COMMIT};
 use crate::auth::{Authenticator, TokensFileError};
 use crate::config::{Config, FD_HEADROOM};
@@ -313,10 +313,7 @@ async fn serve_with_hsm(
         .http2_max_header_list_size(16 * 1024)
         .http2_keepalive_interval(Some(limits.idle_timeout / 3))
         .http2_keepalive_timeout(Some(limits.idle_timeout / 3))
-        .layer(AuditUnreachedLayer::new(
-            Arc::clone(&audit),
-            Arc::clone(&auth),
-        ))
+        .layer(EdgeLayer::new(Arc::clone(&audit), Arc::clone(&auth)))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -1,0 +1,195 @@
+//! What every KMS request meets before tonic decodes it, as a tower layer around the
+//! services:
+//! - authentication: a request without a valid bearer token is answered UNAUTHENTICATED
+//!   here, so an unauthenticated caller learns nothing about its request, not even that
+//!   it is too large or does not decode. The principal found goes to the call gate in the
+//!   request's extensions;
+//! - an audit record for calls that never reach the gate: refused here, or by gRPC
+//!   itself before a handler runs (a message over the size limit, bytes that do not
+//!   decode, an unknown method). The gate marks each call it audits; a response to an
+//!   unmarked call is recorded here with the code gRPC answered.
+//!
+//! Health and reflection are not KMS calls: neither authenticated nor audited.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+
+use http::{HeaderMap, Request, Response};
+use tonic::metadata::MetadataMap;
+use tonic::transport::server::TcpConnectInfo;
+use tower_layer::Layer;
+use tower_service::Service;
+use uuid::Uuid;
+
+use super::call::{
+    AUTHORIZATION_HEADER, CORRELATION_HEADER, ICP_INSTANCE_HEADER, INSTANCE_HEADER, authenticate,
+    correlation_from, instance_from,
+};
+use super::correlation_value;
+use crate::audit::{ANONYMOUS, AuditEvent, AuditTrail};
+use crate::auth::{Authenticator, Principal};
+
+const KMS_PATH_PREFIX: &str = "/kms.v1.";
+
+/// Put on each KMS request: who the edge authenticated, and whether the call gate has
+/// audited the call.
+#[derive(Clone, Default)]
+pub struct GateReached(Arc<EdgeState>);
+
+#[derive(Default)]
+struct EdgeState {
+    audited: AtomicBool,
+    principal: OnceLock<Arc<Principal>>,
+}
+
+impl GateReached {
+    pub fn mark(&self) {
+        self.0.audited.store(true, Ordering::Relaxed);
+    }
+
+    pub fn principal(&self) -> Option<Arc<Principal>> {
+        self.0.principal.get().cloned()
+    }
+}
+
+#[derive(Clone)]
+pub struct EdgeLayer {
+    audit: Arc<AuditTrail>,
+    auth: Arc<Authenticator>,
+}
+
+impl EdgeLayer {
+    pub fn new(audit: Arc<AuditTrail>, auth: Arc<Authenticator>) -> Self {
+        Self { audit, auth }
+    }
+}
+
+impl<S> Layer<S> for EdgeLayer {
+    type Service = Edge<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Edge {
+            inner,
+            audit: Arc::clone(&self.audit),
+            auth: Arc::clone(&self.auth),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Edge<S> {
+    inner: S,
+    audit: Arc<AuditTrail>,
+    auth: Arc<Authenticator>,
+}
+
+type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+/// Only the headers a record needs, kept in case the gate never sees the call.
+fn audited_headers(headers: &HeaderMap) -> MetadataMap {
+    let mut kept = HeaderMap::new();
+    for name in [
+        AUTHORIZATION_HEADER,
+        INSTANCE_HEADER,
+        ICP_INSTANCE_HEADER,
+        CORRELATION_HEADER,
+    ] {
+        for value in headers.get_all(name) {
+            kept.append(name, value.clone());
+        }
+    }
+    MetadataMap::from_headers(kept)
+}
+
+impl<S, B, R> Service<Request<B>> for Edge<S>
+where
+    S: Service<Request<B>, Response = Response<R>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    R: Default + Send + 'static,
+{
+    type Response = Response<R>;
+    type Error = S::Error;
+    type Future = BoxFuture<Response<R>, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        if !request.uri().path().starts_with(KMS_PATH_PREFIX) {
+            return Box::pin(self.inner.call(request));
+        }
+        let operation = request
+            .uri()
+            .path()
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let peer = request
+            .extensions()
+            .get::<TcpConnectInfo>()
+            .and_then(|info| info.remote_addr);
+        let headers = audited_headers(request.headers());
+        let audit = Arc::clone(&self.audit);
+        let principal = match authenticate(&self.auth, request.headers()) {
+            Ok(principal) => principal,
+            Err(status) => {
+                let code = status.code() as i32;
+                let correlation_id = record(&audit, None, &operation, &headers, code, peer);
+                let mut status = status;
+                if let Some(value) = correlation_value(correlation_id) {
+                    status.metadata_mut().insert(CORRELATION_HEADER, value);
+                }
+                return Box::pin(std::future::ready(Ok(status.into_http())));
+            }
+        };
+        let reached = GateReached::default();
+        let _ = reached.0.principal.set(Arc::clone(&principal));
+        request.extensions_mut().insert(reached.clone());
+        let answer = self.inner.call(request);
+        Box::pin(async move {
+            let response = answer.await?;
+            if !reached.0.audited.load(Ordering::Relaxed) {
+                let code = response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<i32>().ok())
+                    .unwrap_or(tonic::Code::Unknown as i32);
+                record(&audit, Some(&principal), &operation, &headers, code, peer);
+            }
+            Ok(response)
+        })
+    }
+}
+
+/// Appends the record of a call the gate did not see; returns its correlation id.
+fn record(
+    audit: &AuditTrail,
+    principal: Option<&Principal>,
+    operation: &str,
+    metadata: &MetadataMap,
+    code: i32,
+    peer: Option<std::net::SocketAddr>,
+) -> Uuid {
+    let instance = instance_from(metadata).unwrap_or_default();
+    let correlation_id = correlation_from(metadata).unwrap_or_else(|_| Uuid::new_v4());
+    let event = AuditEvent {
+        principal: principal.map_or(ANONYMOUS, |p| p.name.as_str()),
+        instance: &instance,
+        operation,
+        key_id: None,
+        code,
+        correlation_id,
+        peer,
+    };
+    if let Err(error) = audit.append(&event) {
+        tracing::debug!(operation, error = %error, "cannot audit a call refused before its handler");
+    }
+    correlation_id
+}
