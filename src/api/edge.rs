@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
-use http::{HeaderMap, Request, Response};
+use http::{HeaderMap, HeaderValue, Request, Response, Uri};
 use tonic::metadata::MetadataMap;
 use tonic::transport::server::TcpConnectInfo;
 use tower_layer::Layer;
@@ -25,8 +25,8 @@ use tower_service::Service;
 use uuid::Uuid;
 
 use super::call::{
-    AUTHORIZATION_HEADER, CORRELATION_HEADER, ICP_INSTANCE_HEADER, INSTANCE_HEADER, authenticate,
-    correlation_from, instance_from,
+    CORRELATION_HEADER, ICP_INSTANCE_HEADER, INSTANCE_HEADER, authenticate, correlation_from,
+    instance_from,
 };
 use super::correlation_value;
 use crate::audit::{ANONYMOUS, AuditEvent, AuditTrail};
@@ -88,20 +88,20 @@ pub struct Edge<S> {
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 
-/// Only the headers a record needs, kept in case the gate never sees the call.
-fn audited_headers(headers: &HeaderMap) -> MetadataMap {
+/// The headers a record of a call the gate never saw needs (who is known already).
+/// Kept as values, which share the request's bytes: nothing is allocated per call.
+const KEPT_HEADERS: [&str; 3] = [INSTANCE_HEADER, ICP_INSTANCE_HEADER, CORRELATION_HEADER];
+
+fn metadata_of(headers: impl Iterator<Item = (&'static str, HeaderValue)>) -> MetadataMap {
     let mut kept = HeaderMap::new();
-    for name in [
-        AUTHORIZATION_HEADER,
-        INSTANCE_HEADER,
-        ICP_INSTANCE_HEADER,
-        CORRELATION_HEADER,
-    ] {
-        for value in headers.get_all(name) {
-            kept.append(name, value.clone());
-        }
+    for (name, value) in headers {
+        kept.append(name, value);
     }
     MetadataMap::from_headers(kept)
+}
+
+fn operation_of(uri: &Uri) -> &str {
+    uri.path().rsplit('/').next().unwrap_or_default()
 }
 
 impl<S, B, R> Service<Request<B>> for Edge<S>
@@ -123,24 +123,23 @@ where
         if !request.uri().path().starts_with(KMS_PATH_PREFIX) {
             return Box::pin(self.inner.call(request));
         }
-        let operation = request
-            .uri()
-            .path()
-            .rsplit('/')
-            .next()
-            .unwrap_or_default()
-            .to_owned();
         let peer = request
             .extensions()
             .get::<TcpConnectInfo>()
             .and_then(|info| info.remote_addr);
-        let headers = audited_headers(request.headers());
         let audit = Arc::clone(&self.audit);
         let principal = match authenticate(&self.auth, request.headers()) {
             Ok(principal) => principal,
             Err(status) => {
                 let code = status.code() as i32;
-                let correlation_id = record(&audit, None, &operation, &headers, code, peer);
+                let metadata = metadata_of(request.headers().iter().filter_map(|(name, value)| {
+                    KEPT_HEADERS
+                        .iter()
+                        .find(|kept| **kept == name.as_str())
+                        .map(|kept| (*kept, value.clone()))
+                }));
+                let operation = operation_of(request.uri());
+                let correlation_id = record(&audit, None, operation, &metadata, code, peer);
                 let mut status = status;
                 if let Some(value) = correlation_value(correlation_id) {
                     status.metadata_mut().insert(CORRELATION_HEADER, value);
@@ -148,6 +147,9 @@ where
                 return Box::pin(std::future::ready(Ok(status.into_http())));
             }
         };
+        let uri = request.uri().clone();
+        let kept: [Option<HeaderValue>; 3] =
+            KEPT_HEADERS.map(|name| request.headers().get(name).cloned());
         let reached = GateReached::default();
         let _ = reached.0.principal.set(Arc::clone(&principal));
         request.extensions_mut().insert(reached.clone());
@@ -161,7 +163,14 @@ where
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse::<i32>().ok())
                     .unwrap_or(tonic::Code::Unknown as i32);
-                record(&audit, Some(&principal), &operation, &headers, code, peer);
+                let metadata = metadata_of(
+                    KEPT_HEADERS
+                        .into_iter()
+                        .zip(kept)
+                        .filter_map(|(name, value)| value.map(|v| (name, v))),
+                );
+                let operation = operation_of(&uri);
+                record(&audit, Some(&principal), operation, &metadata, code, peer);
             }
             Ok(response)
         })
