@@ -1,6 +1,22 @@
-//! Buffers for secrets that pass through the process: zeroized on drop, redacted in Debug.
+//! Secrets in the process and on disk: buffers zeroized on drop and redacted in Debug,
+//! and owner-only files for the ones kept (PINs, tokens).
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
 
 use zeroize::Zeroizing;
+
+/// Creates `path` with mode 0600 (never overwriting) and writes `bytes` durably.
+pub fn write_owner_only(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
 
 /// Key material, plaintext data keys or PINs. `Debug` shows only the length.
 #[derive(Clone, PartialEq, Eq)]

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 
 use common::{TestServer, TestToken, bearer, create_principal, instance, kms_token, req};
 use kms::api::Rpc;
+use kms::cli::connect::AuthedChannel;
 use kms::proto::audit_service_client::AuditServiceClient;
 use kms::proto::import_token_service_client::ImportTokenServiceClient;
 use kms::proto::key_service_client::KeyServiceClient;
@@ -80,6 +81,8 @@ struct Fixture {
     tenant: String,
     tokens: HashMap<Caller, Option<String>>,
     admin: String,
+    /// Authenticated as admin, for fixtures.
+    admin_keys: KeyServiceClient<AuthedChannel>,
 }
 
 impl Fixture {
@@ -104,16 +107,17 @@ impl Fixture {
     }
 
     async fn root_key(&self) -> String {
-        self.keys()
-            .create_key(self.admin(CreateKeyRequest {
-                name: "fixture".into(),
-                ..Default::default()
-            }))
+        self.created(CreateKeyRequest {
+            name: "fixture".into(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// A key made by admin; its id.
+    async fn created(&self, request: CreateKeyRequest) -> String {
+        common::create_key(&mut self.admin_keys.clone(), &self.tenant, request)
             .await
-            .unwrap()
-            .into_inner()
-            .key
-            .unwrap()
             .id
     }
 
@@ -131,18 +135,12 @@ impl Fixture {
     }
 
     async fn external_key(&self) -> String {
-        self.keys()
-            .create_key(self.admin(CreateKeyRequest {
-                name: "external".into(),
-                origin: KeyOrigin::External as i32,
-                ..Default::default()
-            }))
-            .await
-            .unwrap()
-            .into_inner()
-            .key
-            .unwrap()
-            .id
+        self.created(CreateKeyRequest {
+            name: "external".into(),
+            origin: KeyOrigin::External as i32,
+            ..Default::default()
+        })
+        .await
     }
 
     /// An EXTERNAL key's import parameters and material encrypted for them.
@@ -431,6 +429,7 @@ async fn every_rpc_for_every_kind_of_caller_and_every_call_on_the_audit_trail() 
         tenant: tenant.clone(),
         tokens,
         admin: server.admin_token.clone(),
+        admin_keys: server.keys().await,
     };
     let (code, _) = fixture
         .call(

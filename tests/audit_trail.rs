@@ -271,7 +271,8 @@ async fn read_records_are_durable_before_the_answer_or_within_the_flush_interval
         let mut keys = server.keys().await;
         let key = common::create_key(&mut keys, &tenant, named("k")).await.id;
         let wrapped = wrap_many(&server, &tenant, &key, 50).await;
-        // Past the periodic flush (500 ms) in the batched mode; at once with sync reads.
+        // Past the background flush (every 200 ms) in the batched mode; at once with sync
+        // reads.
         tokio::time::sleep(pause).await;
         server.kill().await;
         let server = TestServer::start(&token, data.path()).await;

@@ -22,7 +22,10 @@ use uuid::Uuid;
 use super::edge::GateReached;
 use super::{correlation_value, status_from, with_correlation};
 use crate::audit::{ANONYMOUS, AuditEvent, AuditTrail};
-use crate::auth::{Authenticator, BearerToken, Principal, Role, WILDCARD_INSTANCE};
+use crate::auth::{
+    Authenticator, BearerToken, MAX_INSTANCE_LEN, Principal, Role, WILDCARD_INSTANCE,
+    valid_instance_id,
+};
 use crate::domain::{CallerContext, KmsError};
 use crate::store::GroupFlusher;
 
@@ -30,7 +33,6 @@ pub const AUTHORIZATION_HEADER: &str = "authorization";
 pub const INSTANCE_HEADER: &str = "bluemix-instance";
 pub const ICP_INSTANCE_HEADER: &str = "icp-instance";
 pub const CORRELATION_HEADER: &str = "correlation-id";
-const MAX_INSTANCE_LEN: usize = 128;
 /// The one answer to every authentication failure, so none tells them apart.
 pub(super) const UNAUTHENTICATED_MESSAGE: &str =
     "authentication required: send a valid token as \"authorization: Bearer kms_...\"";
@@ -163,13 +165,6 @@ pub trait AuditedKey {
     fn audited_key(&self) -> Option<Uuid> {
         None
     }
-}
-
-/// A key id field as the audit trail records it: only if it is a valid key id.
-pub fn key_field(value: &str) -> Option<Uuid> {
-    Uuid::parse_str(value)
-        .ok()
-        .filter(|id| id.get_version_num() == 4)
 }
 
 /// Settings of the gate.
@@ -454,10 +449,7 @@ pub(super) fn instance_from(metadata: &MetadataMap) -> Result<String, String> {
              the tokens file)"
         ));
     }
-    if instance.is_empty()
-        || instance.len() > MAX_INSTANCE_LEN
-        || !instance.bytes().all(|b| b.is_ascii_graphic())
-    {
+    if !valid_instance_id(&instance) {
         return Err(format!(
             "{INSTANCE_HEADER}: must be 1..{MAX_INSTANCE_LEN} printable ASCII characters without spaces"
         ));

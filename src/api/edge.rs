@@ -89,15 +89,27 @@ pub struct Edge<S> {
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 
 /// The headers a record of a call the gate never saw needs (who is known already).
-/// Kept as values, which share the request's bytes: nothing is allocated per call.
 const KEPT_HEADERS: [&str; 3] = [INSTANCE_HEADER, ICP_INSTANCE_HEADER, CORRELATION_HEADER];
 
-fn metadata_of(headers: impl Iterator<Item = (&'static str, HeaderValue)>) -> MetadataMap {
-    let mut kept = HeaderMap::new();
-    for (name, value) in headers {
-        kept.append(name, value);
+/// Up to two values of each kept header (enough to tell a repeated one), as values that
+/// share the request's bytes: nothing is allocated per call.
+type Kept = [(&'static str, Option<HeaderValue>); 2 * KEPT_HEADERS.len()];
+
+fn keep(headers: &HeaderMap) -> Kept {
+    std::array::from_fn(|i| {
+        let name = KEPT_HEADERS[i / 2];
+        (name, headers.get_all(name).iter().nth(i % 2).cloned())
+    })
+}
+
+fn metadata_of(kept: Kept) -> MetadataMap {
+    let mut headers = HeaderMap::new();
+    for (name, value) in kept {
+        if let Some(value) = value {
+            headers.append(name, value);
+        }
     }
-    MetadataMap::from_headers(kept)
+    MetadataMap::from_headers(headers)
 }
 
 fn operation_of(uri: &Uri) -> &str {
@@ -128,16 +140,12 @@ where
             .get::<TcpConnectInfo>()
             .and_then(|info| info.remote_addr);
         let audit = Arc::clone(&self.audit);
+        let kept = keep(request.headers());
         let principal = match authenticate(&self.auth, request.headers()) {
             Ok(principal) => principal,
             Err(status) => {
                 let code = status.code() as i32;
-                let metadata = metadata_of(request.headers().iter().filter_map(|(name, value)| {
-                    KEPT_HEADERS
-                        .iter()
-                        .find(|kept| **kept == name.as_str())
-                        .map(|kept| (*kept, value.clone()))
-                }));
+                let metadata = metadata_of(kept);
                 let operation = operation_of(request.uri());
                 let correlation_id = record(&audit, None, operation, &metadata, code, peer);
                 let mut status = status;
@@ -148,8 +156,6 @@ where
             }
         };
         let uri = request.uri().clone();
-        let kept: [Option<HeaderValue>; 3] =
-            KEPT_HEADERS.map(|name| request.headers().get(name).cloned());
         let reached = GateReached::default();
         let _ = reached.0.principal.set(Arc::clone(&principal));
         request.extensions_mut().insert(reached.clone());
@@ -163,12 +169,7 @@ where
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse::<i32>().ok())
                     .unwrap_or(tonic::Code::Unknown as i32);
-                let metadata = metadata_of(
-                    KEPT_HEADERS
-                        .into_iter()
-                        .zip(kept)
-                        .filter_map(|(name, value)| value.map(|v| (name, v))),
-                );
+                let metadata = metadata_of(kept);
                 let operation = operation_of(&uri);
                 record(&audit, Some(&principal), operation, &metadata, code, peer);
             }

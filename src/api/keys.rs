@@ -5,8 +5,8 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use super::call::{AuditedKey, CallGate, Rpc, key_field};
-use super::{convert, parse_key_id};
+use super::call::{AuditedKey, CallGate, Rpc};
+use super::{convert, key_field, parse_key_id};
 use crate::domain::KmsError;
 use crate::domain::ciphertext::{MAX_AAD_ENTRIES, MAX_AAD_ENTRY_BYTES, MAX_PLAINTEXT};
 use crate::domain::keys::{KeyManager, Material, MaterialForKey, NewKey};

@@ -59,11 +59,18 @@ fn status_from(error: &KmsError) -> Status {
 
 /// Parses a key id field: a v4 UUID.
 pub(crate) fn parse_key_id(field: &'static str, value: &str) -> Result<Uuid, KmsError> {
-    match Uuid::parse_str(value) {
-        Ok(id) if id.get_version_num() == 4 => Ok(id),
-        _ if value.is_empty() => Err(KmsError::invalid(field, "required (a v4 UUID)")),
-        _ => Err(KmsError::invalid(field, "must be a v4 UUID")),
+    match key_field(value) {
+        Some(id) => Ok(id),
+        None if value.is_empty() => Err(KmsError::invalid(field, "required (a v4 UUID)")),
+        None => Err(KmsError::invalid(field, "must be a v4 UUID")),
     }
+}
+
+/// A key id field if it holds a valid key id (a v4 UUID); what the audit trail records.
+pub(crate) fn key_field(value: &str) -> Option<Uuid> {
+    Uuid::parse_str(value)
+        .ok()
+        .filter(|id| id.get_version_num() == 4)
 }
 
 #[cfg(test)]

@@ -186,6 +186,16 @@ impl AuditTrail {
         Ok(())
     }
 
+    /// True when records wait for the next commit.
+    pub fn has_pending(&self) -> bool {
+        !self
+            .head
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pending
+            .is_empty()
+    }
+
     /// One page of records, newest first (pending records are committed first).
     pub fn query(&self, query: &AuditQuery) -> Result<AuditPage, AuditError> {
         self.commit()?;

@@ -6,7 +6,9 @@ mod roles;
 mod token;
 mod tokens_file;
 
-pub use roles::{Grants, Role, WILDCARD_INSTANCE};
+pub use roles::{
+    Grants, MAX_INSTANCE_LEN, Role, WILDCARD_INSTANCE, valid_grant_instance, valid_instance_id,
+};
 pub use token::{BearerToken, TokenDigest};
 pub use tokens_file::{
     PrincipalEntry, TokensFile, TokensFileError, load_tokens_file, parse_tokens_file,

@@ -7,6 +7,22 @@ use std::fmt;
 /// In the tokens file only: a role on `*` holds in every instance. Never a valid
 /// instance id in a request.
 pub const WILDCARD_INSTANCE: &str = "*";
+/// Longest instance id.
+pub const MAX_INSTANCE_LEN: usize = 128;
+
+/// An instance id as a request may name it: 1..128 printable ASCII characters, no
+/// spaces, and not `*`.
+pub fn valid_instance_id(instance: &str) -> bool {
+    instance != WILDCARD_INSTANCE
+        && !instance.is_empty()
+        && instance.len() <= MAX_INSTANCE_LEN
+        && instance.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// An instance a role may be granted on: an instance id, or `*`.
+pub fn valid_grant_instance(instance: &str) -> bool {
+    instance == WILDCARD_INSTANCE || valid_instance_id(instance)
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Role {

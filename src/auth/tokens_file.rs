@@ -18,13 +18,12 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::roles::{Grants, Role, WILDCARD_INSTANCE};
+use super::roles::{Grants, Role, valid_grant_instance};
 use super::token::TokenDigest;
 
 /// Names the audit trail uses for callers that are not principals.
 const RESERVED_NAMES: [&str; 2] = ["anonymous", "system"];
 const MAX_PRINCIPAL_LEN: usize = 64;
-const MAX_INSTANCE_LEN: usize = 128;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokensFileError {
@@ -96,14 +95,6 @@ pub fn valid_principal_name(name: &str) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-/// Instance ids in grants: `*`, or what a request's instance header may hold.
-fn valid_grant_instance(instance: &str) -> bool {
-    instance == WILDCARD_INSTANCE
-        || (!instance.is_empty()
-            && instance.len() <= MAX_INSTANCE_LEN
-            && instance.bytes().all(|b| b.is_ascii_graphic()))
 }
 
 pub fn parse_tokens_file(path: &Path, text: &str) -> Result<TokensFile, TokensFileError> {

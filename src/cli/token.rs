@@ -9,8 +9,8 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use crate::auth::{
-    BearerToken, Grants, PrincipalEntry, Role, TokensFile, TokensFileError, WILDCARD_INSTANCE,
-    load_tokens_file, save_tokens_file, valid_principal_name,
+    BearerToken, Grants, PrincipalEntry, Role, TokensFile, TokensFileError, load_tokens_file,
+    save_tokens_file, valid_grant_instance, valid_principal_name,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -53,11 +53,7 @@ pub fn parse_roles(pairs: &[String]) -> Result<Grants, TokenCommandError> {
             .split_once('=')
             .ok_or_else(|| TokenCommandError::Role(pair.clone()))?;
         let role = Role::parse(role).ok_or_else(|| TokenCommandError::Role(pair.clone()))?;
-        let valid = instance == WILDCARD_INSTANCE
-            || (!instance.is_empty()
-                && instance.len() <= 128
-                && instance.bytes().all(|b| b.is_ascii_graphic()));
-        if !valid {
+        if !valid_grant_instance(instance) {
             return Err(TokenCommandError::Instance(format!(
                 "{instance:?} is not an instance id (1..128 printable ASCII characters) or *"
             )));

@@ -133,9 +133,6 @@ pub struct Config {
     pub import: ImportConfig,
     /// Where principals, token digests and roles are read from.
     pub tokens_file: PathBuf,
-    /// Create the tokens file with an `admin` principal when it is absent (the embedded
-    /// default's first start).
-    pub bootstrap_admin: bool,
     pub tls: Option<TlsConfig>,
     /// Serve without TLS on an address that is not loopback.
     pub allow_plaintext: bool,
@@ -348,7 +345,6 @@ impl Config {
         )?;
 
         Ok(Config {
-            bootstrap_admin: embedded.is_some(),
             tokens_file,
             tls,
             allow_plaintext,

@@ -5,8 +5,7 @@
 //! works with the SoftHSM module alone; `softhsm/create-token.sh` does the same with
 //! `softhsm2-util` for operators who prefer a script.
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use cryptoki::context::Pkcs11;
@@ -14,6 +13,7 @@ use cryptoki::session::UserType;
 use cryptoki::types::AuthPin;
 
 use super::{HsmConfig, HsmError, PinSource, initialize};
+use crate::secret::write_owner_only;
 
 /// Debian's SoftHSMv2 module.
 pub const DEFAULT_SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
@@ -141,14 +141,7 @@ fn random_pin() -> Result<String, HsmError> {
 }
 
 fn write_private(path: &Path, contents: &[u8]) -> Result<(), HsmError> {
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| io(path, e))?;
-    file.write_all(contents).map_err(|e| io(path, e))?;
-    file.sync_all().map_err(|e| io(path, e))
+    write_owner_only(path, contents).map_err(|e| io(path, e))
 }
 
 fn io(path: &Path, e: std::io::Error) -> HsmError {

@@ -3,8 +3,7 @@
 //! directory.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use super::ServeError;
@@ -13,6 +12,7 @@ use crate::auth::{
     save_tokens_file,
 };
 use crate::config::Config;
+use crate::secret::write_owner_only;
 
 /// The principal created on first start, and the file its token is written to.
 pub const ADMIN_PRINCIPAL: &str = "admin";
@@ -25,7 +25,9 @@ pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 pub fn authenticator(config: &Config) -> Result<Authenticator, ServeError> {
     let path = &config.tokens_file;
     if !path.exists() {
-        if !config.bootstrap_admin {
+        // Only the embedded default makes its own admin; a configured deployment names
+        // its principals.
+        if config.embedded.is_none() {
             return Err(ServeError::Bootstrap(format!(
                 "no tokens file at {}: create principals with `kms token create --tokens-file \
                  {} --principal NAME --role INSTANCE=ROLE`",
@@ -79,17 +81,6 @@ fn create_admin(tokens_file: &Path, token_path: &Path) -> Result<(), ServeError>
     };
     save_tokens_file(tokens_file, &file)?;
     Ok(())
-}
-
-/// Creates `path` with mode 0600 (refusing to overwrite) and writes `bytes`.
-pub fn write_owner_only(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    file.write_all(bytes)?;
-    file.sync_all()
 }
 
 /// Makes the data directory and everything under it owner-only (directories 0700,

@@ -228,7 +228,7 @@ async fn serve_with_hsm(
             Arc::clone(&audit),
             config.audit.retention.clone(),
         )),
-        tokio::spawn(commit_audit(flusher.clone())),
+        tokio::spawn(commit_audit(Arc::clone(&audit), flusher.clone())),
         tokio::spawn(reload_on_hangup(Arc::clone(&auth), tls.clone())),
     ]);
 
@@ -379,10 +379,13 @@ async fn sweep_expired(keys: Arc<KeyManager>, tokens: Arc<ImportTokenManager>) {
 
 /// Makes read calls' (and time-driven changes') audit records durable, every
 /// [`BACKGROUND_COMMIT`]: a group flush commits the trail first. Mutating calls do not
-/// wait for this.
-async fn commit_audit(flusher: GroupFlusher) {
+/// wait for this; an idle server does not flush at all.
+async fn commit_audit(audit: Arc<AuditTrail>, flusher: GroupFlusher) {
     loop {
         tokio::time::sleep(BACKGROUND_COMMIT).await;
+        if !audit.has_pending() {
+            continue;
+        }
         // A failing flush is logged once per episode by the flusher itself.
         if let Err(e) = flusher.flush().await {
             tracing::debug!(error = %e, "background audit flush failed");
