@@ -96,10 +96,13 @@ const KEPT_HEADERS: [&str; 3] = [INSTANCE_HEADER, ICP_INSTANCE_HEADER, CORRELATI
 type Kept = [(&'static str, Option<HeaderValue>); 2 * KEPT_HEADERS.len()];
 
 fn keep(headers: &HeaderMap) -> Kept {
-    std::array::from_fn(|i| {
-        let name = KEPT_HEADERS[i / 2];
-        (name, headers.get_all(name).iter().nth(i % 2).cloned())
-    })
+    let mut kept = Kept::default();
+    for (i, name) in KEPT_HEADERS.into_iter().enumerate() {
+        let mut values = headers.get_all(name).iter();
+        kept[2 * i] = (name, values.next().cloned());
+        kept[2 * i + 1] = (name, values.next().cloned());
+    }
+    kept
 }
 
 fn metadata_of(kept: Kept) -> MetadataMap {
