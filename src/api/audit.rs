@@ -112,10 +112,10 @@ impl AuditService for AuditApi {
                             .resume_from(&request.page_token)
                             .map_err(|e| KmsError::invalid("page_token", e.to_string()))?;
                     }
-                    let trail = Arc::clone(&self.trail);
-                    let page = tokio::task::spawn_blocking(move || trail.query(&query))
+                    let page = self
+                        .trail
+                        .query(&query)
                         .await
-                        .map_err(|e| KmsError::Internal(format!("audit query task: {e}")))?
                         .map_err(|e| KmsError::Internal(e.to_string()))?;
                     Ok(proto::ListAuditEventsResponse {
                         events: page.records.into_iter().map(event).collect(),

@@ -27,7 +27,6 @@ use crate::auth::{
     valid_instance_id,
 };
 use crate::domain::{CallerContext, KmsError};
-use crate::store::GroupFlusher;
 
 pub const AUTHORIZATION_HEADER: &str = "authorization";
 pub const INSTANCE_HEADER: &str = "bluemix-instance";
@@ -178,7 +177,6 @@ pub struct GateOptions {
 pub struct CallGate {
     auth: Arc<Authenticator>,
     audit: Arc<AuditTrail>,
-    flusher: GroupFlusher,
     options: GateOptions,
 }
 
@@ -194,13 +192,11 @@ impl CallGate {
     pub fn new(
         auth: Arc<Authenticator>,
         audit: Arc<AuditTrail>,
-        flusher: GroupFlusher,
         options: GateOptions,
     ) -> Self {
         Self {
             auth,
             audit,
-            flusher,
             options,
         }
     }
@@ -313,7 +309,7 @@ impl CallGate {
         if !(rpc.mutates() || self.options.sync_reads) {
             return Ok(());
         }
-        if let Err(error) = self.flusher.flush().await {
+        if let Err(error) = self.audit.persist().await {
             tracing::debug!(
                 operation = rpc.name(),
                 error = %error,

@@ -189,7 +189,8 @@ impl KeyService for KeyApi {
                 let filter = convert::filter(&request.state, request.extractable)?;
                 let (keys, total) =
                     self.keys
-                        .list_keys(&caller.ctx, &filter, request.offset as usize, limit)?;
+                        .list_keys(&caller.ctx, &filter, request.offset as usize, limit)
+                        .await?;
                 Ok(proto::ListKeysResponse {
                     keys: keys.iter().map(convert::key).collect(),
                     total_count: total,
@@ -206,7 +207,7 @@ impl KeyService for KeyApi {
             .call(Rpc::CountKeys, request, |caller, request| async move {
                 let filter = convert::filter(&request.state, request.extractable)?;
                 Ok(proto::CountKeysResponse {
-                    count: self.keys.count_keys(&caller.ctx, &filter)?,
+                    count: self.keys.count_keys(&caller.ctx, &filter).await?,
                 })
             })
             .await
@@ -354,12 +355,10 @@ impl KeyService for KeyApi {
                 |caller, request| async move {
                     let id = parse_key_id("id", &request.id)?;
                     let limit = convert::limit(request.limit)?;
-                    let (versions, total) = self.keys.list_key_versions(
-                        &caller.ctx,
-                        id,
-                        request.offset as usize,
-                        limit,
-                    )?;
+                    let (versions, total) = self
+                        .keys
+                        .list_key_versions(&caller.ctx, id, request.offset as usize, limit)
+                        .await?;
                     Ok(proto::ListKeyVersionsResponse {
                         versions: versions
                             .iter()

@@ -20,6 +20,7 @@ use tonic::metadata::MetadataValue;
 use uuid::Uuid;
 
 use crate::domain::KmsError;
+use crate::store::StoreError;
 
 fn with_correlation(mut status: Status, correlation_id: Uuid) -> Status {
     if let Some(value) = correlation_value(correlation_id) {
@@ -52,6 +53,9 @@ fn status_from(error: &KmsError) -> Status {
             Status::unavailable("the HSM is unavailable; retry later")
         }
         KmsError::Hsm(_) => Status::internal("internal HSM error"),
+        KmsError::Store(StoreError::Unavailable { .. }) => {
+            Status::unavailable("the key store is unavailable; retry later")
+        }
         KmsError::Store(_) => Status::internal("internal storage error"),
         KmsError::Internal(_) => Status::internal("internal error"),
     }
@@ -87,5 +91,12 @@ mod tests {
         assert!(!status.message().contains("C_WrapKey"));
         let e = KmsError::Hsm(HsmError::Worker("gone".into()));
         assert_eq!(status_from(&e).code(), Code::Internal);
+        let e = KmsError::Store(StoreError::unavailable(
+            "postgres",
+            "connection to host=/tmp/secret-path refused",
+        ));
+        let status = status_from(&e);
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(!status.message().contains("secret-path"));
     }
 }

@@ -3,17 +3,20 @@
 //! reordered record is detected by [`verify`].
 //!
 //! Decisions:
-//! - One chain per store. [`AuditTrail::append`] takes the sequence number and the
-//!   previous hash under one lock and puts the record in the trail's pending list, in
-//!   memory: the record exists, in chain order, before the call is answered.
-//! - [`AuditTrail::commit`] writes the pending records to the store as one block (a
-//!   store insert costs several microseconds, too much per call at 25k calls/s). The
-//!   store's group flush commits the trail before it syncs, and the trail lives in the
-//!   same store as the keys, so a mutating call's record and its change become durable
-//!   in the one group flush the call gate waits for before answering. Read calls'
-//!   records are made durable by a background group flush every [`BACKGROUND_COMMIT`]
-//!   (so within about 0.2 s plus one fsync), or like mutating calls with
-//!   `audit.sync_reads = true`.
+//! - One chain per store, whatever number of replicas write to it. [`AuditTrail::append`]
+//!   puts the record in the trail's pending list, in memory, before the call is
+//!   answered. [`AuditTrail::commit`] numbers and hashes the pending records onto the
+//!   chain's end *as stored* and writes them in blocks, in one store step that no other
+//!   process can interleave with (sled: one process; PostgreSQL: a transaction under an
+//!   advisory lock). So sequence numbers follow commit order across replicas, and a
+//!   record's time is when its call was answered (replicas' clocks may differ a little).
+//! - Blocks, not single records: a store insert costs several microseconds, too much per
+//!   call at 25k calls/s. A mutating call waits for [`AuditTrail::persist`] (commit, then
+//!   the store's durability point) before answering; on sled the record and the change
+//!   become durable in the same group flush; on PostgreSQL the change's transaction
+//!   commits first, then the record's, and the answer waits for both. Read calls'
+//!   records are committed by a background task every [`BACKGROUND_COMMIT`], or like
+//!   mutating calls with `audit.sync_reads = true`.
 //! - If records cannot be written, the trail turns unavailable: every call is answered
 //!   UNAVAILABLE (Vault's rule: nothing served unaudited) until a commit succeeds
 //!   again; the pending list is bounded, so a stuck store cannot grow memory.
@@ -40,7 +43,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use crate::domain::model::now_millis;
-use crate::store::{AuditStore, StoreError};
+use crate::store::{AuditStore, ChainEnd, SealedBlocks, StoreError};
 
 /// The principal recorded for a caller that did not authenticate.
 pub const ANONYMOUS: &str = "anonymous";
@@ -78,107 +81,98 @@ pub struct AuditEvent<'a> {
     pub peer: Option<SocketAddr>,
 }
 
-struct ChainHead {
-    next_seq: u64,
-    last_hash: [u8; 32],
-    /// Appended, not yet in the store; in sequence order.
-    pending: Vec<AuditRecord>,
-}
-
 pub struct AuditTrail {
     store: Arc<dyn AuditStore>,
-    head: Mutex<ChainHead>,
-    /// Held while writing blocks, so blocks reach the store in sequence order.
-    writing: Mutex<()>,
+    /// Appended, not yet in the store, in append order; sequence numbers and hashes are
+    /// given when they are sealed onto the chain's stored end.
+    pending: Mutex<Vec<AuditRecord>>,
+    /// Held while committing, so this process seals one batch at a time.
+    writing: tokio::sync::Mutex<()>,
     /// False after a failed commit, until one succeeds.
     writable: AtomicBool,
 }
 
 impl AuditTrail {
-    /// Continues the chain where the store's newest record (or its anchor) ends.
-    pub fn open(store: Arc<dyn AuditStore>) -> Result<Self, AuditError> {
-        let last = match store.last_audit_block()? {
-            Some((seq, raw)) => {
-                let records =
-                    decode_block(&raw).map_err(|reason| AuditError::Corrupt { seq, reason })?;
-                records.last().map(|(r, _)| (r.seq, r.hash))
+    /// Opens the trail of `store`. A store written before chain ends were recorded has
+    /// its end derived from its newest record (or anchor) and recorded now.
+    pub async fn open(store: Arc<dyn AuditStore>) -> Result<Self, AuditError> {
+        if store.audit_chain_end().await?.is_none() {
+            let newest = match store.last_audit_block().await? {
+                Some((seq, raw)) => {
+                    let records =
+                        decode_block(&raw).map_err(|reason| AuditError::Corrupt { seq, reason })?;
+                    records.last().map(|(r, _)| ChainEnd {
+                        seq: r.seq,
+                        hash: r.hash,
+                    })
+                }
+                None => None,
+            };
+            if let Some(end) = newest.or(store.audit_anchor().await?) {
+                store
+                    .append_audit(&|_| SealedBlocks {
+                        blocks: Vec::new(),
+                        end: Some(end),
+                    })
+                    .await?;
             }
-            None => None,
-        };
-        let (next_seq, last_hash) = match last.or(store.audit_anchor()?) {
-            Some((seq, hash)) => (seq + 1, hash),
-            None => (1, GENESIS_HASH),
-        };
+        }
         Ok(Self {
             store,
-            head: Mutex::new(ChainHead {
-                next_seq,
-                last_hash,
-                pending: Vec::new(),
-            }),
-            writing: Mutex::new(()),
+            pending: Mutex::new(Vec::new()),
+            writing: tokio::sync::Mutex::new(()),
             writable: AtomicBool::new(true),
         })
     }
 
-    /// Adds one record to the chain and returns its sequence number. It reaches the
-    /// store at the next [`commit`](Self::commit).
-    pub fn append(&self, event: &AuditEvent<'_>) -> Result<u64, AuditError> {
+    /// Adds one record to the trail. It is chained and reaches the store at the next
+    /// [`commit`](Self::commit).
+    pub fn append(&self, event: &AuditEvent<'_>) -> Result<(), AuditError> {
         if !self.writable.load(Ordering::Relaxed) {
             return Err(AuditError::Unavailable);
         }
-        let key_id = event.key_id.map(|id| id.to_string()).unwrap_or_default();
-        let correlation_id = event.correlation_id.to_string();
-        let peer = event.peer.map(|p| p.to_string()).unwrap_or_default();
-        let mut head = self.head.lock().unwrap_or_else(|e| e.into_inner());
-        if head.pending.len() >= MAX_PENDING {
-            return Err(AuditError::Unavailable);
-        }
-        let mut record = AuditRecord {
-            seq: head.next_seq,
+        let record = AuditRecord {
+            seq: 0,
             time_ms: now_millis(),
             principal: event.principal.to_owned(),
             instance: event.instance.to_owned(),
             operation: event.operation.to_owned(),
-            key_id,
+            key_id: event.key_id.map(|id| id.to_string()).unwrap_or_default(),
             code: event.code,
-            correlation_id,
-            peer,
-            prev_hash: head.last_hash,
+            correlation_id: event.correlation_id.to_string(),
+            peer: event.peer.map(|p| p.to_string()).unwrap_or_default(),
+            prev_hash: GENESIS_HASH,
             hash: [0; 32],
         };
-        record.hash = record.compute_hash();
-        head.next_seq += 1;
-        head.last_hash = record.hash;
-        let seq = record.seq;
-        head.pending.push(record);
-        Ok(seq)
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if pending.len() >= MAX_PENDING {
+            return Err(AuditError::Unavailable);
+        }
+        pending.push(record);
+        Ok(())
     }
 
-    /// Writes every pending record to the store (not yet flushed). Records appended
-    /// before this call are written when it returns Ok.
-    pub fn commit(&self) -> Result<(), AuditError> {
-        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
-        let pending = {
-            let mut head = self.head.lock().unwrap_or_else(|e| e.into_inner());
-            std::mem::take(&mut head.pending)
-        };
-        for (index, block) in pending.chunks(BLOCK_RECORDS).enumerate() {
-            if let Err(error) = self
-                .store
-                .append_audit_block(block[0].seq, &encode_block(block))
-            {
-                // Put back what was not written, ahead of anything appended since.
-                let mut head = self.head.lock().unwrap_or_else(|e| e.into_inner());
-                let mut unwritten = pending[index * BLOCK_RECORDS..].to_vec();
-                unwritten.append(&mut head.pending);
-                head.pending = unwritten;
-                // Logged once per episode, not once per refused call.
-                if self.writable.swap(false, Ordering::Relaxed) {
-                    tracing::error!(error = %error, "the audit trail cannot be written: calls are refused until it can");
-                }
-                return Err(error.into());
+    /// Chains every pending record onto the stored end of the chain and writes them,
+    /// in blocks, as one store step (durable at the next [`Durability::sync`] of the
+    /// store). Records appended before this call are written when it returns Ok.
+    pub async fn commit(&self) -> Result<(), AuditError> {
+        let _writing = self.writing.lock().await;
+        let batch = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let seal = |end: Option<ChainEnd>| seal(&batch, end);
+        if let Err(error) = self.store.append_audit(&seal).await {
+            // Put the batch back, ahead of anything appended since.
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            let mut unwritten = batch;
+            unwritten.append(&mut pending);
+            *pending = unwritten;
+            // Logged once per episode, not once per refused call.
+            if self.writable.swap(false, Ordering::Relaxed) {
+                tracing::error!(error = %error, "the audit trail cannot be written: calls are refused until it can");
             }
+            return Err(error.into());
         }
         if !self.writable.swap(true, Ordering::Relaxed) {
             tracing::warn!("the audit trail is writable again");
@@ -186,20 +180,27 @@ impl AuditTrail {
         Ok(())
     }
 
+    /// Commits and makes the store durable: what a mutating call waits for before it
+    /// answers, so its change and its record are durable together.
+    pub async fn persist(&self) -> Result<(), AuditError> {
+        self.commit().await?;
+        self.store.sync().await?;
+        Ok(())
+    }
+
     /// True when records wait for the next commit.
     pub fn has_pending(&self) -> bool {
         !self
-            .head
+            .pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .pending
             .is_empty()
     }
 
     /// One page of records, newest first (pending records are committed first).
-    pub fn query(&self, query: &AuditQuery) -> Result<AuditPage, AuditError> {
-        self.commit()?;
-        query::run(self.store.as_ref(), query)
+    pub async fn query(&self, query: &AuditQuery) -> Result<AuditPage, AuditError> {
+        self.commit().await?;
+        query::run(self.store.as_ref(), query).await
     }
 
     pub fn store(&self) -> &Arc<dyn AuditStore> {
@@ -207,10 +208,38 @@ impl AuditTrail {
     }
 }
 
+/// Numbers and hashes `batch` as the records after `end`, in blocks.
+fn seal(batch: &[AuditRecord], end: Option<ChainEnd>) -> SealedBlocks {
+    let (mut seq, mut prev_hash) = end.map_or((1, GENESIS_HASH), |end| (end.seq + 1, end.hash));
+    let mut chained = Vec::with_capacity(batch.len());
+    for record in batch {
+        let mut record = AuditRecord {
+            seq,
+            prev_hash,
+            ..record.clone()
+        };
+        record.hash = record.compute_hash();
+        prev_hash = record.hash;
+        seq += 1;
+        chained.push(record);
+    }
+    SealedBlocks {
+        blocks: chained
+            .chunks(BLOCK_RECORDS)
+            .map(|block| (block[0].seq, encode_block(block)))
+            .collect(),
+        end: chained.last().map(|r| ChainEnd {
+            seq: r.seq,
+            hash: r.hash,
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::SledStore;
+    use crate::store::{Durability, Seal, SledStore};
+    use async_trait::async_trait;
 
     fn event(operation: &str) -> AuditEvent<'_> {
         AuditEvent {
@@ -224,91 +253,107 @@ mod tests {
         }
     }
 
-    /// A store whose block writes fail while `failing` is set.
+    /// A store whose appends fail while `failing` is set.
     struct FlakyStore {
         inner: SledStore,
         failing: AtomicBool,
     }
 
+    #[async_trait]
+    impl Durability for FlakyStore {
+        async fn sync(&self) -> Result<(), StoreError> {
+            self.inner.sync().await
+        }
+    }
+
+    #[async_trait]
     impl AuditStore for FlakyStore {
-        fn append_audit_block(&self, first_seq: u64, block: &[u8]) -> Result<(), StoreError> {
+        async fn append_audit(&self, seal: Seal<'_>) -> Result<(), StoreError> {
             if self.failing.load(Ordering::SeqCst) {
-                return Err(StoreError::Flush("disk gone".into()));
+                return Err(StoreError::unavailable("test", "disk gone"));
             }
-            self.inner.append_audit_block(first_seq, block)
+            self.inner.append_audit(seal).await
         }
-        fn last_audit_block(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
-            self.inner.last_audit_block()
+        async fn audit_chain_end(&self) -> Result<Option<ChainEnd>, StoreError> {
+            self.inner.audit_chain_end().await
         }
-        fn audit_blocks_before(
+        async fn last_audit_block(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+            self.inner.last_audit_block().await
+        }
+        async fn audit_blocks_before(
             &self,
             before: Option<u64>,
             limit: usize,
         ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-            self.inner.audit_blocks_before(before, limit)
+            self.inner.audit_blocks_before(before, limit).await
         }
-        fn audit_blocks_from(
+        async fn audit_blocks_from(
             &self,
             from: u64,
             limit: usize,
         ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-            self.inner.audit_blocks_from(from, limit)
+            self.inner.audit_blocks_from(from, limit).await
         }
-        fn audit_anchor(&self) -> Result<Option<(u64, [u8; 32])>, StoreError> {
-            self.inner.audit_anchor()
+        async fn audit_anchor(&self) -> Result<Option<ChainEnd>, StoreError> {
+            self.inner.audit_anchor().await
         }
-        fn prune_audit_blocks(
+        async fn prune_audit_blocks(
             &self,
             upto: u64,
-            anchor_seq: u64,
-            anchor_hash: [u8; 32],
+            anchor: ChainEnd,
         ) -> Result<usize, StoreError> {
-            self.inner.prune_audit_blocks(upto, anchor_seq, anchor_hash)
+            self.inner.prune_audit_blocks(upto, anchor).await
         }
     }
 
-    #[test]
-    fn a_trail_that_cannot_be_written_refuses_appends_until_it_can_and_loses_nothing() {
+    #[tokio::test]
+    async fn a_trail_that_cannot_be_written_refuses_appends_until_it_can_and_loses_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(FlakyStore {
             inner: SledStore::open(&dir.path().join("db")).unwrap(),
             failing: AtomicBool::new(false),
         });
-        let trail = AuditTrail::open(store.clone() as Arc<dyn AuditStore>).unwrap();
+        let trail = AuditTrail::open(store.clone() as Arc<dyn AuditStore>)
+            .await
+            .unwrap();
         trail.append(&event("A")).unwrap();
         store.failing.store(true, Ordering::SeqCst);
-        assert!(trail.commit().is_err());
+        assert!(trail.commit().await.is_err());
         // Calls are then refused rather than served unaudited.
         assert!(matches!(
             trail.append(&event("B")),
             Err(AuditError::Unavailable)
         ));
         store.failing.store(false, Ordering::SeqCst);
-        trail.commit().unwrap();
+        trail.commit().await.unwrap();
         trail.append(&event("C")).unwrap();
-        trail.commit().unwrap();
-        let report = verify(store.as_ref(), |_| {}).unwrap().unwrap();
+        trail.commit().await.unwrap();
+        let report = verify(store.as_ref(), |_| {}).await.unwrap().unwrap();
         assert_eq!(report.records, 2, "A kept across the failed commit, then C");
     }
 
-    #[test]
-    fn the_chain_continues_across_commits_and_reopening() {
+    #[tokio::test]
+    async fn the_chain_continues_across_commits_and_reopening() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SledStore::open(&dir.path().join("db")).unwrap());
-        let trail = AuditTrail::open(store.clone() as Arc<dyn AuditStore>).unwrap();
+        let trail = AuditTrail::open(store.clone() as Arc<dyn AuditStore>)
+            .await
+            .unwrap();
         for _ in 0..3 {
             trail.append(&event("A")).unwrap();
         }
-        trail.commit().unwrap();
+        trail.commit().await.unwrap();
         trail.append(&event("B")).unwrap();
-        trail.commit().unwrap();
+        trail.commit().await.unwrap();
         // Not committed: gone with the process, as a crash would lose it.
         trail.append(&event("C")).unwrap();
         drop(trail);
-        let trail = AuditTrail::open(store.clone() as Arc<dyn AuditStore>).unwrap();
-        assert_eq!(trail.append(&event("D")).unwrap(), 5);
-        trail.commit().unwrap();
-        let report = verify(store.as_ref(), |_| {}).unwrap().unwrap();
+        let trail = AuditTrail::open(store.clone() as Arc<dyn AuditStore>)
+            .await
+            .unwrap();
+        trail.append(&event("D")).unwrap();
+        trail.commit().await.unwrap();
+        let report = verify(store.as_ref(), |_| {}).await.unwrap().unwrap();
         assert_eq!((report.records, report.last_seq), (5, Some(5)));
     }
 }

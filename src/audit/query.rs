@@ -96,14 +96,19 @@ impl AuditQuery {
     }
 }
 
-pub(super) fn run(store: &dyn AuditStore, query: &AuditQuery) -> Result<AuditPage, AuditError> {
+pub(super) async fn run(
+    store: &dyn AuditStore,
+    query: &AuditQuery,
+) -> Result<AuditPage, AuditError> {
     let mut records = Vec::new();
     let mut scanned = 0;
     // Blocks are keyed by their first record, so the block holding `before_seq - 1`
     // is the newest one keyed below `before_seq`.
     let mut below_block = query.before_seq;
     loop {
-        let blocks = store.audit_blocks_before(below_block, READ_BLOCKS)?;
+        let blocks = store
+            .audit_blocks_before(below_block, READ_BLOCKS)
+            .await?;
         if blocks.is_empty() {
             return Ok(AuditPage {
                 records,

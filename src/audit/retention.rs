@@ -9,6 +9,7 @@ use std::time::Duration;
 use super::record::decode_block;
 use super::{AuditError, AuditTrail};
 use crate::domain::model::now_millis;
+use crate::store::ChainEnd;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Retention {
@@ -19,17 +20,17 @@ pub struct Retention {
 impl AuditTrail {
     /// Removes what retention says must go; returns how many records were removed.
     /// At most about `budget` records per call, so a pass never holds the store long.
-    pub fn prune(&self, retention: &Retention, budget: usize) -> Result<usize, AuditError> {
+    pub async fn prune(&self, retention: &Retention, budget: usize) -> Result<usize, AuditError> {
         let store = self.store();
         let cutoff = now_millis() - retention.max_age.as_millis() as i64;
-        let Some((last_block, raw)) = store.last_audit_block()? else {
+        let Some((last_block, raw)) = store.last_audit_block().await? else {
             return Ok(0);
         };
         let last_seq = last_seq_of(last_block, &raw)?;
         let mut removed = 0;
         // One block at a time, oldest first: at steady state a pass decodes one block.
         while removed < budget {
-            let Some((block_seq, raw)) = store.audit_blocks_from(0, 1)?.pop() else {
+            let Some((block_seq, raw)) = store.audit_blocks_from(0, 1).await?.pop() else {
                 break;
             };
             // Never the newest block: the chain head must stay readable.
@@ -47,7 +48,15 @@ impl AuditTrail {
             if held <= retention.max_records && newest.time_ms >= cutoff {
                 break;
             }
-            store.prune_audit_blocks(block_seq, newest.seq, newest.hash)?;
+            store
+                .prune_audit_blocks(
+                    block_seq,
+                    ChainEnd {
+                        seq: newest.seq,
+                        hash: newest.hash,
+                    },
+                )
+                .await?;
             removed += records.len();
         }
         Ok(removed)

@@ -27,12 +27,12 @@ pub struct VerifyFailure {
 
 /// Walks the trail oldest first. `progress` is called with the records checked so far
 /// after each chunk of blocks.
-pub fn verify(
+pub async fn verify(
     store: &dyn AuditStore,
     mut progress: impl FnMut(u64),
 ) -> Result<Result<VerifyReport, VerifyFailure>, StoreError> {
-    let (mut expected_seq, mut prev_hash) = match store.audit_anchor()? {
-        Some((seq, hash)) => (seq + 1, hash),
+    let (mut expected_seq, mut prev_hash) = match store.audit_anchor().await? {
+        Some(anchor) => (anchor.seq + 1, anchor.hash),
         None => (1, GENESIS_HASH),
     };
     let mut report = VerifyReport {
@@ -43,7 +43,7 @@ pub fn verify(
     };
     let mut from = 0;
     loop {
-        let chunk = store.audit_blocks_from(from, CHUNK)?;
+        let chunk = store.audit_blocks_from(from, CHUNK).await?;
         let Some((last_key, _)) = chunk.last() else {
             break;
         };
@@ -105,6 +105,20 @@ pub fn verify(
             }
         }
         progress(report.records);
+    }
+    // The end recorded with the last append: blocks removed from the end of the chain
+    // leave it pointing past what remains.
+    if let Some(end) = store.audit_chain_end().await?
+        && (end.seq != expected_seq - 1 || end.hash != prev_hash)
+    {
+        return Ok(Err(VerifyFailure {
+            seq: expected_seq,
+            reason: format!(
+                "missing: the chain's recorded end is record {}, but the records stop at {}",
+                end.seq,
+                expected_seq - 1
+            ),
+        }));
     }
     report.head_hash = prev_hash;
     Ok(Ok(report))

@@ -1,11 +1,15 @@
-//! `kms audit verify`: checks the whole hash chain of a data directory's audit trail,
-//! offline (the server must be stopped, or run it on a copy of the directory).
+//! `kms audit verify`: checks the whole hash chain of an audit trail: a sled data
+//! directory's (offline: the server must be stopped, or run it on a copy) or a
+//! PostgreSQL store's (online: replicas may keep appending; what was committed when the
+//! walk reached the end is checked).
 
 use std::io::IsTerminal;
-use std::path::Path;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::audit::{VerifyFailure, VerifyReport, verify};
-use crate::store::{SledStore, StoreError};
+use crate::config::{ConfigError, ProcessEnv, postgres_for_command};
+use crate::store::{PostgresStore, SledStore, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditCommandError {
@@ -16,25 +20,62 @@ pub enum AuditCommandError {
          verify a copy of the data directory): {source}"
     )]
     Open { path: String, source: StoreError },
+    #[error("{0}")]
+    Config(#[from] ConfigError),
     #[error("reading the audit trail: {0}")]
     Store(#[from] StoreError),
     #[error("the audit trail is broken at {0}")]
     Broken(VerifyFailure),
+    #[error("give --data-dir (sled) or --store-url / KMS_STORE_URL (PostgreSQL)")]
+    NoTarget,
 }
 
-/// Verifies `<data dir>/db`. Progress goes to stderr every 100,000 records.
-pub fn verify_data_dir(data_dir: &Path) -> Result<VerifyReport, AuditCommandError> {
-    let db = data_dir.join("db");
-    if !db.exists() {
-        return Err(AuditCommandError::NoDatabase(db.display().to_string()));
+/// Which store a command works on.
+pub enum StoreTarget {
+    DataDir(PathBuf),
+    Url(String),
+}
+
+impl StoreTarget {
+    pub fn from_args(
+        data_dir: Option<PathBuf>,
+        store_url: Option<String>,
+    ) -> Result<Self, AuditCommandError> {
+        match (store_url, data_dir) {
+            (Some(url), _) => Ok(StoreTarget::Url(url)),
+            (None, Some(dir)) => Ok(StoreTarget::DataDir(dir)),
+            (None, None) => Err(AuditCommandError::NoTarget),
+        }
     }
-    let store = SledStore::open(&db).map_err(|source| AuditCommandError::Open {
-        path: db.display().to_string(),
-        source,
-    })?;
+
+    /// Opens the store: a data directory's existing sled database, or PostgreSQL.
+    pub async fn open(&self) -> Result<Arc<dyn Store>, AuditCommandError> {
+        match self {
+            StoreTarget::DataDir(dir) => {
+                let db = dir.join("db");
+                if !db.exists() {
+                    return Err(AuditCommandError::NoDatabase(db.display().to_string()));
+                }
+                let store = SledStore::open(&db).map_err(|source| AuditCommandError::Open {
+                    path: db.display().to_string(),
+                    source,
+                })?;
+                Ok(Arc::new(store))
+            }
+            StoreTarget::Url(url) => {
+                let config = postgres_for_command(url.clone(), &ProcessEnv)?;
+                Ok(Arc::new(PostgresStore::connect(&config).await?))
+            }
+        }
+    }
+}
+
+/// Verifies the target's trail. Progress goes to stderr every 100,000 records.
+pub async fn verify_store(target: &StoreTarget) -> Result<VerifyReport, AuditCommandError> {
+    let store = target.open().await?;
     let terminal = std::io::stderr().is_terminal();
     let mut next_report = 100_000;
-    let outcome = verify(&store, |checked| {
+    let outcome = verify(store.as_ref(), |checked| {
         if checked >= next_report {
             if terminal {
                 eprint!("\rverified {checked} records");
@@ -43,7 +84,8 @@ pub fn verify_data_dir(data_dir: &Path) -> Result<VerifyReport, AuditCommandErro
             }
             next_report += 100_000;
         }
-    })?;
+    })
+    .await?;
     if terminal && next_report > 100_000 {
         eprintln!();
     }

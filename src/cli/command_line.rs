@@ -176,9 +176,15 @@ pub enum TokenCommand {
 #[derive(Subcommand)]
 pub enum AuditCommand {
     /// Check the whole hash chain of a stopped server's audit trail (or of a copy).
+    ///
+    /// Either a data directory (sled) or a PostgreSQL store.
     Verify {
         #[arg(long, value_name = "DIR")]
-        data_dir: PathBuf,
+        data_dir: Option<PathBuf>,
+        /// postgres:// URL or key=value string; the password from KMS_STORE_PASSWORD or
+        /// KMS_STORE_PASSWORD_FILE.
+        #[arg(long, value_name = "URL", env = "KMS_STORE_URL")]
+        store_url: Option<String>,
     },
 }
 
@@ -191,8 +197,11 @@ pub fn run(command: Command) -> ExitCode {
         }
         Command::Token { command } => token(command),
         Command::Audit {
-            command: AuditCommand::Verify { data_dir },
-        } => audit_verify(&data_dir),
+            command: AuditCommand::Verify {
+                data_dir,
+                store_url,
+            },
+        } => audit_verify(data_dir, store_url),
         Command::Bench {
             target,
             instance,
@@ -302,9 +311,13 @@ fn token(command: TokenCommand) -> ExitCode {
     }
 }
 
-fn audit_verify(data_dir: &std::path::Path) -> ExitCode {
-    match crate::cli::audit::verify_data_dir(data_dir) {
-        Ok(report) => {
+fn audit_verify(data_dir: Option<PathBuf>, store_url: Option<String>) -> ExitCode {
+    use crate::cli::audit::{StoreTarget, verify_store};
+    run_client(
+        "audit verify",
+        &mut tokio::runtime::Builder::new_current_thread(),
+        async move { verify_store(&StoreTarget::from_args(data_dir, store_url)?).await },
+        |report| {
             match (report.first_seq, report.last_seq) {
                 (Some(first), Some(last)) => println!(
                     "audit trail intact: {} records ({first}..{last}), head {}",
@@ -313,13 +326,8 @@ fn audit_verify(data_dir: &std::path::Path) -> ExitCode {
                 ),
                 _ => println!("audit trail intact: no records"),
             }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("kms audit verify: {e}");
-            ExitCode::FAILURE
-        }
-    }
+        },
+    )
 }
 
 fn import_key(options: crate::cli::import_key::ImportOptions) -> ExitCode {

@@ -6,6 +6,9 @@
 //! What faces callers (tokens file, TLS, connection limits, audit) is in [`frontend`].
 
 mod frontend;
+mod store;
+
+pub use store::{Backend as StoreBackend, STORE_PASSWORD_ENV, postgres_for_command};
 
 pub use frontend::{
     AuditConfig, DEFAULT_AUDIT_MAX_AGE_DAYS, DEFAULT_AUDIT_MAX_RECORDS,
@@ -62,6 +65,7 @@ struct FileConfig {
     tls: Option<TlsSection>,
     auth: Option<AuthSection>,
     audit: Option<AuditSection>,
+    store: Option<store::StoreSection>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -122,7 +126,7 @@ pub enum LogFormat {
 pub struct Config {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
-    pub store_path: PathBuf,
+    pub store: crate::store::StoreConfig,
     pub hsm: HsmConfig,
     /// Set when the embedded SoftHSM token is used.
     pub embedded: Option<EmbeddedSoftHsm>,
@@ -353,7 +357,7 @@ impl Config {
             import,
             shutdown_grace: Duration::from_secs(shutdown_grace_secs),
             listen,
-            store_path: data_dir.join("db"),
+            store: store::resolve(file.store, env, &data_dir)?,
             data_dir,
             hsm,
             embedded,
@@ -399,7 +403,10 @@ mod tests {
         let env = MapEnv(HashMap::from([("KMS_DATA_DIR", "/tmp/x")]));
         let config = Config::resolve(FileConfig::default(), &env).unwrap();
         assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
-        assert_eq!(config.store_path, PathBuf::from("/tmp/x/db"));
+        assert!(matches!(
+            &config.store,
+            crate::store::StoreConfig::Sled { path } if path == &PathBuf::from("/tmp/x/db")
+        ));
         let embedded = config.embedded.expect("embedded");
         assert!(embedded.softhsm_conf.starts_with("/tmp/x"));
     }

@@ -17,9 +17,9 @@ use uuid::Uuid;
 
 use super::key_pairs::KeyPairPool;
 use super::model::{ImportTokenRecord, Millis, RECORD_SCHEMA, now_millis};
-use super::{CallerContext, KmsError};
+use super::{CallerContext, KmsError, retry_on_conflict};
 use crate::hsm::{Hsm, RsaKeyPair};
-use crate::store::{GroupFlusher, ImportStore, StoreError};
+use crate::store::{ImportStore, Revision, StoreError};
 
 /// Import tokens use RSA-4096 key pairs.
 pub const IMPORT_TOKEN_RSA_BITS: u32 = 4096;
@@ -30,7 +30,6 @@ pub const DEFAULT_MAX_RETRIEVALS: u32 = 1;
 pub const MAX_RETRIEVALS: u32 = 500;
 /// How long an expired token's metadata is kept (without its private key).
 const EXPIRED_TOKEN_KEPT_MILLIS: Millis = 24 * 60 * 60 * 1000;
-const UPDATE_ATTEMPTS: usize = 16;
 
 /// A GetImportToken answer: the metadata after this retrieval, public key and nonce.
 #[derive(Debug)]
@@ -49,7 +48,6 @@ pub struct UsableToken {
 pub struct ImportTokenManager {
     hsm: Arc<Hsm>,
     store: Arc<dyn ImportStore>,
-    flusher: GroupFlusher,
     pairs: Arc<KeyPairPool>,
     min_expiration_secs: u32,
 }
@@ -58,14 +56,12 @@ impl ImportTokenManager {
     pub fn new(
         hsm: Arc<Hsm>,
         store: Arc<dyn ImportStore>,
-        flusher: GroupFlusher,
         pairs: Arc<KeyPairPool>,
         min_expiration_secs: u32,
     ) -> Self {
         Self {
             hsm,
             store,
-            flusher,
             pairs,
             min_expiration_secs,
         }
@@ -100,6 +96,7 @@ impl ImportTokenManager {
         let now = now_millis();
         let token = ImportTokenRecord {
             schema: RECORD_SCHEMA,
+            revision: 0,
             instance: ctx.instance.clone(),
             id: Uuid::new_v4(),
             created_at: now,
@@ -149,24 +146,24 @@ impl ImportTokenManager {
         ctx: &CallerContext,
         change: impl Fn(Option<ImportTokenRecord>) -> Result<(ImportTokenRecord, T), KmsError>,
     ) -> Result<T, KmsError> {
-        for _ in 0..UPDATE_ATTEMPTS {
-            let previous = self.store.get_import_token(&ctx.instance)?;
+        retry_on_conflict(|| async {
+            let previous = self.store.get_import_token(&ctx.instance).await?;
             let (next, output) = change(previous.clone())?;
-            match self
-                .store
+            let next = ImportTokenRecord {
+                revision: next_revision(previous.as_ref(), &next),
+                ..next
+            };
+            self.store
                 .swap_import_token(&ctx.instance, previous.as_ref(), Some(&next))
-            {
-                Ok(()) => return Ok(output),
-                Err(StoreError::Conflict) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(KmsError::Conflict)
+                .await?;
+            Ok(output)
+        })
+        .await
     }
 
     /// The instance's token for a secure import: it must exist and not have expired.
-    pub fn usable(&self, ctx: &CallerContext) -> Result<UsableToken, KmsError> {
-        let token = self.current(ctx)?;
+    pub async fn usable(&self, ctx: &CallerContext) -> Result<UsableToken, KmsError> {
+        let token = self.current(ctx).await?;
         let key_pair = token.key_pair.clone().ok_or_else(|| expired(&token))?;
         Ok(UsableToken {
             key_pair,
@@ -175,8 +172,8 @@ impl ImportTokenManager {
     }
 
     /// The instance's token, refused when it does not exist or has expired.
-    fn current(&self, ctx: &CallerContext) -> Result<ImportTokenRecord, KmsError> {
-        usable_token(self.store.get_import_token(&ctx.instance)?)
+    async fn current(&self, ctx: &CallerContext) -> Result<ImportTokenRecord, KmsError> {
+        usable_token(self.store.get_import_token(&ctx.instance).await?)
     }
 
     /// Erases the private keys of expired tokens and removes tokens expired for a day.
@@ -184,12 +181,13 @@ impl ImportTokenManager {
     pub async fn sweep(&self) -> Result<usize, KmsError> {
         let now = now_millis();
         let mut changed = 0;
-        for token in self.store.import_tokens()? {
+        for token in self.store.import_tokens().await? {
             let next = if token.expires_at + EXPIRED_TOKEN_KEPT_MILLIS <= now {
                 None
             } else if token.expires_at <= now && token.key_pair.is_some() {
                 Some(ImportTokenRecord {
                     key_pair: None,
+                    revision: token.revision + 1,
                     ..token.clone()
                 })
             } else {
@@ -198,6 +196,7 @@ impl ImportTokenManager {
             match self
                 .store
                 .swap_import_token(&token.instance, Some(&token), next.as_ref())
+                .await
             {
                 // A concurrent replacement wins; the next sweep looks again.
                 Ok(()) | Err(StoreError::Conflict) => changed += 1,
@@ -205,9 +204,17 @@ impl ImportTokenManager {
             }
         }
         if changed > 0 {
-            self.flusher.flush().await?;
+            self.store.sync().await?;
         }
         Ok(changed)
+    }
+}
+
+/// A changed token continues its revisions; a new token (another id) starts at 0.
+fn next_revision(previous: Option<&ImportTokenRecord>, next: &ImportTokenRecord) -> Revision {
+    match previous {
+        Some(previous) if previous.id == next.id => previous.revision + 1,
+        _ => 0,
     }
 }
 

@@ -42,7 +42,7 @@ impl KeyPairPool {
 
     /// A pair of `bits`: from the pool when it has one, else generated now.
     pub async fn take(&self, bits: u32) -> Result<RsaKeyPair, KmsError> {
-        if let Some(pair) = self.store.take_key_pair(bits)? {
+        if let Some(pair) = self.store.take_key_pair(bits).await? {
             tracing::debug!(bits, "RSA key pair taken from the pool");
             self.wake.notify_one();
             return Ok(pair);
@@ -82,9 +82,9 @@ impl KeyPairPool {
     async fn refill_one(&self) -> Result<bool, KmsError> {
         let mut added = false;
         for bits in POOL_SIZES {
-            if self.store.count_key_pairs(bits)? < self.target {
+            if self.store.count_key_pairs(bits).await? < self.target {
                 let pair = self.hsm.generate_rsa_pair(bits).await?;
-                self.store.push_key_pair(&pair)?;
+                self.store.push_key_pair(&pair).await?;
                 tracing::debug!(bits, "RSA key pair added to the pool");
                 added = true;
             }

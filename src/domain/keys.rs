@@ -28,11 +28,11 @@ use uuid::Uuid;
 use super::model::{
     KeyFilter, KeyOrigin, KeyRecord, KeyState, Millis, RECORD_SCHEMA, VersionRecord, now_millis,
 };
-use super::{CallerContext, KmsError};
+use super::{CallerContext, KmsError, retry_on_conflict};
 use crate::audit::{AuditEvent, AuditTrail, SYSTEM};
 use crate::hsm::{Hsm, KeyKind, NewMaterial};
 use crate::secret::SecretBytes;
-use crate::store::{GroupFlusher, KeyStore, StoreError};
+use crate::store::KeyStore;
 pub use envelope::{DATA_KEY_BYTES, Unwrapped, Wrapped};
 use import::material_removed;
 pub use import::{ImportParameters, Imports, MaterialForKey, SecureImport};
@@ -71,8 +71,6 @@ pub struct NewKey {
 pub struct KeyManager {
     hsm: Arc<Hsm>,
     store: Arc<dyn KeyStore>,
-    /// For the sweep of expired import parameters, which no call's flush covers.
-    flusher: GroupFlusher,
     imports: Imports,
     audit: Arc<AuditTrail>,
 }
@@ -81,14 +79,12 @@ impl KeyManager {
     pub fn new(
         hsm: Arc<Hsm>,
         store: Arc<dyn KeyStore>,
-        flusher: GroupFlusher,
         imports: Imports,
         audit: Arc<AuditTrail>,
     ) -> Self {
         Self {
             hsm,
             store,
-            flusher,
             imports,
             audit,
         }
@@ -166,6 +162,7 @@ impl KeyManager {
         });
         let key = KeyRecord {
             schema: RECORD_SCHEMA,
+            revision: 0,
             id: key_id,
             instance: ctx.instance.clone(),
             name: request.name,
@@ -189,7 +186,7 @@ impl KeyManager {
             destroyed_at: None,
             check_value: None,
         };
-        self.store.insert_key(&key, version.as_ref())?;
+        self.store.insert_key(&key, version.as_ref()).await?;
         Ok(key)
     }
 
@@ -199,32 +196,40 @@ impl KeyManager {
         ctx: &CallerContext,
         id: Uuid,
     ) -> Result<(KeyRecord, Option<SecretBytes>), KmsError> {
-        let key = self.current(ctx, id)?;
+        let key = self.current(ctx, id).await?;
         if !key.extractable || key.state != KeyState::Active {
             return Ok((key, None));
         }
         let version_id = key.current_version.ok_or_else(|| missing_material(&key))?;
         let wrapped = self
             .store
-            .get_version(key.id, version_id)?
+            .get_version(key.id, version_id)
+            .await?
             .and_then(|v| v.wrapped)
             .ok_or_else(|| missing_material(&key))?;
         let payload = self.hsm.unwrap_standard_key(wrapped).await?;
         Ok((key, Some(payload)))
     }
 
-    pub fn list_keys(
+    pub async fn list_keys(
         &self,
         ctx: &CallerContext,
         filter: &KeyFilter,
         offset: usize,
         limit: usize,
     ) -> Result<(Vec<KeyRecord>, u64), KmsError> {
-        Ok(self.store.list_keys(&ctx.instance, filter, offset, limit)?)
+        Ok(self
+            .store
+            .list_keys(&ctx.instance, filter, offset, limit)
+            .await?)
     }
 
-    pub fn count_keys(&self, ctx: &CallerContext, filter: &KeyFilter) -> Result<u64, KmsError> {
-        Ok(self.store.count_keys(&ctx.instance, filter)?)
+    pub async fn count_keys(
+        &self,
+        ctx: &CallerContext,
+        filter: &KeyFilter,
+    ) -> Result<u64, KmsError> {
+        Ok(self.store.count_keys(&ctx.instance, filter).await?)
     }
 
     /// DESTROYED, with every version's blob erased. Irreversible.
@@ -247,7 +252,7 @@ impl KeyManager {
         self.hsm.forget_key(&id);
         // An EXTERNAL key's pending import parameters hold a wrapped private key that
         // can no longer serve anything.
-        self.imports.store.remove_import_parameters(id)?;
+        self.imports.store.remove_import_parameters(id).await?;
         Ok(destroyed)
     }
 
@@ -294,7 +299,7 @@ impl KeyManager {
         id: Uuid,
         material: Option<Material>,
     ) -> Result<KeyRecord, KmsError> {
-        let key = self.current(ctx, id)?;
+        let key = self.current(ctx, id).await?;
         require_root(&key, "RotateKey")?;
         if key.origin == KeyOrigin::External {
             return Err(KmsError::FailedPrecondition(format!(
@@ -336,7 +341,8 @@ impl KeyManager {
         };
         let latest = self
             .store
-            .list_versions(id)?
+            .list_versions(id)
+            .await?
             .first()
             .map_or(0, |v| v.created_at);
         let version = VersionRecord {
@@ -366,15 +372,15 @@ impl KeyManager {
     }
 
     /// Versions of a key, newest first, one page, and their total.
-    pub fn list_key_versions(
+    pub async fn list_key_versions(
         &self,
         ctx: &CallerContext,
         id: Uuid,
         offset: usize,
         limit: usize,
     ) -> Result<(Vec<VersionRecord>, u64), KmsError> {
-        self.current(ctx, id)?;
-        let versions = self.store.list_versions(id)?;
+        self.current(ctx, id).await?;
+        let versions = self.store.list_versions(id).await?;
         let total = versions.len() as u64;
         Ok((
             versions.into_iter().skip(offset).take(limit).collect(),
@@ -385,14 +391,14 @@ impl KeyManager {
     /// Applies the expiry transition to keys whose expiration date has passed, so that
     /// lists and counts show them DEACTIVATED without anyone using them. Returns how
     /// many keys it looked at.
-    pub fn expire_due(&self) -> Result<usize, KmsError> {
-        let due = self.store.due_for_expiry(now_millis(), EXPIRY_BATCH)?;
+    pub async fn expire_due(&self) -> Result<usize, KmsError> {
+        let due = self.store.due_for_expiry(now_millis(), EXPIRY_BATCH).await?;
         for (instance, id) in &due {
             let ctx = CallerContext {
                 instance: instance.clone(),
                 correlation_id: Uuid::nil(),
             };
-            match self.current(&ctx, *id) {
+            match self.current(&ctx, *id).await {
                 Ok(_) | Err(KmsError::NotFound { .. }) => {}
                 Err(e) => return Err(e),
             }
@@ -404,13 +410,16 @@ impl KeyManager {
     /// material past its valid-to is erased (PRE_ACTIVATION, as by
     /// DeleteImportedKeyMaterial), and an ACTIVE key past its expiration date becomes
     /// DEACTIVATED. Checked on every use of the key.
-    fn current(&self, ctx: &CallerContext, id: Uuid) -> Result<KeyRecord, KmsError> {
-        loop {
-            let key = self.find(ctx, id)?;
-            let now = now_millis();
-            let (next, erase_material) = if key.has_expiring_material()
-                && key.valid_to.is_some_and(|at| at <= now)
-            {
+    async fn current(&self, ctx: &CallerContext, id: Uuid) -> Result<KeyRecord, KmsError> {
+        retry_on_conflict(|| self.try_current(ctx, id)).await
+    }
+
+    /// One attempt of [`current`](Self::current).
+    async fn try_current(&self, ctx: &CallerContext, id: Uuid) -> Result<KeyRecord, KmsError> {
+        let key = self.find(ctx, id).await?;
+        let now = now_millis();
+        let (next, erase_material) =
+            if key.has_expiring_material() && key.valid_to.is_some_and(|at| at <= now) {
                 (material_removed(&key, now), true)
             } else if key.state == KeyState::Active && key.expires_at.is_some_and(|at| at <= now) {
                 let deactivated = KeyRecord {
@@ -422,49 +431,50 @@ impl KeyManager {
             } else {
                 return Ok(key);
             };
-            // Derived from the clock, so it needs no flush: after a crash it is derived again.
-            match self.store.replace_key(&key, &next, None, erase_material) {
-                Ok(()) => {
-                    self.hsm.forget_key(&id);
-                    let operation = if erase_material {
-                        "ExpireKeyMaterial"
-                    } else {
-                        "ExpireKey"
-                    };
-                    self.audit_transition(ctx, operation, id);
-                    return Ok(next);
-                }
-                Err(StoreError::Conflict) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
+        let next = KeyRecord {
+            revision: key.revision + 1,
+            ..next
+        };
+        // Derived from the clock, so it needs no flush: after a crash it is derived again.
+        self.store
+            .replace_key(&key, &next, None, erase_material)
+            .await?;
+        self.hsm.forget_key(&id);
+        let operation = if erase_material {
+            "ExpireKeyMaterial"
+        } else {
+            "ExpireKey"
+        };
+        self.audit_transition(ctx, operation, id);
+        Ok(next)
     }
 
-    /// Compare-and-swap update with a few retries when another call changed the key
-    /// in between. Durable once the caller's group flush returns.
+    /// Compare-and-swap update by revision, retried (in [`retry_on_conflict`]) when
+    /// another call or replica changed the key in between. Durable once the caller's
+    /// call gate has persisted.
     async fn update(
         &self,
         ctx: &CallerContext,
         id: Uuid,
         change: impl Fn(&KeyRecord) -> Result<Change, KmsError>,
     ) -> Result<KeyRecord, KmsError> {
-        for _ in 0..UPDATE_ATTEMPTS {
-            let key = self.current(ctx, id)?;
+        retry_on_conflict(|| async {
+            let key = self.current(ctx, id).await?;
             let Change {
                 next,
                 new_version,
                 erase_material,
             } = change(&key)?;
-            match self
-                .store
+            let next = KeyRecord {
+                revision: key.revision + 1,
+                ..next
+            };
+            self.store
                 .replace_key(&key, &next, new_version.as_ref(), erase_material)
-            {
-                Ok(()) => return Ok(next),
-                Err(StoreError::Conflict) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(KmsError::Conflict)
+                .await?;
+            Ok(next)
+        })
+        .await
     }
 
     /// A time-driven change on the audit trail, as principal `system`. A failure is
@@ -489,16 +499,16 @@ impl KeyManager {
         }
     }
 
-    fn find(&self, ctx: &CallerContext, id: Uuid) -> Result<KeyRecord, KmsError> {
+    async fn find(&self, ctx: &CallerContext, id: Uuid) -> Result<KeyRecord, KmsError> {
         self.store
-            .get_key(&ctx.instance, id)?
+            .get_key(&ctx.instance, id)
+            .await?
             .ok_or_else(|| KmsError::NotFound {
                 what: format!("key {id}"),
             })
     }
 }
 
-const UPDATE_ATTEMPTS: usize = 16;
 /// Keys the expiry sweep handles per pass.
 const EXPIRY_BATCH: usize = 1000;
 

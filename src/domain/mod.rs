@@ -7,6 +7,9 @@ pub mod key_pairs;
 pub mod keys;
 pub mod model;
 
+use std::future::Future;
+use std::time::Duration;
+
 use uuid::Uuid;
 
 use crate::hsm::HsmError;
@@ -74,4 +77,34 @@ impl KmsError {
             reason: reason.into(),
         }
     }
+}
+
+/// Attempts of a read-modify-write step before a conflict is given up.
+const CAS_ATTEMPTS: u32 = 16;
+
+/// Runs a read-modify-write step (read, compute, compare-and-swap by revision) until it
+/// does not meet a concurrent change, at most [`CAS_ATTEMPTS`] times: the one retry
+/// loop of the domain. After the first conflict each attempt waits a short random time
+/// (up to 1 ms, then 2, ...), so replicas racing for one record do not collide in step.
+pub async fn retry_on_conflict<T, F, Fut>(mut step: F) -> Result<T, KmsError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, KmsError>>,
+{
+    for attempt in 0..CAS_ATTEMPTS {
+        if attempt > 0 {
+            let ceiling_us = 1000u64 << (attempt - 1).min(4);
+            let mut byte = [0u8; 2];
+            let jitter = match getrandom::fill(&mut byte) {
+                Ok(()) => u64::from(u16::from_le_bytes(byte)) % ceiling_us,
+                Err(_) => ceiling_us / 2,
+            };
+            tokio::time::sleep(Duration::from_micros(jitter)).await;
+        }
+        match step().await {
+            Err(KmsError::Conflict) => continue,
+            other => return other,
+        }
+    }
+    Err(KmsError::Conflict)
 }

@@ -6,6 +6,7 @@ use uuid::Uuid;
 
 use crate::hsm::oaep::OaepHash;
 use crate::hsm::{RsaKeyPair, WrappedKey};
+use crate::store::Revision;
 
 /// Version of the record format written by this build.
 pub const RECORD_SCHEMA: u32 = 1;
@@ -76,6 +77,9 @@ pub fn now_millis() -> Millis {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyRecord {
     pub schema: u32,
+    /// Kept by the store beside the record, for compare-and-swap.
+    #[serde(skip)]
+    pub revision: Revision,
     pub id: Uuid,
     pub instance: String,
     pub name: String,
@@ -126,6 +130,9 @@ impl KeyRecord {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImportTokenRecord {
     pub schema: u32,
+    /// Kept by the store beside the record, for compare-and-swap.
+    #[serde(skip)]
+    pub revision: Revision,
     pub instance: String,
     pub id: Uuid,
     pub created_at: Millis,

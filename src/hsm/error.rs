@@ -42,12 +42,10 @@ pub enum HsmError {
     #[error("master key {label:?}: {problem}")]
     MasterKey { label: String, problem: String },
 
-    /// No blob is stored for the requested key version (unknown or erased).
-    #[error("no key blob is stored for this key version")]
-    NoSuchBlob,
-
-    #[error("reading the key blob from storage failed: {0}")]
-    BlobLoad(String),
+    /// The cache does not hold the key version and the call carried no blob: the
+    /// caller reads the blob and calls again.
+    #[error("the key version is not cached and no blob was given")]
+    NotCached,
 
     /// Key import input that the HSM (or the OAEP decoder) refused.
     #[error("key import refused: {0}")]

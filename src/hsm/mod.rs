@@ -210,15 +210,13 @@ pub struct Hsm {
 pub const GCM_IV_LEN: usize = 12;
 pub const GCM_TAG_LEN: usize = 16;
 
-/// Reads a version's KEK-wrapped blob from storage: `Ok(None)` when there is none (an
-/// unknown or erased version). Called only on a cache miss, on the HSM worker thread.
-pub type BlobLoader = Box<dyn FnOnce() -> Result<Option<WrappedKey>, String> + Send>;
-
-/// One root-key version as the HSM needs it: its identity (for the cache) and how to get
-/// its blob when the cache does not hold it.
+/// One root-key version as the HSM needs it: its identity (for the cache) and, when the
+/// caller has read it, its KEK-wrapped blob. Without a blob, a version the cache does
+/// not hold is [`HsmError::NotCached`]: the domain reads the blob from the store and
+/// asks again. The HSM layer never reads the store.
 pub struct KeyVersionRef {
     pub id: VersionId,
-    pub load: BlobLoader,
+    pub blob: Option<WrappedKey>,
 }
 
 /// AES-GCM output: the IV the HSM drew and ciphertext||tag.
@@ -508,6 +506,11 @@ impl Hsm {
         self.cache.invalidate_key(key_id);
     }
 
+    /// True when the cache holds the version unwrapped, so a call needs no blob.
+    pub fn holds(&self, id: &VersionId) -> bool {
+        self.cache.get(id).is_some()
+    }
+
     /// Asks the token for its info: fails when the token or module is gone.
     pub async fn ping(&self) -> Result<(), HsmError> {
         let (ctx, slot) = (self.ctx.clone(), self.slot);
@@ -697,8 +700,8 @@ impl WrapMechanisms {
     }
 }
 
-/// Runs `op` with the key version's object: from the cache, or unwrapped now (loading
-/// the blob) and cached. A cached object that vanished (its session died) is dropped and
+/// Runs `op` with the key version's object: from the cache, or unwrapped now from the
+/// blob the caller gave, and cached. A cached object that vanished (its session died) is dropped and
 /// unwrapped again once.
 fn with_key_object<T>(
     session: &Session,
@@ -714,9 +717,7 @@ fn with_key_object<T>(
             other => return other,
         }
     }
-    let wrapped = (key.load)()
-        .map_err(HsmError::BlobLoad)?
-        .ok_or(HsmError::NoSuchBlob)?;
+    let wrapped = key.blob.ok_or(HsmError::NotCached)?;
     let wrap = wraps.for_format(wrapped.format)?;
     let entry: Arc<CachedKey> =
         cache.insert(key.id, unwrap_root_key(session, kek, wrap, &wrapped)?);

@@ -28,12 +28,14 @@ use crate::hsm::{Hsm, HsmError, OaepSupport};
 use crate::proto::audit_service_server::AuditServiceServer;
 use crate::proto::import_token_service_server::ImportTokenServiceServer;
 use crate::proto::key_service_server::KeyServiceServer;
-use crate::store::{AuditStore, GroupFlusher, ImportStore, KeyStore, SledStore, StoreError};
+use crate::store::{AuditStore, ImportStore, KeyStore, Store, StoreConfig, StoreError};
 use listener::ListenerOptions;
 use tls::{ReloadableTls, TlsError};
 
-/// How often the health service asks the token whether it is still there.
-const HSM_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+/// How often the health service asks the token and the store whether they answer; more
+/// often while one does not, so recovery shows quickly.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+const HEALTH_INTERVAL_FAILING: Duration = Duration::from_millis(500);
 /// How often expired keys are looked for.
 const EXPIRY_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// How often audit retention runs, and how many records one pass may remove: above
@@ -85,7 +87,13 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
         addr: config.listen.to_string(),
         source,
     })?;
-    if let Some(parent) = config.store_path.parent() {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| ServeError::DataDir {
+        path: config.data_dir.display().to_string(),
+        source,
+    })?;
+    if let StoreConfig::Sled { path } = &config.store
+        && let Some(parent) = path.parent()
+    {
         std::fs::create_dir_all(parent).map_err(|source| ServeError::DataDir {
             path: parent.display().to_string(),
             source,
@@ -96,9 +104,10 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
         Some(files) => Some(Arc::new(ReloadableTls::load(files.clone())?)),
         None => None,
     };
-    let store = Arc::new(SledStore::open(&config.store_path)?);
+    let store = crate::store::open(&config.store).await?;
+    tracing::info!(store = %store.describe(), "store open");
     bootstrap::restrict_permissions(&config.data_dir);
-    let may_create_kek = !store.has_keys()?;
+    let may_create_kek = !store.has_keys().await?;
     let hsm_config = config.hsm.clone();
     let hsm = Arc::new(
         tokio::task::spawn_blocking(move || Hsm::open(&hsm_config, may_create_kek)).await??,
@@ -133,7 +142,7 @@ struct Frontend {
 async fn serve_with_hsm(
     config: &Config,
     frontend: Frontend,
-    store: Arc<SledStore>,
+    store: Arc<dyn Store>,
     hsm: Arc<Hsm>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
@@ -170,14 +179,10 @@ async fn serve_with_hsm(
         }
     }
 
-    let audit = Arc::new(AuditTrail::open(store.clone() as Arc<dyn AuditStore>)?);
-    let trail = Arc::clone(&audit);
-    let flusher = GroupFlusher::start(store.db(), move || {
-        trail.commit().map_err(|e| e.to_string())
-    });
+    let audit = Arc::new(AuditTrail::open(store.clone() as Arc<dyn AuditStore>).await?);
     let import_store = store.clone() as Arc<dyn ImportStore>;
     if hsm.kek_created() {
-        let dropped = import_store.clear_import_state()?;
+        let dropped = import_store.clear_import_state().await?;
         if dropped > 0 {
             tracing::warn!(
                 dropped,
@@ -194,14 +199,12 @@ async fn serve_with_hsm(
     let tokens = Arc::new(ImportTokenManager::new(
         Arc::clone(&hsm),
         Arc::clone(&import_store),
-        flusher.clone(),
         Arc::clone(&pairs),
         config.import.min_token_expiration_secs,
     ));
     let keys = Arc::new(KeyManager::new(
         Arc::clone(&hsm),
         store.clone() as Arc<dyn KeyStore>,
-        flusher.clone(),
         Imports {
             store: import_store,
             tokens: Arc::clone(&tokens),
@@ -213,7 +216,6 @@ async fn serve_with_hsm(
     let gate = Arc::new(CallGate::new(
         Arc::clone(&auth),
         Arc::clone(&audit),
-        flusher.clone(),
         GateOptions {
             sync_reads: config.audit.sync_reads,
         },
@@ -223,12 +225,12 @@ async fn serve_with_hsm(
     let background_tasks = AbortOnDrop(vec![
         tokio::spawn(sweep_expired(Arc::clone(&keys), Arc::clone(&tokens))),
         tokio::spawn(pairs.refill_forever()),
-        tokio::spawn(monitor_hsm(Arc::clone(&hsm), health)),
+        tokio::spawn(monitor_health(Arc::clone(&hsm), Arc::clone(&store), health)),
         tokio::spawn(retain_audit(
             Arc::clone(&audit),
             config.audit.retention.clone(),
         )),
-        tokio::spawn(commit_audit(Arc::clone(&audit), flusher.clone())),
+        tokio::spawn(commit_audit(Arc::clone(&audit))),
         tokio::spawn(reload_on_hangup(Arc::clone(&auth), tls.clone())),
     ]);
 
@@ -340,8 +342,8 @@ async fn serve_with_hsm(
 
     tracing::info!("stopped accepting; closing down");
     drop(background_tasks);
-    // Commits the last audit records too.
-    let flushed = flusher.flush().await;
+    // Commits the last audit records and makes everything durable.
+    let flushed = audit.persist().await;
     served?;
     flushed?;
     Ok(())
@@ -364,7 +366,7 @@ impl Drop for AbortOnDrop {
 /// import tokens and import parameters.
 async fn sweep_expired(keys: Arc<KeyManager>, tokens: Arc<ImportTokenManager>) {
     loop {
-        if let Err(e) = keys.expire_due() {
+        if let Err(e) = keys.expire_due().await {
             tracing::error!(error = %e, "key expiry sweep failed");
         }
         if let Err(e) = tokens.sweep().await {
@@ -378,16 +380,16 @@ async fn sweep_expired(keys: Arc<KeyManager>, tokens: Arc<ImportTokenManager>) {
 }
 
 /// Makes read calls' (and time-driven changes') audit records durable, every
-/// [`BACKGROUND_COMMIT`]: a group flush commits the trail first. Mutating calls do not
-/// wait for this; an idle server does not flush at all.
-async fn commit_audit(audit: Arc<AuditTrail>, flusher: GroupFlusher) {
+/// [`BACKGROUND_COMMIT`]. Mutating calls do not wait for this; an idle server does not
+/// write at all.
+async fn commit_audit(audit: Arc<AuditTrail>) {
     loop {
         tokio::time::sleep(BACKGROUND_COMMIT).await;
         if !audit.has_pending() {
             continue;
         }
-        // A failing flush is logged once per episode by the flusher itself.
-        if let Err(e) = flusher.flush().await {
+        // A failure is logged once per episode by the trail or the store.
+        if let Err(e) = audit.persist().await {
             tracing::debug!(error = %e, "background audit flush failed");
         }
     }
@@ -397,15 +399,10 @@ async fn commit_audit(audit: Arc<AuditTrail>, flusher: GroupFlusher) {
 async fn retain_audit(audit: Arc<AuditTrail>, retention: crate::audit::retention::Retention) {
     loop {
         tokio::time::sleep(AUDIT_RETENTION_INTERVAL).await;
-        let audit = Arc::clone(&audit);
-        let retention = retention.clone();
-        match tokio::task::spawn_blocking(move || audit.prune(&retention, AUDIT_RETENTION_BUDGET))
-            .await
-        {
-            Ok(Ok(0)) => {}
-            Ok(Ok(removed)) => tracing::debug!(removed, "audit retention removed old records"),
-            Ok(Err(e)) => tracing::error!(error = %e, "audit retention failed"),
-            Err(e) => tracing::error!(error = %e, "audit retention task failed"),
+        match audit.prune(&retention, AUDIT_RETENTION_BUDGET).await {
+            Ok(0) => {}
+            Ok(removed) => tracing::debug!(removed, "audit retention removed old records"),
+            Err(e) => tracing::error!(error = %e, "audit retention failed"),
         }
     }
 }
@@ -445,8 +442,9 @@ async fn reload_on_hangup(auth: Arc<Authenticator>, tls: Option<Arc<ReloadableTl
     }
 }
 
-/// Keeps the health service in step with the token: NOT_SERVING while it does not answer.
-async fn monitor_hsm(hsm: Arc<Hsm>, health: HealthReporter) {
+/// Keeps the health service in step with the token and the store: NOT_SERVING while
+/// either does not answer. A change is logged once, not on every check.
+async fn monitor_health(hsm: Arc<Hsm>, store: Arc<dyn Store>, health: HealthReporter) {
     let services = [
         "",
         "kms.v1.KeyService",
@@ -454,13 +452,34 @@ async fn monitor_hsm(hsm: Arc<Hsm>, health: HealthReporter) {
         "kms.v1.AuditService",
     ];
     let mut last = None;
+    let (mut hsm_failing, mut store_failing) = (false, false);
     loop {
-        let status = match hsm.ping().await {
-            Ok(()) => ServingStatus::Serving,
+        let hsm_ok = match hsm.ping().await {
+            Ok(()) => true,
             Err(e) => {
-                tracing::error!(error = %e, "HSM health check failed");
-                ServingStatus::NotServing
+                if !hsm_failing {
+                    tracing::error!(error = %e, "HSM health check failed");
+                }
+                false
             }
+        };
+        let store_ok = match store.ping().await {
+            Ok(()) => true,
+            Err(e) => {
+                if !store_failing {
+                    tracing::error!(error = %e, "store health check failed");
+                }
+                false
+            }
+        };
+        if (hsm_failing && hsm_ok) || (store_failing && store_ok) {
+            tracing::warn!(hsm = hsm_ok, store = store_ok, "health check recovered");
+        }
+        (hsm_failing, store_failing) = (!hsm_ok, !store_ok);
+        let status = if hsm_ok && store_ok {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
         };
         if last != Some(status) {
             for service in services {
@@ -468,6 +487,11 @@ async fn monitor_hsm(hsm: Arc<Hsm>, health: HealthReporter) {
             }
             last = Some(status);
         }
-        tokio::time::sleep(HSM_HEALTH_INTERVAL).await;
+        let interval = if status == ServingStatus::Serving {
+            HEALTH_INTERVAL
+        } else {
+            HEALTH_INTERVAL_FAILING
+        };
+        tokio::time::sleep(interval).await;
     }
 }

@@ -1,74 +1,126 @@
-//! Persistence of key metadata and KEK-wrapped blobs, behind a small trait so the domain
-//! does not see sled.
+//! Persistence of key metadata, KEK-wrapped blobs, import state and the audit trail,
+//! behind traits any real database can implement. Two backends: sled (the embedded
+//! default, [`sled`]) and PostgreSQL ([`postgres`], several replicas on one database).
 //!
-//! Writes are made durable by [`GroupFlusher`]: a mutating call flushes before it is
-//! acknowledged, and concurrent callers share one fsync.
+//! The contract every backend keeps, and [`conformance`] checks:
+//! - Durability is the store's: a change is durable once [`Durability::sync`] returns
+//!   after it (sled: one group flush shared by concurrent callers; PostgreSQL: every
+//!   write is a committed transaction, so `sync` has nothing to wait for).
+//! - Records that change carry a [`Revision`]; a replacement names the revision it was
+//!   computed from and fails with [`StoreError::Conflict`] if the stored one moved on
+//!   (compare-and-swap). Retrying is the domain's, in one bounded helper.
+//! - Errors are one [`StoreError`]: unavailable (retry later), conflict, corrupt, or a
+//!   schema newer than this build. Each backend maps its own errors into it.
+//! - Every method is async. A backend either does real async I/O (PostgreSQL) or says
+//!   in its module which calls run inline and which go to a blocking thread (sled).
+//! - The HSM layer never sees a store: the domain reads blobs and hands them over.
 
-mod flush;
-mod sled_audit;
-mod sled_store;
+pub mod conformance;
+pub mod postgres;
+pub mod sled;
 
-pub use flush::GroupFlusher;
-pub use sled_store::SledStore;
+use std::sync::Arc;
 
+use async_trait::async_trait;
 use uuid::Uuid;
 
+pub use self::postgres::{PostgresConfig, PostgresStore};
+pub use self::sled::SledStore;
 use crate::domain::model::{
     ImportParametersRecord, ImportTokenRecord, KeyFilter, KeyRecord, Millis, VersionRecord,
 };
 use crate::hsm::RsaKeyPair;
 
-/// Version of the on-disk layout (trees and key encodings) written by this build.
-pub const STORE_SCHEMA: u32 = 1;
+/// Version of the layout (tables, trees, encodings) written by this build. Older layouts
+/// are migrated when a store opens; a newer one is refused.
+pub const STORE_SCHEMA: u32 = 2;
+
+/// Counts the changes of one record: 0 when created, one more on every replacement.
+pub type Revision = u64;
+
+/// Any boxed error a backend wraps as the cause of [`StoreError::Unavailable`].
+pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("database error: {0}")]
-    Database(#[from] sled::Error),
+    /// The database cannot be reached or failed the operation; a later call may work.
+    #[error("the {backend} store is unavailable: {cause}")]
+    Unavailable { backend: &'static str, cause: Cause },
 
     #[error("record {what} is corrupt: {reason}")]
     Corrupt { what: String, reason: String },
 
     #[error(
-        "the database at {path} has schema version {found}, this build reads version {expected}"
+        "the store at {location} has schema version {found}; this build knows versions up to {known}"
     )]
-    SchemaMismatch {
-        path: String,
+    SchemaTooNew {
+        location: String,
         found: u32,
-        expected: u32,
+        known: u32,
     },
 
     /// The record changed since it was read; the caller may re-read and retry.
     #[error("the record was changed concurrently")]
     Conflict,
-
-    #[error("flushing the database failed: {0}")]
-    Flush(String),
-
-    #[error("the store's flush worker stopped")]
-    FlushWorkerGone,
 }
 
-/// What the domain needs from storage. Every method is short and synchronous; durability
-/// is requested separately through [`GroupFlusher`].
-pub trait KeyStore: Send + Sync + 'static {
-    /// True when any key record exists, in any instance.
-    fn has_keys(&self) -> Result<bool, StoreError>;
+impl StoreError {
+    pub fn unavailable(backend: &'static str, cause: impl Into<Cause>) -> Self {
+        StoreError::Unavailable {
+            backend,
+            cause: cause.into(),
+        }
+    }
 
-    /// Inserts a new key and its first version (if any), updating the instance counters.
-    fn insert_key(
+    pub fn corrupt(what: impl Into<String>, reason: impl Into<String>) -> Self {
+        StoreError::Corrupt {
+            what: what.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Where a backend's durability promise is kept.
+#[async_trait]
+pub trait Durability: Send + Sync + 'static {
+    /// Returns once every write this store returned from before the call is durable.
+    async fn sync(&self) -> Result<(), StoreError>;
+}
+
+/// A whole store: what the server opens, one object for every trait.
+#[async_trait]
+pub trait Store: KeyStore + ImportStore + AuditStore {
+    /// A cheap round trip to the database, for health.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Where the data lives, for logs: never a password.
+    fn describe(&self) -> String;
+}
+
+/// What the domain needs from storage for keys and their versions.
+#[async_trait]
+pub trait KeyStore: Durability {
+    /// True when any key record exists, in any instance.
+    async fn has_keys(&self) -> Result<bool, StoreError>;
+
+    /// Inserts a new key (revision 0) and its first version (if any), updating the
+    /// instance counters. A key id that exists already is a conflict.
+    async fn insert_key(
         &self,
         key: &KeyRecord,
         version: Option<&VersionRecord>,
     ) -> Result<(), StoreError>;
 
-    fn get_key(&self, instance: &str, id: Uuid) -> Result<Option<KeyRecord>, StoreError>;
+    /// The key as stored, with its revision. A backend shared by several processes may
+    /// answer from a local cache no older than its documented bound.
+    async fn get_key(&self, instance: &str, id: Uuid) -> Result<Option<KeyRecord>, StoreError>;
 
-    /// Replaces `previous` by `next` if the stored record still equals `previous`
-    /// (otherwise `StoreError::Conflict`), adjusting counters and the list index.
-    /// `new_version` is added in the same transaction (rotation); `erase_material` also
-    /// erases the wrapped blob of every existing version of the key.
-    fn replace_key(
+    /// Replaces `previous` by `next` if the stored revision is still `previous.revision`
+    /// (otherwise `StoreError::Conflict`, nothing changed); `next.revision` must be one
+    /// more. Adjusts counters and indexes; `new_version` is added in the same
+    /// transaction (rotation); `erase_material` erases the wrapped blob of every
+    /// existing version of the key.
+    async fn replace_key(
         &self,
         previous: &KeyRecord,
         next: &KeyRecord,
@@ -76,18 +128,18 @@ pub trait KeyStore: Send + Sync + 'static {
         erase_material: bool,
     ) -> Result<(), StoreError>;
 
-    fn get_version(
+    async fn get_version(
         &self,
         key_id: Uuid,
         version_id: Uuid,
     ) -> Result<Option<VersionRecord>, StoreError>;
 
     /// Every version of a key, newest first.
-    fn list_versions(&self, key_id: Uuid) -> Result<Vec<VersionRecord>, StoreError>;
+    async fn list_versions(&self, key_id: Uuid) -> Result<Vec<VersionRecord>, StoreError>;
 
     /// One page of an instance's keys in creation order (then id), and the total
     /// number matching the filter.
-    fn list_keys(
+    async fn list_keys(
         &self,
         instance: &str,
         filter: &KeyFilter,
@@ -96,22 +148,32 @@ pub trait KeyStore: Send + Sync + 'static {
     ) -> Result<(Vec<KeyRecord>, u64), StoreError>;
 
     /// Number of an instance's keys matching the filter, from counters (no scan).
-    fn count_keys(&self, instance: &str, filter: &KeyFilter) -> Result<u64, StoreError>;
+    async fn count_keys(&self, instance: &str, filter: &KeyFilter) -> Result<u64, StoreError>;
 
     /// Up to `limit` keys with a time-driven transition due at or before `now`
     /// ([`KeyRecord::next_transition_at`]), as (instance, key id), from an index kept
     /// with the records.
-    fn due_for_expiry(&self, now: Millis, limit: usize) -> Result<Vec<(String, Uuid)>, StoreError>;
+    async fn due_for_expiry(
+        &self,
+        now: Millis,
+        limit: usize,
+    ) -> Result<Vec<(String, Uuid)>, StoreError>;
 }
 
 /// What key import needs from storage: import tokens (one per instance), the parameters
 /// of EXTERNAL keys, and the pool of pre-generated RSA key pairs.
-pub trait ImportStore: Send + Sync + 'static {
-    fn get_import_token(&self, instance: &str) -> Result<Option<ImportTokenRecord>, StoreError>;
+#[async_trait]
+pub trait ImportStore: Durability {
+    async fn get_import_token(
+        &self,
+        instance: &str,
+    ) -> Result<Option<ImportTokenRecord>, StoreError>;
 
-    /// Replaces the instance's token (or removes it, with `None`) if the stored one still
-    /// equals `previous` (`None`: there is none); otherwise `StoreError::Conflict`.
-    fn swap_import_token(
+    /// Replaces the instance's token (or removes it, with `None`) if the stored one is
+    /// still `previous` (same id and revision; `None`: there is none); otherwise
+    /// `StoreError::Conflict`. A `next` with the id of `previous` must carry the next
+    /// revision; a new token starts at 0.
+    async fn swap_import_token(
         &self,
         instance: &str,
         previous: Option<&ImportTokenRecord>,
@@ -119,64 +181,105 @@ pub trait ImportStore: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
 
     /// Every stored import token, for the expiry sweep (one per instance at most).
-    fn import_tokens(&self) -> Result<Vec<ImportTokenRecord>, StoreError>;
+    async fn import_tokens(&self) -> Result<Vec<ImportTokenRecord>, StoreError>;
 
-    fn get_import_parameters(
+    async fn get_import_parameters(
         &self,
         key_id: Uuid,
     ) -> Result<Option<ImportParametersRecord>, StoreError>;
 
-    fn put_import_parameters(&self, parameters: &ImportParametersRecord) -> Result<(), StoreError>;
+    async fn put_import_parameters(
+        &self,
+        parameters: &ImportParametersRecord,
+    ) -> Result<(), StoreError>;
 
-    fn remove_import_parameters(&self, key_id: Uuid) -> Result<(), StoreError>;
+    async fn remove_import_parameters(&self, key_id: Uuid) -> Result<(), StoreError>;
 
     /// Key ids whose import parameters expired at or before `now`.
-    fn expired_import_parameters(&self, now: Millis) -> Result<Vec<Uuid>, StoreError>;
+    async fn expired_import_parameters(&self, now: Millis) -> Result<Vec<Uuid>, StoreError>;
 
-    fn push_key_pair(&self, pair: &RsaKeyPair) -> Result<(), StoreError>;
+    async fn push_key_pair(&self, pair: &RsaKeyPair) -> Result<(), StoreError>;
 
-    /// Removes and returns one stored pair of this size, if any.
-    fn take_key_pair(&self, bits: u32) -> Result<Option<RsaKeyPair>, StoreError>;
+    /// Removes and returns one stored pair of this size, if any; two callers never get
+    /// the same pair.
+    async fn take_key_pair(&self, bits: u32) -> Result<Option<RsaKeyPair>, StoreError>;
 
-    fn count_key_pairs(&self, bits: u32) -> Result<usize, StoreError>;
+    async fn count_key_pairs(&self, bits: u32) -> Result<usize, StoreError>;
 
     /// Drops every import token, import parameters record and pooled pair: used when a
     /// new master KEK was created, since their private keys were wrapped under the old.
-    fn clear_import_state(&self) -> Result<usize, StoreError>;
+    async fn clear_import_state(&self) -> Result<usize, StoreError>;
 }
 
+/// Where the audit chain ends: its newest record's sequence number and hash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChainEnd {
+    pub seq: u64,
+    pub hash: [u8; 32],
+}
+
+/// What [`AuditStore::append_audit`]'s `seal` returns: blocks to store, oldest first,
+/// each under its first sequence number, and the chain's new end.
+#[derive(Debug, Default)]
+pub struct SealedBlocks {
+    pub blocks: Vec<(u64, Vec<u8>)>,
+    pub end: Option<ChainEnd>,
+}
+
+/// Builds the blocks that continue the chain from where it ends (`None`: nothing yet).
+pub type Seal<'a> = &'a (dyn Fn(Option<ChainEnd>) -> SealedBlocks + Send + Sync);
+
 /// The audit trail's storage: blocks of consecutive records as opaque bytes, each under
-/// the sequence number of its first record, and the anchor retention leaves behind.
-/// Record format and chaining are `crate::audit`'s.
-pub trait AuditStore: Send + Sync + 'static {
-    /// Stores a block; blocks arrive in sequence order.
-    fn append_audit_block(&self, first_seq: u64, block: &[u8]) -> Result<(), StoreError>;
+/// the sequence number of its first record, the chain's end, and the anchor retention
+/// leaves behind. Record format and chaining are `crate::audit`'s. One chain per store,
+/// whatever number of processes append to it.
+#[async_trait]
+pub trait AuditStore: Durability {
+    /// Reads the chain's end and stores what `seal` makes of it, as one step no other
+    /// appender (in this or another process) can interleave with. `seal` may be called
+    /// more than once if the backend retries.
+    async fn append_audit(&self, seal: Seal<'_>) -> Result<(), StoreError>;
+
+    /// The chain's end as stored with the last append.
+    async fn audit_chain_end(&self) -> Result<Option<ChainEnd>, StoreError>;
 
     /// The newest block.
-    fn last_audit_block(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
+    async fn last_audit_block(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
 
     /// Up to `limit` blocks whose first sequence number is below `before` (all, with
     /// `None`), newest first.
-    fn audit_blocks_before(
+    async fn audit_blocks_before(
         &self,
         before: Option<u64>,
         limit: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
 
     /// Up to `limit` blocks whose first sequence number is `from` or more, oldest first.
-    fn audit_blocks_from(&self, from: u64, limit: usize)
-    -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+    async fn audit_blocks_from(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
 
     /// The sequence number and hash of the last record retention removed, if any.
-    fn audit_anchor(&self) -> Result<Option<(u64, [u8; 32])>, StoreError>;
+    async fn audit_anchor(&self) -> Result<Option<ChainEnd>, StoreError>;
 
     /// Removes every block whose first sequence number is `upto` or less and makes
-    /// (`anchor_seq`, `anchor_hash`) the anchor, in one transaction. Returns how many
-    /// blocks it removed.
-    fn prune_audit_blocks(
-        &self,
-        upto: u64,
-        anchor_seq: u64,
-        anchor_hash: [u8; 32],
-    ) -> Result<usize, StoreError>;
+    /// `anchor` the anchor, in one transaction. Returns how many blocks it removed.
+    async fn prune_audit_blocks(&self, upto: u64, anchor: ChainEnd) -> Result<usize, StoreError>;
+}
+
+/// Which backend to open, from the configuration.
+#[derive(Clone, Debug)]
+pub enum StoreConfig {
+    Sled { path: std::path::PathBuf },
+    Postgres(PostgresConfig),
+}
+
+/// Opens (creating or migrating its schema) the configured store.
+pub async fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(match config {
+        StoreConfig::Sled { path } => Arc::new(SledStore::open(path)?),
+        StoreConfig::Postgres(config) => Arc::new(PostgresStore::connect(config).await?),
+    })
 }

@@ -2,8 +2,6 @@
 //! the HSM under a key version unwrapped from its blob (cached in the HSM); the
 //! ciphertext format is in [`crate::domain::ciphertext`].
 
-use std::sync::Arc;
-
 use uuid::Uuid;
 
 use super::{KeyManager, missing_material, require_root, require_state};
@@ -43,7 +41,7 @@ impl KeyManager {
         plaintext: Option<SecretBytes>,
         aad: &[String],
     ) -> Result<Wrapped, KmsError> {
-        let key = self.current(ctx, id)?;
+        let key = self.current(ctx, id).await?;
         require_root(&key, "WrapKey")?;
         require_state(&key, "WrapKey", &[KeyState::Active])?;
         let generated = plaintext.is_none();
@@ -64,7 +62,7 @@ impl KeyManager {
         ciphertext: &[u8],
         aad: &[String],
     ) -> Result<Unwrapped, KmsError> {
-        let key = self.current(ctx, id)?;
+        let key = self.current(ctx, id).await?;
         require_root(&key, "UnwrapKey")?;
         require_state(
             &key,
@@ -96,7 +94,7 @@ impl KeyManager {
         ciphertext: &[u8],
         aad: &[String],
     ) -> Result<(Vec<u8>, Uuid), KmsError> {
-        let key = self.current(ctx, id)?;
+        let key = self.current(ctx, id).await?;
         require_root(&key, "RewrapKey")?;
         require_state(&key, "RewrapKey", &[KeyState::Active])?;
         let (_, plaintext) = self.open(&key, ciphertext, aad).await?;
@@ -111,22 +109,33 @@ impl KeyManager {
         aad: &[String],
     ) -> Result<(SecretBytes, Vec<u8>, Uuid), KmsError> {
         let version_id = key.current_version.ok_or_else(|| missing_material(key))?;
-        let version = self.version_ref(key.id, version_id);
-        let additional = ciphertext::additional_data(key.id, version_id, aad);
-        let (plaintext, sealed) = match self
-            .hsm
-            .seal(version, plaintext, DATA_KEY_BYTES, additional)
-            .await
-        {
-            Ok(sealed) => sealed,
-            Err(HsmError::NoSuchBlob) => return Err(missing_material(key)),
-            Err(e) => return Err(e.into()),
-        };
-        Ok((
-            plaintext,
-            ciphertext::encode(version_id, &sealed),
+        let id = VersionId {
+            key_id: key.id,
             version_id,
-        ))
+        };
+        let additional = ciphertext::additional_data(key.id, version_id, aad);
+        for need_blob in [false, true] {
+            let Some(version) = self.version_ref(id, need_blob).await? else {
+                return Err(missing_material(key));
+            };
+            match self
+                .hsm
+                .seal(version, plaintext.clone(), DATA_KEY_BYTES, additional.clone())
+                .await
+            {
+                Ok((plaintext, sealed)) => {
+                    return Ok((
+                        plaintext,
+                        ciphertext::encode(version_id, &sealed),
+                        version_id,
+                    ));
+                }
+                // Evicted between the check and the call: once more, with the blob.
+                Err(HsmError::NotCached) if !need_blob => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(HsmError::NotCached.into())
     }
 
     /// Every way a ciphertext can fail to open gives the same error: no oracle.
@@ -137,29 +146,50 @@ impl KeyManager {
         aad: &[String],
     ) -> Result<(Uuid, SecretBytes), KmsError> {
         let (version_id, sealed) = ciphertext::decode(bytes).ok_or_else(undecryptable)?;
-        let version = self.version_ref(key.id, version_id);
+        let id = VersionId {
+            key_id: key.id,
+            version_id,
+        };
         let additional = ciphertext::additional_data(key.id, version_id, aad);
-        match self.hsm.unseal(version, sealed, additional).await {
-            Ok(plaintext) => Ok((version_id, plaintext)),
+        for need_blob in [false, true] {
             // A version id that is not one of this key's is as undecryptable as a bad tag.
-            Err(HsmError::Rejected { .. } | HsmError::NoSuchBlob) => Err(undecryptable()),
-            Err(e) => Err(e.into()),
+            let Some(version) = self.version_ref(id, need_blob).await? else {
+                return Err(undecryptable());
+            };
+            match self
+                .hsm
+                .unseal(version, sealed.clone(), additional.clone())
+                .await
+            {
+                Ok(plaintext) => return Ok((version_id, plaintext)),
+                Err(HsmError::Rejected { .. }) => return Err(undecryptable()),
+                Err(HsmError::NotCached) if !need_blob => continue,
+                Err(e) => return Err(e.into()),
+            }
         }
+        Err(HsmError::NotCached.into())
     }
 
-    /// A key version for the HSM; its blob is read from the store only if the HSM does
-    /// not already hold the version unwrapped.
-    fn version_ref(&self, key_id: Uuid, version_id: Uuid) -> KeyVersionRef {
-        let store = Arc::clone(&self.store);
-        KeyVersionRef {
-            id: VersionId { key_id, version_id },
-            load: Box::new(move || {
-                store
-                    .get_version(key_id, version_id)
-                    .map(|v| v.and_then(|v| v.wrapped))
-                    .map_err(|e| e.to_string())
-            }),
+    /// A key version for the HSM: without its blob when the HSM holds it unwrapped (the
+    /// hot path reads nothing), with it, read from the store, otherwise. `None` when no
+    /// blob is stored (an unknown or erased version).
+    async fn version_ref(
+        &self,
+        id: VersionId,
+        need_blob: bool,
+    ) -> Result<Option<KeyVersionRef>, KmsError> {
+        if !need_blob && self.hsm.holds(&id) {
+            return Ok(Some(KeyVersionRef { id, blob: None }));
         }
+        let blob = self
+            .store
+            .get_version(id.key_id, id.version_id)
+            .await?
+            .and_then(|v| v.wrapped);
+        Ok(blob.map(|blob| KeyVersionRef {
+            id,
+            blob: Some(blob),
+        }))
     }
 }
 

@@ -108,7 +108,7 @@ impl KeyManager {
         import: SecureImport,
         allowed_sizes: Vec<usize>,
     ) -> Result<ImportedMaterial, KmsError> {
-        let token = self.imports.tokens.usable(ctx)?;
+        let token = self.imports.tokens.usable(ctx).await?;
         let request = MaterialImport {
             modulus_bits: token.key_pair.bits,
             private_key: token.key_pair.private_key,
@@ -136,7 +136,7 @@ impl KeyManager {
         hash: OaepHash,
         bits: u32,
     ) -> Result<ImportParameters, KmsError> {
-        let key = self.current(ctx, id)?;
+        let key = self.current(ctx, id).await?;
         require_external(&key, "GetParametersForImport")?;
         require_state(&key, "GetParametersForImport", &[KeyState::PreActivation])?;
         if self.hsm.capabilities().oaep(hash) == crate::hsm::OaepSupport::Unavailable {
@@ -158,7 +158,7 @@ impl KeyManager {
             expires_at: now + lifetime,
             key_pair,
         };
-        self.imports.store.put_import_parameters(&parameters)?;
+        self.imports.store.put_import_parameters(&parameters).await?;
         Ok(ImportParameters {
             key_id: id,
             import_token: encode_import_token(&parameters),
@@ -190,13 +190,14 @@ impl KeyManager {
         let (expiration_model, valid_to) =
             expiration(request.expiration_model, request.valid_to, now)?;
 
-        let key = self.current(ctx, id)?;
+        let key = self.current(ctx, id).await?;
         require_external(&key, "ImportKeyMaterial")?;
         require_state(&key, "ImportKeyMaterial", &[KeyState::PreActivation])?;
         let parameters = self
             .imports
             .store
-            .get_import_parameters(id)?
+            .get_import_parameters(id)
+            .await?
             .filter(|p| p.id == token.parameters_id && p.instance == ctx.instance);
         let parameters = match parameters {
             Some(p) if p.expires_at > now => p,
@@ -250,12 +251,13 @@ impl KeyManager {
 
         let version = match key.current_version {
             Some(version_id) => {
-                let previous =
-                    self.store
-                        .get_version(id, version_id)?
-                        .ok_or_else(|| KmsError::NotFound {
-                            what: format!("version {version_id} of key {id}"),
-                        })?;
+                let previous = self
+                    .store
+                    .get_version(id, version_id)
+                    .await?
+                    .ok_or_else(|| KmsError::NotFound {
+                        what: format!("version {version_id} of key {id}"),
+                    })?;
                 VersionRecord {
                     wrapped: Some(imported.wrapped),
                     ..previous
@@ -330,12 +332,16 @@ impl KeyManager {
 
     /// Removes import parameters that expired, with their wrapped private keys.
     pub async fn sweep_import_parameters(&self) -> Result<usize, KmsError> {
-        let expired = self.imports.store.expired_import_parameters(now_millis())?;
+        let expired = self
+            .imports
+            .store
+            .expired_import_parameters(now_millis())
+            .await?;
         for key_id in &expired {
-            self.imports.store.remove_import_parameters(*key_id)?;
+            self.imports.store.remove_import_parameters(*key_id).await?;
         }
         if !expired.is_empty() {
-            self.flusher.flush().await?;
+            self.imports.store.sync().await?;
         }
         Ok(expired.len())
     }

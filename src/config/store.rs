@@ -1,0 +1,160 @@
+//! The `[store]` section: which backend holds keys, versions, import state and the
+//! audit trail.
+//!
+//! ```toml
+//! [store]
+//! backend = "postgres"              # or "sled" (the default)
+//! url = "postgres://kms@db.internal/kms"  # or "host=/run/postgresql dbname=kms user=kms"
+//! password_file = "/etc/kms/db.password"  # or KMS_STORE_PASSWORD in the environment
+//! ca_file = "/etc/kms/db-ca.pem"    # TLS to the database, verified against this CA
+//! pool_size = 16
+//! cache_ttl_ms = 250                # how stale another replica's change may be seen
+//! ```
+//!
+//! `KMS_STORE_URL` overrides `url` and implies `backend = "postgres"`. A password is
+//! never taken from the command line; one inside the URL works but then lives in the
+//! configuration file or environment, so a password file is preferred.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{ConfigError, Env, parsed_var};
+use crate::secret::SecretBytes;
+use crate::store::postgres::{DEFAULT_CACHE_TTL_MS, DEFAULT_POOL_SIZE, MAX_CACHE_TTL_MS};
+use crate::store::{PostgresConfig, StoreConfig};
+
+pub const STORE_PASSWORD_ENV: &str = "KMS_STORE_PASSWORD";
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    #[default]
+    Sled,
+    Postgres,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct StoreSection {
+    backend: Option<Backend>,
+    /// sled: the database directory (default `<data dir>/db`).
+    path: Option<PathBuf>,
+    url: Option<String>,
+    password_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+    pool_size: Option<usize>,
+    cache_ttl_ms: Option<u64>,
+}
+
+fn invalid(name: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        name: name.into(),
+        reason: reason.into(),
+    }
+}
+
+pub(super) fn resolve(
+    section: Option<StoreSection>,
+    env: &dyn Env,
+    data_dir: &Path,
+) -> Result<StoreConfig, ConfigError> {
+    let section = section.unwrap_or_default();
+    let url = env.var("KMS_STORE_URL").or(section.url);
+    let backend = match env.var("KMS_STORE_BACKEND").as_deref() {
+        Some("sled") => Backend::Sled,
+        Some("postgres") => Backend::Postgres,
+        Some(other) => {
+            return Err(invalid(
+                "KMS_STORE_BACKEND",
+                format!("{other:?} is not sled or postgres"),
+            ));
+        }
+        None if url.is_some() && env.var("KMS_STORE_URL").is_some() => Backend::Postgres,
+        None => section.backend.unwrap_or_default(),
+    };
+    if backend == Backend::Sled {
+        let path = section.path.unwrap_or_else(|| data_dir.join("db"));
+        return Ok(StoreConfig::Sled { path });
+    }
+    let url = url.ok_or_else(|| {
+        invalid(
+            "store.url (KMS_STORE_URL)",
+            "required with backend = \"postgres\"",
+        )
+    })?;
+    let mut config = PostgresConfig::new(url);
+    // Checked here so a typo is a configuration error, not a start-up fault.
+    config.parsed().map_err(|_| {
+        invalid(
+            "store.url (KMS_STORE_URL)",
+            "is neither a postgres:// URL nor a key=value connection string",
+        )
+    })?;
+    let password_file = env
+        .var("KMS_STORE_PASSWORD_FILE")
+        .map(PathBuf::from)
+        .or(section.password_file);
+    config.password = match (env.var(STORE_PASSWORD_ENV), password_file) {
+        (Some(password), _) => Some(SecretBytes::new(password.into_bytes())),
+        (None, Some(file)) => {
+            let text = std::fs::read_to_string(&file).map_err(|e| {
+                invalid(
+                    "store.password_file (KMS_STORE_PASSWORD_FILE)",
+                    format!("cannot read {}: {e}", file.display()),
+                )
+            })?;
+            Some(SecretBytes::new(
+                text.trim_end_matches(['\r', '\n']).as_bytes().to_vec(),
+            ))
+        }
+        (None, None) => None,
+    };
+    config.ca_file = env
+        .var("KMS_STORE_CA_FILE")
+        .map(PathBuf::from)
+        .or(section.ca_file);
+    config.pool_size = parsed_var(env, "KMS_STORE_POOL_SIZE", "a number")?
+        .or(section.pool_size)
+        .unwrap_or(DEFAULT_POOL_SIZE);
+    if config.pool_size == 0 {
+        return Err(invalid("store.pool_size (KMS_STORE_POOL_SIZE)", "must be at least 1"));
+    }
+    let ttl = parsed_var(env, "KMS_STORE_CACHE_TTL_MS", "a number of milliseconds")?
+        .or(section.cache_ttl_ms)
+        .unwrap_or(DEFAULT_CACHE_TTL_MS);
+    if ttl > MAX_CACHE_TTL_MS {
+        return Err(invalid(
+            "store.cache_ttl_ms (KMS_STORE_CACHE_TTL_MS)",
+            format!("must be at most {MAX_CACHE_TTL_MS}; got {ttl}"),
+        ));
+    }
+    config.cache_ttl = Duration::from_millis(ttl);
+    Ok(StoreConfig::Postgres(config))
+}
+
+/// The PostgreSQL settings for a command given a store URL: password, CA file and pool
+/// from the environment as for `serve`.
+pub fn postgres_for_command(url: String, env: &dyn Env) -> Result<PostgresConfig, ConfigError> {
+    let section = StoreSection {
+        backend: Some(Backend::Postgres),
+        url: Some(url.clone()),
+        ..StoreSection::default()
+    };
+    // The command's URL wins over KMS_STORE_URL.
+    struct Except<'a>(&'a dyn Env, String);
+    impl Env for Except<'_> {
+        fn var(&self, name: &str) -> Option<String> {
+            if name == "KMS_STORE_URL" {
+                Some(self.1.clone())
+            } else {
+                self.0.var(name)
+            }
+        }
+    }
+    match resolve(Some(section), &Except(env, url), Path::new("."))? {
+        StoreConfig::Postgres(config) => Ok(config),
+        StoreConfig::Sled { .. } => Err(invalid("store URL", "not a PostgreSQL store")),
+    }
+}

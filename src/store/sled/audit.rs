@@ -1,0 +1,160 @@
+//! The audit trail in sled. Trees:
+//! - `audit`:      first seq of the block (BE u64) -> block bytes
+//! - `audit_meta`: "anchor" -> seq (BE u64) || hash (32 bytes); "end" -> the same, for
+//!   the chain's newest record
+//!
+//! Blocks, not single records: a sled insert costs several microseconds whatever its
+//! size, too much per call at tens of thousands of calls a second. Appends and the
+//! newest-block read run inline (point operations); range reads and pruning on a
+//! blocking thread.
+
+use ::sled::Transactional;
+use ::sled::transaction::{ConflictableTransactionError, TransactionError};
+use async_trait::async_trait;
+
+use super::{SledStore, Trees};
+use crate::store::{AuditStore, ChainEnd, Seal, StoreError};
+
+const ANCHOR_KEY: &[u8] = b"anchor";
+const END_KEY: &[u8] = b"end";
+
+fn seq_of(key: &[u8]) -> Result<u64, StoreError> {
+    Ok(u64::from_be_bytes(key.try_into().map_err(|_| {
+        StoreError::corrupt("audit record key", format!("{} bytes, not 8", key.len()))
+    })?))
+}
+
+fn entry(item: ::sled::Result<(::sled::IVec, ::sled::IVec)>) -> Result<(u64, Vec<u8>), StoreError> {
+    let (key, value) = item?;
+    Ok((seq_of(&key)?, value.to_vec()))
+}
+
+fn encode_end(end: &ChainEnd) -> Vec<u8> {
+    let mut raw = end.seq.to_be_bytes().to_vec();
+    raw.extend_from_slice(&end.hash);
+    raw
+}
+
+fn decode_end(what: &str, raw: &[u8]) -> Result<ChainEnd, StoreError> {
+    if raw.len() != 40 {
+        return Err(StoreError::corrupt(what, format!("{} bytes, not 40", raw.len())));
+    }
+    Ok(ChainEnd {
+        seq: seq_of(&raw[..8])?,
+        hash: raw[8..].try_into().expect("32 bytes"),
+    })
+}
+
+impl Trees {
+    fn chain_end(&self) -> Result<Option<ChainEnd>, StoreError> {
+        self.audit_meta
+            .get(END_KEY)?
+            .map(|raw| decode_end("audit chain end", &raw))
+            .transpose()
+    }
+
+    fn append_audit(&self, seal: Seal<'_>) -> Result<(), StoreError> {
+        let _appending = self.audit_append.lock().unwrap_or_else(|e| e.into_inner());
+        let sealed = seal(self.chain_end()?);
+        let end = sealed.end.as_ref().map(encode_end);
+        (&self.audit, &self.audit_meta)
+            .transaction(|(audit, meta)| {
+                for (first_seq, block) in &sealed.blocks {
+                    audit.insert(&first_seq.to_be_bytes(), block.as_slice())?;
+                }
+                if let Some(end) = &end {
+                    meta.insert(END_KEY, end.as_slice())?;
+                }
+                Ok::<_, ConflictableTransactionError<()>>(())
+            })
+            .map_err(transaction_error)
+    }
+
+    fn prune_audit_blocks(&self, upto: u64, anchor: ChainEnd) -> Result<usize, StoreError> {
+        let doomed: Vec<::sled::IVec> = self
+            .audit
+            .range(..=upto.to_be_bytes())
+            .keys()
+            .collect::<Result<_, _>>()?;
+        let anchor = encode_end(&anchor);
+        (&self.audit, &self.audit_meta)
+            .transaction(|(audit, meta)| {
+                for key in &doomed {
+                    audit.remove(key)?;
+                }
+                meta.insert(ANCHOR_KEY, anchor.as_slice())?;
+                Ok::<_, ConflictableTransactionError<()>>(())
+            })
+            .map_err(transaction_error)?;
+        Ok(doomed.len())
+    }
+}
+
+fn transaction_error(e: TransactionError<()>) -> StoreError {
+    match e {
+        TransactionError::Storage(e) => e.into(),
+        TransactionError::Abort(()) => StoreError::Conflict,
+    }
+}
+
+#[async_trait]
+impl AuditStore for SledStore {
+    async fn append_audit(&self, seal: Seal<'_>) -> Result<(), StoreError> {
+        self.trees.append_audit(seal)
+    }
+
+    async fn audit_chain_end(&self) -> Result<Option<ChainEnd>, StoreError> {
+        self.trees.chain_end()
+    }
+
+    async fn last_audit_block(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        match self.trees.audit.last()? {
+            Some((key, value)) => Ok(Some((seq_of(&key)?, value.to_vec()))),
+            None => Ok(None),
+        }
+    }
+
+    async fn audit_blocks_before(
+        &self,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.blocking(move |trees| {
+            let iter = match before {
+                Some(seq) => trees.audit.range(..seq.to_be_bytes()),
+                None => trees.audit.iter(),
+            };
+            iter.rev().take(limit).map(entry).collect()
+        })
+        .await
+    }
+
+    async fn audit_blocks_from(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.blocking(move |trees| {
+            trees
+                .audit
+                .range(from.to_be_bytes()..)
+                .take(limit)
+                .map(entry)
+                .collect()
+        })
+        .await
+    }
+
+    async fn audit_anchor(&self) -> Result<Option<ChainEnd>, StoreError> {
+        self.trees
+            .audit_meta
+            .get(ANCHOR_KEY)?
+            .map(|raw| decode_end("audit anchor", &raw))
+            .transpose()
+    }
+
+    async fn prune_audit_blocks(&self, upto: u64, anchor: ChainEnd) -> Result<usize, StoreError> {
+        self.blocking(move |trees| trees.prune_audit_blocks(upto, anchor))
+            .await
+    }
+}

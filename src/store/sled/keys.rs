@@ -1,0 +1,435 @@
+//! Keys, versions, counters and the expiry index in sled (layout in the module above).
+
+use std::num::NonZeroUsize;
+use std::sync::Mutex;
+
+use ::sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use ::sled::{IVec, Transactional, Tree};
+use async_trait::async_trait;
+use lru::LruCache;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use uuid::Uuid;
+
+use super::{SledStore, Trees};
+use crate::domain::model::{KeyFilter, KeyRecord, KeyState, Millis, VersionRecord};
+use crate::store::{KeyStore, Revision, StoreError};
+
+fn instance_prefix(instance: &str) -> Vec<u8> {
+    let mut prefix = Vec::with_capacity(instance.len() + 1);
+    prefix.extend_from_slice(instance.as_bytes());
+    prefix.push(0);
+    prefix
+}
+
+fn key_key(instance: &str, id: Uuid) -> Vec<u8> {
+    let mut k = instance_prefix(instance);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+fn order_key(key: &KeyRecord) -> Vec<u8> {
+    let mut k = instance_prefix(&key.instance);
+    k.extend_from_slice(&(key.created_at as u64).to_be_bytes());
+    k.extend_from_slice(key.id.as_bytes());
+    k
+}
+
+fn order_value(key: &KeyRecord) -> [u8; 2] {
+    [key.state.code(), key.extractable as u8]
+}
+
+fn counter_key(instance: &str, state: KeyState, extractable: bool) -> Vec<u8> {
+    let mut k = instance_prefix(instance);
+    k.push(state.code());
+    k.push(extractable as u8);
+    k
+}
+
+/// The expiry-index entry of a key, if it should have one.
+fn expiry_key(key: &KeyRecord) -> Option<Vec<u8>> {
+    let at = key.next_transition_at()?;
+    let mut k = (at.max(0) as u64).to_be_bytes().to_vec();
+    k.extend_from_slice(&key_key(&key.instance, key.id));
+    Some(k)
+}
+
+fn version_key(version: &VersionRecord) -> Vec<u8> {
+    let mut k = version.key_id.as_bytes().to_vec();
+    k.extend_from_slice(&(version.created_at as u64).to_be_bytes());
+    k.extend_from_slice(version.id.as_bytes());
+    k
+}
+
+pub(super) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("records always serialize")
+}
+
+pub(super) fn decode<T: DeserializeOwned>(what: &str, raw: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(raw).map_err(|e| StoreError::corrupt(what, e.to_string()))
+}
+
+/// Decoded key records, each with the exact bytes it was decoded from. A read whose
+/// bytes equal the remembered ones skips the JSON decode, the largest cost of a
+/// WrapKey/UnwrapKey outside the HSM. sled stays the only source of truth: every read
+/// still fetches the stored bytes, so a changed record can never be served stale.
+pub(super) struct DecodedKeys {
+    shards: Vec<Mutex<LruCache<Uuid, (IVec, KeyRecord)>>>,
+}
+
+impl DecodedKeys {
+    const SHARDS: usize = 16;
+    const PER_SHARD: usize = 256;
+
+    pub(super) fn new() -> Self {
+        let per_shard = NonZeroUsize::new(Self::PER_SHARD).expect("non-zero");
+        Self {
+            shards: (0..Self::SHARDS)
+                .map(|_| Mutex::new(LruCache::new(per_shard)))
+                .collect(),
+        }
+    }
+
+    fn decode(&self, id: Uuid, raw: IVec) -> Result<KeyRecord, StoreError> {
+        let shard = &self.shards[id.as_u128() as usize % Self::SHARDS];
+        if let Some((bytes, record)) = shard.lock().unwrap_or_else(|e| e.into_inner()).get(&id)
+            && *bytes == raw
+        {
+            return Ok(record.clone());
+        }
+        let record = decode_key_value(&raw)?;
+        shard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .put(id, (raw, record.clone()));
+        Ok(record)
+    }
+}
+
+type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
+
+fn add_to_counter(counters: &TransactionalTree, key: &KeyRecord, delta: i64) -> TxResult<()> {
+    let ck = counter_key(&key.instance, key.state, key.extractable);
+    let current = counters
+        .get(&ck)?
+        .map(|raw| u64::from_be_bytes(raw.as_ref().try_into().unwrap_or([0; 8])))
+        .unwrap_or(0);
+    let next = (current as i64 + delta).max(0) as u64;
+    counters.insert(ck, &next.to_be_bytes())?;
+    Ok(())
+}
+
+fn unpack<T>(result: Result<T, TransactionError<StoreError>>) -> Result<T, StoreError> {
+    result.map_err(|e| match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => e.into(),
+    })
+}
+
+/// A key record's stored value: its revision, then its JSON.
+pub(super) fn encode_key_value(revision: Revision, json: &[u8]) -> Vec<u8> {
+    let mut value = Vec::with_capacity(8 + json.len());
+    value.extend_from_slice(&revision.to_be_bytes());
+    value.extend_from_slice(json);
+    value
+}
+
+fn stored_revision(raw: &[u8]) -> Result<Revision, StoreError> {
+    raw.get(..8)
+        .map(|r| Revision::from_be_bytes(r.try_into().expect("8 bytes")))
+        .ok_or_else(|| StoreError::corrupt("key", "shorter than its revision"))
+}
+
+fn decode_key_value(raw: &[u8]) -> Result<KeyRecord, StoreError> {
+    let revision = stored_revision(raw)?;
+    let mut record: KeyRecord = decode("key", &raw[8..])?;
+    record.revision = revision;
+    Ok(record)
+}
+
+fn key_value(key: &KeyRecord) -> Vec<u8> {
+    encode_key_value(key.revision, &encode(key))
+}
+
+
+impl Trees {
+    /// Every tree a key's records live in: each key transaction spans them all.
+    fn key_trees(&self) -> (&Tree, &Tree, &Tree, &Tree, &Tree) {
+        (
+            &self.keys,
+            &self.order,
+            &self.counters,
+            &self.versions,
+            &self.expiry,
+        )
+    }
+
+    fn insert_key(&self, key: &KeyRecord, version: Option<&VersionRecord>) -> Result<(), StoreError> {
+        let record = key_value(&KeyRecord {
+            revision: 0,
+            ..key.clone()
+        });
+        let version_entry = version.map(|v| (version_key(v), encode(v)));
+        let expiry_entry = expiry_key(key);
+        unpack(
+            self.key_trees()
+                .transaction(|(keys, order, counters, versions, expiry)| {
+                    let kk = key_key(&key.instance, key.id);
+                    if keys.get(&kk)?.is_some() {
+                        return Err(ConflictableTransactionError::Abort(StoreError::Conflict));
+                    }
+                    keys.insert(kk, record.as_slice())?;
+                    order.insert(order_key(key), &order_value(key))?;
+                    add_to_counter(counters, key, 1)?;
+                    if let Some(entry) = &expiry_entry {
+                        expiry.insert(entry.as_slice(), &[])?;
+                    }
+                    if let Some((vk, vv)) = &version_entry {
+                        versions.insert(vk.as_slice(), vv.as_slice())?;
+                    }
+                    Ok(())
+                }),
+        )
+    }
+
+    fn get_key(&self, instance: &str, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
+        match self.keys.get(key_key(instance, id))? {
+            Some(raw) => self.decoded_keys.decode(id, raw).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn replace_key(
+        &self,
+        previous: &KeyRecord,
+        next: &KeyRecord,
+        new_version: Option<&VersionRecord>,
+        erase_material: bool,
+    ) -> Result<(), StoreError> {
+        if next.revision != previous.revision + 1 {
+            return Err(StoreError::Conflict);
+        }
+        let added = new_version.map(|v| (version_key(v), encode(v)));
+        let record = key_value(next);
+        // Versions to erase are read outside the transaction; a version added
+        // concurrently changes the key's revision, which makes the check below fail.
+        let mut erased = Vec::new();
+        if erase_material {
+            for version in self.list_versions(previous.id)? {
+                let key = version_key(&version);
+                erased.push((
+                    key,
+                    encode(&VersionRecord {
+                        wrapped: None,
+                        ..version
+                    }),
+                ));
+            }
+        }
+        let (old_expiry, new_expiry) = (expiry_key(previous), expiry_key(next));
+        unpack(
+            self.key_trees()
+                .transaction(|(keys, order, counters, versions, expiry)| {
+                    let kk = key_key(&previous.instance, previous.id);
+                    match keys.get(&kk)? {
+                        Some(current)
+                            if stored_revision(&current)
+                                .map_err(ConflictableTransactionError::Abort)?
+                                == previous.revision => {}
+                        _ => return Err(ConflictableTransactionError::Abort(StoreError::Conflict)),
+                    }
+                    keys.insert(kk, record.as_slice())?;
+                    order.insert(order_key(next), &order_value(next))?;
+                    add_to_counter(counters, previous, -1)?;
+                    add_to_counter(counters, next, 1)?;
+                    for (vk, vv) in erased.iter().chain(added.iter()) {
+                        versions.insert(vk.as_slice(), vv.as_slice())?;
+                    }
+                    if old_expiry != new_expiry {
+                        if let Some(entry) = &old_expiry {
+                            expiry.remove(entry.as_slice())?;
+                        }
+                        if let Some(entry) = &new_expiry {
+                            expiry.insert(entry.as_slice(), &[])?;
+                        }
+                    }
+                    Ok(())
+                }),
+        )
+    }
+
+    fn get_version(&self, key_id: Uuid, version_id: Uuid) -> Result<Option<VersionRecord>, StoreError> {
+        for entry in self.versions.scan_prefix(key_id.as_bytes()) {
+            let (k, v) = entry?;
+            if k.ends_with(version_id.as_bytes()) {
+                return Ok(Some(decode("version", &v)?));
+            }
+        }
+        Ok(None)
+    }
+
+    fn list_versions(&self, key_id: Uuid) -> Result<Vec<VersionRecord>, StoreError> {
+        self.versions
+            .scan_prefix(key_id.as_bytes())
+            .rev()
+            .map(|entry| decode("version", &entry?.1))
+            .collect()
+    }
+
+    fn list_keys(
+        &self,
+        instance: &str,
+        filter: &KeyFilter,
+        offset: usize,
+        limit: usize,
+    ) -> Result<(Vec<KeyRecord>, u64), StoreError> {
+        let total = self.count_keys(instance, filter)?;
+        let prefix = instance_prefix(instance);
+        let mut page = Vec::with_capacity(limit.min(total as usize));
+        let mut skipped = 0usize;
+        for entry in self.order.scan_prefix(&prefix) {
+            if page.len() >= limit {
+                break;
+            }
+            let (k, v) = entry?;
+            let state = v.first().and_then(|c| KeyState::from_code(*c));
+            let extractable = v.get(1).is_some_and(|e| *e == 1);
+            let Some(state) = state else {
+                return Err(StoreError::corrupt("order index", "bad state byte"));
+            };
+            if !filter.matches(state, extractable) {
+                continue;
+            }
+            if skipped < offset {
+                skipped += 1;
+                continue;
+            }
+            let id_bytes: [u8; 16] = k[k.len() - 16..].try_into().expect("16 bytes");
+            let id = Uuid::from_bytes(id_bytes);
+            match self.get_key(instance, id)? {
+                Some(record) => page.push(record),
+                None => {
+                    return Err(StoreError::corrupt(
+                        format!("order index entry for {id}"),
+                        "no key record",
+                    ));
+                }
+            }
+        }
+        Ok((page, total))
+    }
+
+    fn due_for_expiry(&self, now: Millis, limit: usize) -> Result<Vec<(String, Uuid)>, StoreError> {
+        let end = ((now.max(0) as u64) + 1).to_be_bytes();
+        self.expiry
+            .range(..end.as_slice())
+            .take(limit)
+            .map(|entry| decode_expiry_entry(&entry?.0))
+            .collect()
+    }
+
+    fn count_keys(&self, instance: &str, filter: &KeyFilter) -> Result<u64, StoreError> {
+        let mut total = 0u64;
+        for state in KeyState::ALL {
+            for extractable in [false, true] {
+                if !filter.matches(state, extractable) {
+                    continue;
+                }
+                if let Some(raw) = self
+                    .counters
+                    .get(counter_key(instance, state, extractable))?
+                {
+                    total += u64::from_be_bytes(
+                        raw.as_ref()
+                            .try_into()
+                            .map_err(|_| StoreError::corrupt("counter", "not 8 bytes"))?,
+                    );
+                }
+            }
+        }
+        Ok(total)
+    }
+}
+
+fn decode_expiry_entry(entry: &[u8]) -> Result<(String, Uuid), StoreError> {
+    let corrupt = || StoreError::corrupt("expiry index", "malformed entry");
+    if entry.len() < 8 + 1 + 16 {
+        return Err(corrupt());
+    }
+    let rest = &entry[8..];
+    let (instance, id) = rest.split_at(rest.len() - 16);
+    let instance = instance.strip_suffix(&[0]).ok_or_else(corrupt)?;
+    let instance = String::from_utf8(instance.to_vec()).map_err(|_| corrupt())?;
+    Ok((
+        instance,
+        Uuid::from_bytes(id.try_into().map_err(|_| corrupt())?),
+    ))
+}
+
+/// Point reads and single-key transactions inline; scans on a blocking thread.
+#[async_trait]
+impl KeyStore for SledStore {
+    async fn has_keys(&self) -> Result<bool, StoreError> {
+        Ok(!self.trees.keys.is_empty())
+    }
+
+    async fn insert_key(
+        &self,
+        key: &KeyRecord,
+        version: Option<&VersionRecord>,
+    ) -> Result<(), StoreError> {
+        self.trees.insert_key(key, version)
+    }
+
+    async fn get_key(&self, instance: &str, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
+        self.trees.get_key(instance, id)
+    }
+
+    async fn replace_key(
+        &self,
+        previous: &KeyRecord,
+        next: &KeyRecord,
+        new_version: Option<&VersionRecord>,
+        erase_material: bool,
+    ) -> Result<(), StoreError> {
+        self.trees
+            .replace_key(previous, next, new_version, erase_material)
+    }
+
+    async fn get_version(
+        &self,
+        key_id: Uuid,
+        version_id: Uuid,
+    ) -> Result<Option<VersionRecord>, StoreError> {
+        self.trees.get_version(key_id, version_id)
+    }
+
+    async fn list_versions(&self, key_id: Uuid) -> Result<Vec<VersionRecord>, StoreError> {
+        self.trees.list_versions(key_id)
+    }
+
+    async fn list_keys(
+        &self,
+        instance: &str,
+        filter: &KeyFilter,
+        offset: usize,
+        limit: usize,
+    ) -> Result<(Vec<KeyRecord>, u64), StoreError> {
+        let (instance, filter) = (instance.to_owned(), filter.clone());
+        self.blocking(move |trees| trees.list_keys(&instance, &filter, offset, limit))
+            .await
+    }
+
+    async fn count_keys(&self, instance: &str, filter: &KeyFilter) -> Result<u64, StoreError> {
+        self.trees.count_keys(instance, filter)
+    }
+
+    async fn due_for_expiry(
+        &self,
+        now: Millis,
+        limit: usize,
+    ) -> Result<Vec<(String, Uuid)>, StoreError> {
+        self.blocking(move |trees| trees.due_for_expiry(now, limit))
+            .await
+    }
+}
