@@ -1174,8 +1174,10 @@ async fn expired_import_token_private_key_is_erased() {
     server.stop().await;
 
     // The sweep left the metadata (so users hear "expired") but erased the private key.
-    let store = kms::store::SledStore::open(&data.path().join("db")).unwrap();
-    let stored = kms::store::ImportStore::get_import_token(&store, &tenant)
+    let store = common::open_store(data.path()).await;
+    let stored = store
+        .get_import_token(&tenant)
+        .await
         .unwrap()
         .expect("metadata kept");
     assert!(stored.key_pair.is_none(), "the private key blob is erased");

@@ -6,6 +6,8 @@
 //! embedded default); the clients the harness hands out authenticate with its token.
 #![allow(dead_code)]
 
+pub mod postgres;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -249,6 +251,9 @@ impl TestServer {
             // No background RSA generation unless a test asks for the pool: it would eat
             // the CPU of every other test.
             .env("KMS_IMPORT_RSA_POOL_SIZE", "0");
+        if postgres::selected() {
+            command.env("KMS_STORE_URL", store_url(setup.data_dir));
+        }
         if setup.token.is_some() {
             ensure_admin(setup.data_dir);
         }
@@ -541,4 +546,26 @@ pub async fn audit_events(
         }
         request.page_token = page.next_page_token;
     }
+}
+
+/// The database a data directory's servers use when the suite runs on PostgreSQL: one
+/// per data directory (so a restart finds its keys), on the binary's shared cluster.
+pub fn store_url(data_dir: &Path) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    data_dir.hash(&mut hasher);
+    postgres::shared().database(&format!("kms_{:016x}", hasher.finish()))
+}
+
+/// The store a (stopped) server of `data_dir` used: its sled database, or its
+/// PostgreSQL database when the suite runs on PostgreSQL.
+pub async fn open_store(data_dir: &Path) -> std::sync::Arc<dyn kms::store::Store> {
+    let config = if postgres::selected() {
+        kms::store::StoreConfig::Postgres(kms::store::PostgresConfig::new(store_url(data_dir)))
+    } else {
+        kms::store::StoreConfig::Sled {
+            path: data_dir.join("db"),
+        }
+    };
+    kms::store::open(&config).await.expect("open the store")
 }

@@ -51,9 +51,9 @@ async fn apply_counters(
     let statement = tx
         .prepare_cached(
             "INSERT INTO kms_key_counters (instance, state, extractable, count)
-             VALUES ($1, $2, $3, greatest($4, 0))
+             VALUES ($1, $2, $3, greatest($4::bigint, 0))
              ON CONFLICT (instance, state, extractable)
-             DO UPDATE SET count = greatest(kms_key_counters.count + $4, 0)",
+             DO UPDATE SET count = greatest(kms_key_counters.count + $4::bigint, 0)",
         )
         .await
         .map_err(db_error)?;

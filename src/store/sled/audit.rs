@@ -70,7 +70,14 @@ impl Trees {
             .map_err(transaction_error)
     }
 
+    /// The anchor only moves forward: an older cut arriving late changes nothing.
     fn prune_audit_blocks(&self, upto: u64, anchor: ChainEnd) -> Result<usize, StoreError> {
+        let _appending = self.audit_append.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(current) = self.audit_meta.get(ANCHOR_KEY)?
+            && decode_end("audit anchor", &current)?.seq >= anchor.seq
+        {
+            return Ok(0);
+        }
         let doomed: Vec<::sled::IVec> = self
             .audit
             .range(..=upto.to_be_bytes())

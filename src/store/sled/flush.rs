@@ -11,14 +11,26 @@ use super::{BACKEND, StoreError};
 type Waiter = oneshot::Sender<Result<(), String>>;
 
 pub(super) struct GroupFlusher {
-    requests: mpsc::Sender<Waiter>,
+    requests: Option<mpsc::Sender<Waiter>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// The thread holds the database open: it is stopped and joined when the store is
+/// dropped, so the same directory can be opened again at once.
+impl Drop for GroupFlusher {
+    fn drop(&mut self) {
+        self.requests.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl GroupFlusher {
     /// Starts the flush thread; it ends when the flusher is dropped.
     pub(super) fn start(db: ::sled::Db) -> Self {
         let (requests, incoming) = mpsc::channel::<Waiter>();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("sled-flush".into())
             .spawn(move || {
                 let mut failing = false;
@@ -45,14 +57,21 @@ impl GroupFlusher {
                 }
             })
             .expect("spawning the flush thread");
-        Self { requests }
+        Self {
+            requests: Some(requests),
+            thread: Some(thread),
+        }
     }
 
     /// Returns once everything written before this call is on disk.
     pub(super) async fn flush(&self) -> Result<(), StoreError> {
         let gone = || StoreError::unavailable(BACKEND, "the flush thread stopped");
         let (tx, rx) = oneshot::channel();
-        self.requests.send(tx).map_err(|_| gone())?;
+        self.requests
+            .as_ref()
+            .ok_or_else(gone)?
+            .send(tx)
+            .map_err(|_| gone())?;
         rx.await
             .map_err(|_| gone())?
             .map_err(|e| StoreError::unavailable(BACKEND, e))
