@@ -108,7 +108,10 @@ async fn seen_within(what: &str, mut check: impl AsyncFnMut() -> bool) -> Durati
         if check().await {
             return start.elapsed();
         }
-        assert!(start.elapsed() < SEEN_WITHIN, "{what}: not seen within {SEEN_WITHIN:?}");
+        assert!(
+            start.elapsed() < SEEN_WITHIN,
+            "{what}: not seen within {SEEN_WITHIN:?}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -122,25 +125,27 @@ async fn two_replicas_serve_one_key_space() {
     // Created on A, usable on B at once; B's ciphertext opens on A.
     let key = create_key(&mut r.a.keys().await, &tenant, root_key()).await;
     let (ciphertext, first_version) = wrap(&r.b, &tenant, &key.id).await.unwrap();
-    assert_eq!(unwrap(&r.a, &tenant, &key.id, &ciphertext).await, b"replicated");
+    assert_eq!(
+        unwrap(&r.a, &tenant, &key.id, &ciphertext).await,
+        b"replicated"
+    );
 
     // Rotated on A: B wraps with the new version within the bound.
-    let rotated = r
-        .a
-        .keys()
-        .await
-        .rotate_key(req(
-            &tenant,
-            RotateKeyRequest {
-                id: key.id.clone(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .key
-        .unwrap();
+    let rotated =
+        r.a.keys()
+            .await
+            .rotate_key(req(
+                &tenant,
+                RotateKeyRequest {
+                    id: key.id.clone(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .key
+            .unwrap();
     assert_ne!(rotated.current_version_id, first_version);
     let took = seen_within("rotation on A seen by B", async || {
         wrap(&r.b, &tenant, &key.id).await.unwrap().1 == rotated.current_version_id
@@ -148,7 +153,10 @@ async fn two_replicas_serve_one_key_space() {
     .await;
     eprintln!("rotation on A seen by B after {took:?}");
     // The old ciphertext still opens on B.
-    assert_eq!(unwrap(&r.b, &tenant, &key.id, &ciphertext).await, b"replicated");
+    assert_eq!(
+        unwrap(&r.b, &tenant, &key.id, &ciphertext).await,
+        b"replicated"
+    );
 
     // Disabled on A: refused on B within the bound.
     r.a.keys()
@@ -167,7 +175,12 @@ async fn two_replicas_serve_one_key_space() {
     assert!(wrap(&r.a, &tenant, &other.id).await.is_ok());
     r.a.keys()
         .await
-        .delete_key(req(&tenant, DeleteKeyRequest { id: other.id.clone() }))
+        .delete_key(req(
+            &tenant,
+            DeleteKeyRequest {
+                id: other.id.clone(),
+            },
+        ))
         .await
         .unwrap();
     let took = seen_within("DeleteKey on A refused by B", async || {
@@ -201,8 +214,14 @@ async fn import_tokens_and_rotations_are_exact_across_replicas() {
         on_b.get_import_token(req(&tenant, GetImportTokenRequest {})),
     );
     let codes = [
-        first.as_ref().map(|_| Code::Ok).unwrap_or_else(|s| s.code()),
-        second.as_ref().map(|_| Code::Ok).unwrap_or_else(|s| s.code()),
+        first
+            .as_ref()
+            .map(|_| Code::Ok)
+            .unwrap_or_else(|s| s.code()),
+        second
+            .as_ref()
+            .map(|_| Code::Ok)
+            .unwrap_or_else(|s| s.code()),
     ];
     assert_eq!(
         codes.iter().filter(|c| **c == Code::Ok).count(),
@@ -237,22 +256,24 @@ async fn import_tokens_and_rotations_are_exact_across_replicas() {
         rotate(r.a.keys().await),
         rotate(r.b.keys().await)
     );
-    let versions = r
-        .b
-        .keys()
-        .await
-        .list_key_versions(req(
-            &tenant,
-            ListKeyVersionsRequest {
-                id: key.id.clone(),
-                limit: Some(100),
-                offset: 0,
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(versions.total_count, 41, "the first version and 40 rotations");
+    let versions =
+        r.b.keys()
+            .await
+            .list_key_versions(req(
+                &tenant,
+                ListKeyVersionsRequest {
+                    id: key.id.clone(),
+                    limit: Some(100),
+                    offset: 0,
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(
+        versions.total_count, 41,
+        "the first version and 40 rotations"
+    );
     // Either replica wraps with the newest version once the bound has passed.
     tokio::time::sleep(SEEN_WITHIN).await;
     for server in [&r.a, &r.b] {
@@ -324,7 +345,10 @@ async fn postgres_stopped_then_back_both_replicas_recover() {
                 .is_ok()
         })
         .await;
-        assert_eq!(unwrap(server, &tenant, &key.id, &ciphertext).await, b"replicated");
+        assert_eq!(
+            unwrap(server, &tenant, &key.id, &ciphertext).await,
+            b"replicated"
+        );
     }
     assert!(r.a.log_eventually("store health check failed").await);
     assert!(r.a.log_eventually("health check recovered").await);

@@ -66,7 +66,10 @@ async fn newer_schema_is_refused_by_sled() {
         |store| async {
             drop(store);
             let store = SledStore::open(&path).unwrap();
-            assert_eq!(store.schema_version().unwrap(), Some(kms::store::STORE_SCHEMA));
+            assert_eq!(
+                store.schema_version().unwrap(),
+                Some(kms::store::STORE_SCHEMA)
+            );
             store
                 .force_schema_version(kms::store::STORE_SCHEMA + 1)
                 .unwrap();

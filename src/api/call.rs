@@ -189,11 +189,7 @@ struct Refusal {
 }
 
 impl CallGate {
-    pub fn new(
-        auth: Arc<Authenticator>,
-        audit: Arc<AuditTrail>,
-        options: GateOptions,
-    ) -> Self {
+    pub fn new(auth: Arc<Authenticator>, audit: Arc<AuditTrail>, options: GateOptions) -> Self {
         Self {
             auth,
             audit,

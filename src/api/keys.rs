@@ -187,10 +187,10 @@ impl KeyService for KeyApi {
             .call(Rpc::ListKeys, request, |caller, request| async move {
                 let limit = convert::limit(request.limit)?;
                 let filter = convert::filter(&request.state, request.extractable)?;
-                let (keys, total) =
-                    self.keys
-                        .list_keys(&caller.ctx, &filter, request.offset as usize, limit)
-                        .await?;
+                let (keys, total) = self
+                    .keys
+                    .list_keys(&caller.ctx, &filter, request.offset as usize, limit)
+                    .await?;
                 Ok(proto::ListKeysResponse {
                     keys: keys.iter().map(convert::key).collect(),
                     total_count: total,

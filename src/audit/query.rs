@@ -106,9 +106,7 @@ pub(super) async fn run(
     // is the newest one keyed below `before_seq`.
     let mut below_block = query.before_seq;
     loop {
-        let blocks = store
-            .audit_blocks_before(below_block, READ_BLOCKS)
-            .await?;
+        let blocks = store.audit_blocks_before(below_block, READ_BLOCKS).await?;
         if blocks.is_empty() {
             return Ok(AuditPage {
                 records,

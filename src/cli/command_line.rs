@@ -102,6 +102,26 @@ pub enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// The store.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum StoreCommand {
+    /// Copy a stopped embedded default's sled store into an empty PostgreSQL database,
+    /// to serve the same token from there (set KMS_STORE_URL afterwards).
+    Migrate {
+        /// The data directory whose `db` is copied.
+        #[arg(long, value_name = "DIR")]
+        from: PathBuf,
+        /// postgres:// URL or key=value string; the password from KMS_STORE_PASSWORD or
+        /// KMS_STORE_PASSWORD_FILE.
+        #[arg(long, value_name = "URL")]
+        to: String,
+    },
 }
 
 /// Where a client command connects, and with which token.
@@ -197,11 +217,31 @@ pub fn run(command: Command) -> ExitCode {
         }
         Command::Token { command } => token(command),
         Command::Audit {
-            command: AuditCommand::Verify {
-                data_dir,
-                store_url,
-            },
+            command:
+                AuditCommand::Verify {
+                    data_dir,
+                    store_url,
+                },
         } => audit_verify(data_dir, store_url),
+        Command::Store {
+            command: StoreCommand::Migrate { from, to },
+        } => run_client(
+            "store migrate",
+            &mut tokio::runtime::Builder::new_multi_thread(),
+            crate::cli::store::migrate(from, to),
+            |m| {
+                println!(
+                    "migrated {} keys ({} versions), {} import tokens, {} import parameters, \
+                     {} pooled RSA pairs, {} audit blocks",
+                    m.keys,
+                    m.versions,
+                    m.import_tokens,
+                    m.import_parameters,
+                    m.key_pairs,
+                    m.audit_blocks
+                )
+            },
+        ),
         Command::Bench {
             target,
             instance,
@@ -317,15 +357,13 @@ fn audit_verify(data_dir: Option<PathBuf>, store_url: Option<String>) -> ExitCod
         "audit verify",
         &mut tokio::runtime::Builder::new_current_thread(),
         async move { verify_store(&StoreTarget::from_args(data_dir, store_url)?).await },
-        |report| {
-            match (report.first_seq, report.last_seq) {
-                (Some(first), Some(last)) => println!(
-                    "audit trail intact: {} records ({first}..{last}), head {}",
-                    report.records,
-                    hex::encode(report.head_hash)
-                ),
-                _ => println!("audit trail intact: no records"),
-            }
+        |report| match (report.first_seq, report.last_seq) {
+            (Some(first), Some(last)) => println!(
+                "audit trail intact: {} records ({first}..{last}), head {}",
+                report.records,
+                hex::encode(report.head_hash)
+            ),
+            _ => println!("audit trail intact: no records"),
         },
     )
 }

@@ -119,7 +119,10 @@ pub(super) fn resolve(
         .or(section.pool_size)
         .unwrap_or(DEFAULT_POOL_SIZE);
     if config.pool_size == 0 {
-        return Err(invalid("store.pool_size (KMS_STORE_POOL_SIZE)", "must be at least 1"));
+        return Err(invalid(
+            "store.pool_size (KMS_STORE_POOL_SIZE)",
+            "must be at least 1",
+        ));
     }
     let ttl = parsed_var(env, "KMS_STORE_CACHE_TTL_MS", "a number of milliseconds")?
         .or(section.cache_ttl_ms)

@@ -392,7 +392,10 @@ impl KeyManager {
     /// lists and counts show them DEACTIVATED without anyone using them. Returns how
     /// many keys it looked at.
     pub async fn expire_due(&self) -> Result<usize, KmsError> {
-        let due = self.store.due_for_expiry(now_millis(), EXPIRY_BATCH).await?;
+        let due = self
+            .store
+            .due_for_expiry(now_millis(), EXPIRY_BATCH)
+            .await?;
         for (instance, id) in &due {
             let ctx = CallerContext {
                 instance: instance.clone(),

@@ -125,10 +125,7 @@ pub async fn keys_and_counters(store: Arc<dyn Store>) {
     };
     assert_eq!(store.count_keys("a", &root_only).await.unwrap(), 1);
     assert!(
-        matches!(
-            store.insert_key(&a, None).await,
-            Err(StoreError::Conflict)
-        ),
+        matches!(store.insert_key(&a, None).await, Err(StoreError::Conflict)),
         "a key id is inserted once"
     );
     assert_eq!(store.count_keys("a", &all()).await.unwrap(), 2);
@@ -146,8 +143,20 @@ pub async fn replace_by_revision(store: Arc<dyn Store>) {
     let read = store.get_key("a", a.id).await.unwrap().unwrap();
     assert_eq!(read, suspended, "the replacement is what is read back");
     assert_eq!(read.revision, 1);
-    assert_eq!(store.count_keys("a", &only(KeyState::Active)).await.unwrap(), 0);
-    assert_eq!(store.count_keys("a", &only(KeyState::Suspended)).await.unwrap(), 1);
+    assert_eq!(
+        store
+            .count_keys("a", &only(KeyState::Active))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        store
+            .count_keys("a", &only(KeyState::Suspended))
+            .await
+            .unwrap(),
+        1
+    );
 
     let stale = changed(&a, |k| k.state = KeyState::Destroyed);
     assert!(
@@ -166,7 +175,13 @@ pub async fn replace_by_revision(store: Arc<dyn Store>) {
         Err(StoreError::Conflict)
     ));
     assert_eq!(store.get_key("a", a.id).await.unwrap(), Some(suspended));
-    assert_eq!(store.count_keys("a", &only(KeyState::Destroyed)).await.unwrap(), 0);
+    assert_eq!(
+        store
+            .count_keys("a", &only(KeyState::Destroyed))
+            .await
+            .unwrap(),
+        0
+    );
     assert_eq!(store.count_keys("a", &all()).await.unwrap(), 1);
 }
 
@@ -226,7 +241,10 @@ pub async fn versions(store: Arc<dyn Store>) {
         Some(first.clone())
     );
     assert_eq!(store.get_version(a.id, Uuid::new_v4()).await.unwrap(), None);
-    assert_eq!(store.get_version(Uuid::new_v4(), first.id).await.unwrap(), None);
+    assert_eq!(
+        store.get_version(Uuid::new_v4(), first.id).await.unwrap(),
+        None
+    );
 
     let destroyed = changed(&rotated, |k| k.state = KeyState::Destroyed);
     store
@@ -235,7 +253,10 @@ pub async fn versions(store: Arc<dyn Store>) {
         .unwrap();
     let erased = store.list_versions(a.id).await.unwrap();
     assert_eq!(erased.len(), 2, "versions stay, without material");
-    assert!(erased.iter().all(|v| v.wrapped.is_none()), "every blob erased");
+    assert!(
+        erased.iter().all(|v| v.wrapped.is_none()),
+        "every blob erased"
+    );
 }
 
 /// ListKeys: creation order, offset and limit, filters, the total.
@@ -257,7 +278,11 @@ pub async fn list_pages(store: Arc<dyn Store>) {
         .unwrap();
     let (page, total) = store.list_keys("a", &all(), 1, 2).await.unwrap();
     assert_eq!(total, 5);
-    assert_eq!(page, made[1..3].to_vec(), "offset 1, limit 2, creation order");
+    assert_eq!(
+        page,
+        made[1..3].to_vec(),
+        "offset 1, limit 2, creation order"
+    );
     let (page, total) = store
         .list_keys("a", &only(KeyState::Active), 0, 10)
         .await
@@ -302,7 +327,10 @@ pub async fn expiry_index(store: Arc<dyn Store>) {
 /// Import tokens: created once, changed from what was read, no ABA after replacement.
 pub async fn import_tokens(store: Arc<dyn Store>) {
     let first = token("a");
-    store.swap_import_token("a", None, Some(&first)).await.unwrap();
+    store
+        .swap_import_token("a", None, Some(&first))
+        .await
+        .unwrap();
     assert!(
         matches!(
             store.swap_import_token("a", None, Some(&token("a"))).await,
@@ -339,13 +367,21 @@ pub async fn import_tokens(store: Arc<dyn Store>) {
         ..first.clone()
     };
     assert!(matches!(
-        store.swap_import_token("a", Some(&first), Some(&stale)).await,
+        store
+            .swap_import_token("a", Some(&first), Some(&stale))
+            .await,
         Err(StoreError::Conflict)
     ));
-    assert_eq!(store.get_import_token("a").await.unwrap(), Some(second.clone()));
+    assert_eq!(
+        store.get_import_token("a").await.unwrap(),
+        Some(second.clone())
+    );
     assert_eq!(store.get_import_token("b").await.unwrap(), None);
     assert_eq!(store.import_tokens().await.unwrap(), vec![second.clone()]);
-    store.swap_import_token("a", Some(&second), None).await.unwrap();
+    store
+        .swap_import_token("a", Some(&second), None)
+        .await
+        .unwrap();
     assert_eq!(store.get_import_token("a").await.unwrap(), None);
 }
 
@@ -406,7 +442,10 @@ pub async fn import_parameters_and_pairs(store: Arc<dyn Store>) {
         vec![early.key_id]
     );
     store.remove_import_parameters(early.key_id).await.unwrap();
-    assert_eq!(store.get_import_parameters(early.key_id).await.unwrap(), None);
+    assert_eq!(
+        store.get_import_parameters(early.key_id).await.unwrap(),
+        None
+    );
 
     store.push_key_pair(&pair(2048, 1)).await.unwrap();
     store.push_key_pair(&pair(2048, 2)).await.unwrap();
@@ -421,7 +460,11 @@ pub async fn import_parameters_and_pairs(store: Arc<dyn Store>) {
         taken.extend(taker.await.unwrap());
     }
     taken.sort_by_key(|p| p.public_key.clone());
-    assert_eq!(taken, vec![pair(2048, 1), pair(2048, 2)], "each pair taken once");
+    assert_eq!(
+        taken,
+        vec![pair(2048, 1), pair(2048, 2)],
+        "each pair taken once"
+    );
     assert_eq!(store.count_key_pairs(4096).await.unwrap(), 1);
 
     store
@@ -518,7 +561,9 @@ pub async fn newer_schema_is_refused<Open, Opened, Mark, Marked>(
     let store = open().await.expect("a fresh store opens");
     mark_newer(store).await;
     match open().await {
-        Err(StoreError::SchemaTooNew { found, known: k, .. }) => {
+        Err(StoreError::SchemaTooNew {
+            found, known: k, ..
+        }) => {
             assert_eq!(k, known);
             assert!(found > known);
         }

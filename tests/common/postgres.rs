@@ -68,10 +68,15 @@ impl TempPostgres {
             );
         }
         let mut initdb = pg_command("initdb");
-        initdb
-            .arg("-D")
-            .arg(dir.path().join("data"))
-            .args(["-U", "kms", "--auth=trust", "-E", "UTF8", "--no-locale", "--no-sync"]);
+        initdb.arg("-D").arg(dir.path().join("data")).args([
+            "-U",
+            "kms",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-locale",
+            "--no-sync",
+        ]);
         run(initdb, "initdb");
         let port = 20_000 + (std::process::id() % 20_000) as u16;
         let pg = TempPostgres { dir, port };
@@ -97,7 +102,15 @@ impl TempPostgres {
         let output = Command::new("psql")
             .args(["-h"])
             .arg(self.dir.path())
-            .args(["-p", &self.port.to_string(), "-U", "kms", "-d", "postgres", "-qc"])
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "kms",
+                "-d",
+                "postgres",
+                "-qc",
+            ])
             .arg(format!("CREATE DATABASE \"{name}\""))
             .output()
             .expect("psql");
@@ -138,7 +151,9 @@ impl TempPostgres {
 
     fn stop_immediately(data: &Path) {
         let mut stop = pg_command("pg_ctl");
-        stop.arg("-D").arg(data).args(["-m", "immediate", "-w", "stop"]);
+        stop.arg("-D")
+            .arg(data)
+            .args(["-m", "immediate", "-w", "stop"]);
         let _ = stop.output();
     }
 }

@@ -120,7 +120,12 @@ impl KeyManager {
             };
             match self
                 .hsm
-                .seal(version, plaintext.clone(), DATA_KEY_BYTES, additional.clone())
+                .seal(
+                    version,
+                    plaintext.clone(),
+                    DATA_KEY_BYTES,
+                    additional.clone(),
+                )
                 .await
             {
                 Ok((plaintext, sealed)) => {

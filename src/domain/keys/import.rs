@@ -158,7 +158,10 @@ impl KeyManager {
             expires_at: now + lifetime,
             key_pair,
         };
-        self.imports.store.put_import_parameters(&parameters).await?;
+        self.imports
+            .store
+            .put_import_parameters(&parameters)
+            .await?;
         Ok(ImportParameters {
             key_id: id,
             import_token: encode_import_token(&parameters),

@@ -7,7 +7,11 @@ use tokio_postgres::Row;
 use super::{PostgresStore, db_error};
 use crate::store::{AuditStore, ChainEnd, Seal, StoreError};
 
-fn chain_end(seq: Option<i64>, hash: Option<Vec<u8>>, what: &str) -> Result<Option<ChainEnd>, StoreError> {
+fn chain_end(
+    seq: Option<i64>,
+    hash: Option<Vec<u8>>,
+    what: &str,
+) -> Result<Option<ChainEnd>, StoreError> {
     match (seq, hash) {
         (Some(seq), Some(hash)) => Ok(Some(ChainEnd {
             seq: seq as u64,
@@ -65,7 +69,10 @@ impl AuditStore for PostgresStore {
     async fn audit_chain_end(&self) -> Result<Option<ChainEnd>, StoreError> {
         let client = self.client().await?;
         let row = client
-            .query_one("SELECT end_seq, end_hash FROM kms_audit_chain WHERE id = 1", &[])
+            .query_one(
+                "SELECT end_seq, end_hash FROM kms_audit_chain WHERE id = 1",
+                &[],
+            )
             .await
             .map_err(db_error)?;
         chain_end(row.get(0), row.get(1), "audit chain end")

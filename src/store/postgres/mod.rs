@@ -172,9 +172,7 @@ impl PostgresStore {
             recycling_method: RecyclingMethod::Fast,
         };
         let manager = match &config.ca_file {
-            Some(ca_file) => {
-                Manager::from_config(parsed, tls_connector(ca_file)?, manager_config)
-            }
+            Some(ca_file) => Manager::from_config(parsed, tls_connector(ca_file)?, manager_config),
             None => Manager::from_config(parsed, tokio_postgres::NoTls, manager_config),
         };
         let pool = Pool::builder(manager)
@@ -220,7 +218,9 @@ impl PostgresStore {
 }
 
 /// rustls (ring) verifying the database's certificate against one CA file.
-fn tls_connector(ca_file: &std::path::Path) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
+fn tls_connector(
+    ca_file: &std::path::Path,
+) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
     let tls_error = |reason: String| StoreError::unavailable(BACKEND, reason);
     let pem = std::fs::read(ca_file)
         .map_err(|e| tls_error(format!("cannot read {}: {e}", ca_file.display())))?;

@@ -125,7 +125,12 @@ pub(super) async fn migrate(client: &mut Client, location: &str) -> Result<u32, 
     }
     tx.commit().await.map_err(db_error)?;
     if found < known_version() {
-        tracing::info!(backend = BACKEND, from = found, to = known_version(), "migrated the store's schema");
+        tracing::info!(
+            backend = BACKEND,
+            from = found,
+            to = known_version(),
+            "migrated the store's schema"
+        );
     }
     Ok(found)
 }

@@ -37,7 +37,10 @@ fn encode_end(end: &ChainEnd) -> Vec<u8> {
 
 fn decode_end(what: &str, raw: &[u8]) -> Result<ChainEnd, StoreError> {
     if raw.len() != 40 {
-        return Err(StoreError::corrupt(what, format!("{} bytes, not 40", raw.len())));
+        return Err(StoreError::corrupt(
+            what,
+            format!("{} bytes, not 40", raw.len()),
+        ));
     }
     Ok(ChainEnd {
         seq: seq_of(&raw[..8])?,

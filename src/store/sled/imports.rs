@@ -21,7 +21,10 @@ pub(super) fn encode_token(token: &ImportTokenRecord) -> Vec<u8> {
 
 fn decode_token(raw: &[u8]) -> Result<ImportTokenRecord, StoreError> {
     if raw.len() < 24 {
-        return Err(StoreError::corrupt("import token", "shorter than its header"));
+        return Err(StoreError::corrupt(
+            "import token",
+            "shorter than its header",
+        ));
     }
     let mut token: ImportTokenRecord = decode("import token", &raw[24..])?;
     token.revision = Revision::from_be_bytes(raw[..8].try_into().expect("8 bytes"));

@@ -140,7 +140,7 @@ fn stored_revision(raw: &[u8]) -> Result<Revision, StoreError> {
         .ok_or_else(|| StoreError::corrupt("key", "shorter than its revision"))
 }
 
-fn decode_key_value(raw: &[u8]) -> Result<KeyRecord, StoreError> {
+pub(super) fn decode_key_value(raw: &[u8]) -> Result<KeyRecord, StoreError> {
     let revision = stored_revision(raw)?;
     let mut record: KeyRecord = decode("key", &raw[8..])?;
     record.revision = revision;
@@ -150,7 +150,6 @@ fn decode_key_value(raw: &[u8]) -> Result<KeyRecord, StoreError> {
 fn key_value(key: &KeyRecord) -> Vec<u8> {
     encode_key_value(key.revision, &encode(key))
 }
-
 
 impl Trees {
     /// Every tree a key's records live in: each key transaction spans them all.
@@ -164,7 +163,11 @@ impl Trees {
         )
     }
 
-    fn insert_key(&self, key: &KeyRecord, version: Option<&VersionRecord>) -> Result<(), StoreError> {
+    fn insert_key(
+        &self,
+        key: &KeyRecord,
+        version: Option<&VersionRecord>,
+    ) -> Result<(), StoreError> {
         let record = key_value(&KeyRecord {
             revision: 0,
             ..key.clone()
@@ -258,7 +261,11 @@ impl Trees {
         )
     }
 
-    fn get_version(&self, key_id: Uuid, version_id: Uuid) -> Result<Option<VersionRecord>, StoreError> {
+    fn get_version(
+        &self,
+        key_id: Uuid,
+        version_id: Uuid,
+    ) -> Result<Option<VersionRecord>, StoreError> {
         for entry in self.versions.scan_prefix(key_id.as_bytes()) {
             let (k, v) = entry?;
             if k.ends_with(version_id.as_bytes()) {

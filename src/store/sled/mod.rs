@@ -36,8 +36,8 @@ mod keys;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use async_trait::async_trait;
 use ::sled::Tree;
+use async_trait::async_trait;
 
 use super::{Durability, STORE_SCHEMA, Store, StoreError};
 use flush::GroupFlusher;
@@ -215,5 +215,31 @@ impl Store for SledStore {
 
     fn describe(&self) -> String {
         format!("sled at {}", self.path.display())
+    }
+}
+
+/// Whole-store reads for `kms store migrate`: every key and every pooled pair, in key
+/// order. Run on a stopped server's database.
+impl SledStore {
+    pub async fn all_keys(&self) -> Result<Vec<crate::domain::model::KeyRecord>, StoreError> {
+        self.blocking(|trees| {
+            trees
+                .keys
+                .iter()
+                .map(|entry| keys::decode_key_value(&entry?.1))
+                .collect()
+        })
+        .await
+    }
+
+    pub async fn all_key_pairs(&self) -> Result<Vec<crate::hsm::RsaKeyPair>, StoreError> {
+        self.blocking(|trees| {
+            trees
+                .rsa_pool
+                .iter()
+                .map(|entry| keys::decode("RSA key pair", &entry?.1))
+                .collect()
+        })
+        .await
     }
 }
