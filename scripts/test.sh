@@ -1,17 +1,27 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: unit tests, and integration tests that start the real
-# server against fresh tokens in temporary directories — first SoftHSMv2, then
-# Kryoptic (a second soft token, built from crates.io). KMS_TEST_TOKENS limits the
-# tokens, e.g. KMS_TEST_TOKENS=softhsm. Extra arguments go to `cargo test`.
+# server against fresh tokens in temporary directories — first SoftHSMv2 on the sled
+# store, then SoftHSMv2 on PostgreSQL (a throwaway cluster the tests start), then
+# Kryoptic (a second soft token, built from crates.io) on sled. KMS_TEST_TOKENS limits
+# the tokens (KMS_TEST_TOKENS=softhsm), KMS_TEST_STORES the stores of the SoftHSM pass
+# (KMS_TEST_STORES=sled). Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 tokens=${KMS_TEST_TOKENS:-softhsm kryoptic}
+stores=${KMS_TEST_STORES:-sled postgres}
 bash scripts/deps.sh --test
 for token in $tokens; do
   echo "== tests against $token" >&2
   case "$token" in
     softhsm)
-      KMS_TEST_TOKEN=softhsm cargo test --locked --all-targets "$@"
+      for store in $stores; do
+        echo "== tests against softhsm on $store" >&2
+        case "$store" in
+          sled) KMS_TEST_TOKEN=softhsm cargo test --locked --all-targets "$@" ;;
+          postgres) KMS_TEST_TOKEN=softhsm KMS_TEST_STORE=postgres cargo test --locked --tests "$@" ;;
+          *) echo "unknown store $store (sled or postgres)" >&2; exit 2 ;;
+        esac
+      done
       ;;
     kryoptic)
       bash kryoptic/deps.sh

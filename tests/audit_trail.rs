@@ -15,13 +15,17 @@ use common::{TestServer, TestToken, audit_events, instance, req};
 use kms::audit::{AuditRecord, decode_block, encode_block};
 use kms::proto::*;
 
-/// Runs `kms audit verify` on `data_dir`; returns (success, stdout + stderr).
+/// Runs `kms audit verify` on `data_dir`'s store (its sled database, or its PostgreSQL
+/// database when the suite runs on PostgreSQL); returns (success, stdout + stderr).
 fn verify(data_dir: &Path) -> (bool, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_kms"))
-        .args(["audit", "verify", "--data-dir"])
-        .arg(data_dir)
-        .output()
-        .unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kms"));
+    command.args(["audit", "verify"]);
+    if common::postgres::selected() {
+        command.arg("--store-url").arg(common::store_url(data_dir));
+    } else {
+        command.arg("--data-dir").arg(data_dir);
+    }
+    let output = command.output().unwrap();
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&output.stdout),
@@ -69,6 +73,10 @@ fn at(records: &mut [AuditRecord], seq: u64) -> &mut AuditRecord {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_deleted_or_reordered_record_is_found_at_the_right_place() {
+    if common::postgres::selected() {
+        eprintln!("skipped: edits a sled database; the chain logic is the same for both");
+        return;
+    }
     let token = TestToken::create();
     let data = tempfile::tempdir().unwrap();
     let tenant = instance();

@@ -182,9 +182,9 @@ impl Progress {
     }
 
     fn tick(&self, what: &str, done: usize) {
-        if self.terminal && done % 100 == 0 {
+        if self.terminal && done.is_multiple_of(100) {
             eprint!("\rmigrated {done} {what}");
-        } else if !self.terminal && done % 10_000 == 0 {
+        } else if !self.terminal && done.is_multiple_of(10_000) {
             eprintln!("migrated {done} {what}");
         }
     }
