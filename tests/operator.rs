@@ -291,7 +291,12 @@ async fn no_secret_reaches_the_log_at_debug_or_the_store() {
     }
     // The store (metadata, blobs, audit trail) holds none of the values either; the
     // ciphertext is the client's and not stored, the payload only KEK-wrapped.
-    let mut stack = vec![data.path().join("db")];
+    // On PostgreSQL: every file of the cluster (tables, WAL) the suite's servers use.
+    let mut stack = if common::postgres::selected() {
+        vec![common::postgres::shared().socket_dir().join("data")]
+    } else {
+        vec![data.path().join("db")]
+    };
     while let Some(path) = stack.pop() {
         if path.is_dir() {
             for entry in std::fs::read_dir(&path).unwrap() {

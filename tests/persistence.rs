@@ -303,7 +303,11 @@ async fn embedded_default_creates_token_and_database_under_the_data_dir() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o077, 0, "the PIN file is owner-only");
-    assert!(data.path().join("db").exists());
+    // With a store URL the data directory holds the token and no database.
+    assert_eq!(
+        data.path().join("db").exists(),
+        !common::postgres::selected()
+    );
 
     let mut keys = server.keys().await;
     let id = keys

@@ -118,8 +118,9 @@ pub trait KeyStore: Durability {
     /// Replaces `previous` by `next` if the stored revision is still `previous.revision`
     /// (otherwise `StoreError::Conflict`, nothing changed); `next.revision` must be one
     /// more. Adjusts counters and indexes; `new_version` is added in the same
-    /// transaction (rotation); `erase_material` erases the wrapped blob of every
-    /// existing version of the key.
+    /// transaction (rotation), or replaces the version with its id (re-importing the
+    /// same material restores an erased version); `erase_material` erases the wrapped
+    /// blob of every existing version of the key.
     async fn replace_key(
         &self,
         previous: &KeyRecord,

@@ -65,9 +65,12 @@ async fn apply_counters(
     Ok(())
 }
 
+/// Adds a version, or replaces the one with its id (a re-import restores material).
 async fn insert_version(tx: &Transaction<'_>, version: &VersionRecord) -> Result<(), StoreError> {
     tx.execute(
-        "INSERT INTO kms_versions (key_id, id, created_at, record) VALUES ($1, $2, $3, $4)",
+        "INSERT INTO kms_versions (key_id, id, created_at, record) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (key_id, id)
+         DO UPDATE SET created_at = excluded.created_at, record = excluded.record",
         &[
             &version.key_id,
             &version.id,
