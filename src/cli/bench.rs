@@ -54,6 +54,10 @@ pub enum Scenario {
     Wrap,
     Unwrap,
     UnwrapManyKeys,
+    /// Durable CreateKey (a root key generated in the HSM, acknowledged once the store
+    /// and its audit record are durable), at the bench's concurrency. Opt-in: it grows
+    /// the store.
+    Create,
     CreateImportToken,
     GetParametersForImport,
 }
@@ -80,6 +84,7 @@ impl Scenario {
             Scenario::Wrap => "WrapKey",
             Scenario::Unwrap => "UnwrapKey",
             Scenario::UnwrapManyKeys => "UnwrapKey, many keys",
+            Scenario::Create => "CreateKey (durable)",
             Scenario::CreateImportToken => "CreateImportToken (RSA-4096)",
             Scenario::GetParametersForImport => "GetParametersForImport (RSA-2048)",
         }
@@ -238,6 +243,23 @@ async fn prepare(
                             id: key,
                             ciphertext,
                             aad: vec!["bench".into()],
+                        },
+                    ))
+                    .await
+                    .map(|_| ())
+                })
+            })
+        }
+        Scenario::Create => {
+            let keys = clients.keys.clone();
+            Arc::new(move |_| {
+                let (mut keys, instance) = (keys.clone(), instance.clone());
+                Box::pin(async move {
+                    keys.create_key(with_instance(
+                        &instance,
+                        CreateKeyRequest {
+                            name: "bench-create".into(),
+                            ..Default::default()
                         },
                     ))
                     .await

@@ -12,6 +12,8 @@ use tempfile::TempDir;
 pub struct TempPostgres {
     dir: TempDir,
     port: u16,
+    /// Set for a cluster that listens on 127.0.0.1 (TLS needs TCP) instead of a socket.
+    tcp: bool,
 }
 
 fn bin_dir() -> PathBuf {
@@ -27,6 +29,15 @@ fn bin_dir() -> PathBuf {
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
+}
+
+/// Hands a file of the cluster to its owner (the `postgres` user, when root).
+fn chown_to_owner(path: &Path) {
+    if is_root() {
+        let mut chown = Command::new("chown");
+        chown.arg("postgres:").arg(path);
+        run(chown, "chown");
+    }
 }
 
 /// Runs a PostgreSQL binary as the cluster's owner.
@@ -79,9 +90,78 @@ impl TempPostgres {
         ]);
         run(initdb, "initdb");
         let port = 20_000 + (std::process::id() % 20_000) as u16;
-        let pg = TempPostgres { dir, port };
+        let pg = TempPostgres {
+            dir,
+            port,
+            tcp: false,
+        };
         pg.start_again();
         pg
+    }
+
+    /// A cluster that takes only TLS connections on 127.0.0.1 (certificate and key in
+    /// PEM) and authenticates user `kms` by `password` (SCRAM).
+    pub fn start_secured(cert_pem: &str, key_pem: &str, password: &str) -> TempPostgres {
+        let dir = tempfile::Builder::new()
+            .prefix("kms-pg-tls-")
+            .tempdir()
+            .expect("temp dir");
+        let pwfile = dir.path().join("pwfile");
+        std::fs::write(&pwfile, password).unwrap();
+        chown_to_owner(dir.path());
+        chown_to_owner(&pwfile);
+        let mut initdb = pg_command("initdb");
+        initdb
+            .arg("-D")
+            .arg(dir.path().join("data"))
+            .args([
+                "-U",
+                "kms",
+                "--auth=scram-sha-256",
+                "-E",
+                "UTF8",
+                "--no-locale",
+                "--no-sync",
+            ])
+            .arg(format!("--pwfile={}", pwfile.display()));
+        run(initdb, "initdb");
+        let data = dir.path().join("data");
+        std::fs::write(data.join("server.crt"), cert_pem).unwrap();
+        std::fs::write(data.join("server.key"), key_pem).unwrap();
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all scram-sha-256\nhostssl all all 127.0.0.1/32 scram-sha-256\n",
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            data.join("server.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        for file in ["server.crt", "server.key", "pg_hba.conf"] {
+            chown_to_owner(&data.join(file));
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let pg = TempPostgres {
+            dir,
+            port,
+            tcp: true,
+        };
+        pg.start_again();
+        pg
+    }
+
+    /// host=127.0.0.1 for a TLS cluster; the password is not in the string.
+    pub fn tcp_url(&self, database: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=kms dbname={database}",
+            self.port
+        )
     }
 
     pub fn socket_dir(&self) -> &Path {
@@ -140,10 +220,12 @@ impl TempPostgres {
             .arg(self.dir.path().join("log"))
             .args(["-w", "-t", "30", "-o"])
             .arg(format!(
-                "-c listen_addresses='' -c unix_socket_directories='{}' -c port={} \
-                 -c max_connections=300 -c fsync=on",
+                "-c listen_addresses='{}' -c unix_socket_directories='{}' -c port={} \
+                 -c max_connections=300 -c fsync=on{}",
+                if self.tcp { "127.0.0.1" } else { "" },
                 self.dir.path().display(),
-                self.port
+                self.port,
+                if self.tcp { " -c ssl=on" } else { "" },
             ))
             .arg("start");
         run(start, "pg_ctl start");
