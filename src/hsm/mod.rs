@@ -13,32 +13,37 @@
 //!   only the wrapped blob leaves the HSM;
 //! - standard keys: generic-secret session objects, `CKA_SENSITIVE=FALSE` because their
 //!   payload is handed back on GetKey, stored KEK-wrapped like root keys.
+//!
+//! Opening the token is in [`token`]; AES-GCM under cached root-key versions (WrapKey,
+//! UnwrapKey) in [`envelope`]; key pairs and OAEP import in [`rsa`].
 
 mod cache;
+mod envelope;
 mod error;
 pub mod oaep;
 mod pool;
 pub mod provision;
 mod random;
 mod rsa;
+mod token;
+
+use token::{find_or_create_kek, find_slot_by_label, initialize, login, probe_wrap_mechanisms};
 
 use std::os::raw::c_ulong;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
-use cryptoki::error::RvError;
-use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::context::Pkcs11;
 use cryptoki::mechanism::vendor_defined::VendorDefinedMechanism;
 use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
-use cryptoki::session::{Session, UserType};
+use cryptoki::session::Session;
 use cryptoki::slot::Slot;
-use cryptoki::types::AuthPin;
 use serde::{Deserialize, Serialize};
 
+use cache::KeyCache;
 pub use cache::VersionId;
-use cache::{CachedKey, KeyCache};
+pub use envelope::{GCM_IV_LEN, GCM_TAG_LEN, KeyVersionRef, Sealed};
 pub use error::HsmError;
 use oaep::OaepHash;
 use pool::SessionPool;
@@ -204,26 +209,6 @@ pub struct Hsm {
     token_label: String,
     cache: Arc<KeyCache>,
     random: Arc<RandomReserve>,
-}
-
-/// AES-GCM parameters: 96-bit IV, 128-bit tag.
-pub const GCM_IV_LEN: usize = 12;
-pub const GCM_TAG_LEN: usize = 16;
-
-/// One root-key version as the HSM needs it: its identity (for the cache) and, when the
-/// caller has read it, its KEK-wrapped blob. Without a blob, a version the cache does
-/// not hold is [`HsmError::NotCached`]: the domain reads the blob from the store and
-/// asks again. The HSM layer never reads the store.
-pub struct KeyVersionRef {
-    pub id: VersionId,
-    pub blob: Option<WrappedKey>,
-}
-
-/// AES-GCM output: the IV the HSM drew and ciphertext||tag.
-#[derive(Clone, Debug)]
-pub struct Sealed {
-    pub iv: [u8; GCM_IV_LEN],
-    pub ciphertext: Vec<u8>,
 }
 
 impl std::fmt::Debug for Hsm {
@@ -444,73 +429,6 @@ impl Hsm {
         .await
     }
 
-    /// AES-GCM encrypts `plaintext` (or, when `None`, a fresh data key of
-    /// `data_key_len` bytes from the HSM's RNG) under a root-key version, with an IV
-    /// from the HSM's RNG. Returns the plaintext used and the sealed output.
-    pub async fn seal(
-        &self,
-        key: KeyVersionRef,
-        plaintext: Option<SecretBytes>,
-        data_key_len: usize,
-        aad: Vec<u8>,
-    ) -> Result<(SecretBytes, Sealed), HsmError> {
-        let (kek, cache, random) = (self.kek, Arc::clone(&self.cache), Arc::clone(&self.random));
-        let wraps = self.wrap_mechanisms();
-        self.run(move |session| {
-            let plaintext = match plaintext {
-                Some(p) => p,
-                None => {
-                    let mut key = SecretBytes::new(vec![0; data_key_len]);
-                    random.fill(session, key.expose_mut())?;
-                    key
-                }
-            };
-            let mut iv = [0u8; GCM_IV_LEN];
-            random.fill(session, &mut iv)?;
-            let ciphertext = with_key_object(session, &cache, kek, wraps, key, |handle| {
-                let mut iv = iv;
-                let params = GcmParams::new(&mut iv, &aad, (GCM_TAG_LEN as c_ulong * 8).into())?;
-                Ok(session.encrypt(&Mechanism::AesGcm(params), handle, plaintext.expose())?)
-            })?;
-            Ok((plaintext, Sealed { iv, ciphertext }))
-        })
-        .await
-    }
-
-    /// AES-GCM decrypts under a root-key version. Authentication failure is
-    /// `HsmError::Rejected`.
-    pub async fn unseal(
-        &self,
-        key: KeyVersionRef,
-        sealed: Sealed,
-        aad: Vec<u8>,
-    ) -> Result<SecretBytes, HsmError> {
-        let (kek, cache) = (self.kek, Arc::clone(&self.cache));
-        let wraps = self.wrap_mechanisms();
-        self.run(move |session| {
-            with_key_object(session, &cache, kek, wraps, key, |handle| {
-                let mut iv = sealed.iv;
-                let params = GcmParams::new(&mut iv, &aad, (GCM_TAG_LEN as c_ulong * 8).into())?;
-                let plaintext = session
-                    .decrypt(&Mechanism::AesGcm(params), handle, &sealed.ciphertext)
-                    .map_err(|e| HsmError::from(e).reclassify_aead_decrypt())?;
-                Ok(SecretBytes::new(plaintext))
-            })
-        })
-        .await
-    }
-
-    /// Drops cached objects of a key (rotation, disable, delete); they are destroyed
-    /// once no call uses them.
-    pub fn forget_key(&self, key_id: &uuid::Uuid) {
-        self.cache.invalidate_key(key_id);
-    }
-
-    /// True when the cache holds the version unwrapped, so a call needs no blob.
-    pub fn holds(&self, id: &VersionId) -> bool {
-        self.cache.get(id).is_some()
-    }
-
     /// Asks the token for its info: fails when the token or module is gone.
     pub async fn ping(&self) -> Result<(), HsmError> {
         let (ctx, slot) = (self.ctx.clone(), self.slot);
@@ -547,130 +465,6 @@ impl Hsm {
     }
 }
 
-fn initialize(ctx: &Pkcs11) -> Result<(), HsmError> {
-    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-        Ok(()) => Ok(()),
-        Err(cryptoki::error::Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
-}
-
-fn login(session: &Session, pin: &SecretBytes) -> Result<(), HsmError> {
-    let pin = std::str::from_utf8(pin.expose())
-        .map_err(|_| HsmError::Pin("the PIN is not UTF-8".into()))?;
-    let pin = AuthPin::from(pin.to_owned());
-    match session.login(UserType::User, Some(&pin)) {
-        Ok(()) => Ok(()),
-        Err(cryptoki::error::Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// SoftHSM renumbers slots when tokens are created, so slots are found by token label.
-fn find_slot_by_label(ctx: &Pkcs11, label: &str) -> Result<Slot, HsmError> {
-    for slot in ctx.get_slots_with_initialized_token()? {
-        let info = ctx.get_token_info(slot)?;
-        if info.label().trim_end() == label {
-            return Ok(slot);
-        }
-    }
-    Err(HsmError::TokenNotFound {
-        label: label.to_owned(),
-    })
-}
-
-fn probe_wrap_mechanisms(
-    ctx: &Pkcs11,
-    slot: Slot,
-) -> (Option<WrapMechanism>, Option<WrapMechanism>) {
-    let offered = |mechanism: MechanismType| ctx.get_mechanism_info(slot, mechanism).is_ok();
-    let rfc5649 = if offered(MechanismType::AES_KEY_WRAP_PAD) {
-        Some(WrapMechanism::Pad)
-    } else if offered(kwp_type()) {
-        Some(WrapMechanism::Kwp)
-    } else {
-        None
-    };
-    let rfc3394 = offered(MechanismType::AES_KEY_WRAP).then_some(WrapMechanism::Rfc3394Wrap);
-    (rfc5649, rfc3394)
-}
-
-fn find_or_create_kek(
-    session: &Session,
-    label: &str,
-    may_create: bool,
-) -> Result<(ObjectHandle, bool), HsmError> {
-    let problem = |problem: &str| HsmError::MasterKey {
-        label: label.to_owned(),
-        problem: problem.to_owned(),
-    };
-    let found = session.find_objects(&[
-        Attribute::Class(ObjectClass::SECRET_KEY),
-        Attribute::Token(true),
-        Attribute::Label(label.as_bytes().to_vec()),
-    ])?;
-    let (kek, created) = match found.as_slice() {
-        [kek] => (*kek, false),
-        [] if may_create => {
-            tracing::info!(label, "creating the master key-encryption key in the HSM");
-            session
-                .generate_key(
-                    &Mechanism::AesKeyGen,
-                    &[
-                        Attribute::Class(ObjectClass::SECRET_KEY),
-                        Attribute::KeyType(KeyType::AES),
-                        Attribute::ValueLen(32.into()),
-                        Attribute::Token(true),
-                        Attribute::Private(true),
-                        Attribute::Sensitive(true),
-                        Attribute::Extractable(false),
-                        Attribute::Wrap(true),
-                        Attribute::Unwrap(true),
-                        Attribute::Encrypt(false),
-                        Attribute::Decrypt(false),
-                        Attribute::Sign(false),
-                        Attribute::Verify(false),
-                        Attribute::Derive(false),
-                        Attribute::Label(label.as_bytes().to_vec()),
-                    ],
-                )
-                .map(|kek| (kek, true))?
-        }
-        [] => {
-            return Err(problem(
-                "not found on the token, but the store holds keys wrapped under a master key; \
-                 refusing to create a new one over existing data (check the token label and \
-                 the master key label in the configuration)",
-            ));
-        }
-        _ => return Err(problem("more than one key carries this label")),
-    };
-
-    // Refuse a KEK that someone created weaker than ours.
-    let attributes = session.get_attributes(
-        kek,
-        &[
-            AttributeType::Sensitive,
-            AttributeType::Extractable,
-            AttributeType::Unwrap,
-        ],
-    )?;
-    for attribute in attributes {
-        let acceptable = match attribute {
-            Attribute::Sensitive(v) => v,
-            Attribute::Extractable(v) => !v,
-            Attribute::Unwrap(v) => v,
-            _ => true,
-        };
-        if !acceptable {
-            return Err(problem(
-                "must be CKA_SENSITIVE, not CKA_EXTRACTABLE, and allow CKA_UNWRAP",
-            ));
-        }
-    }
-    Ok((kek, created))
-}
-
 /// The token's mechanism for each wrap format (Copy, so jobs can carry it).
 #[derive(Clone, Copy)]
 pub(super) struct WrapMechanisms {
@@ -697,72 +491,6 @@ impl WrapMechanisms {
                 WrapFormat::Rfc3394 => "RFC 3394 AES key wrap for this stored blob",
             },
         })
-    }
-}
-
-/// Runs `op` with the key version's object: from the cache, or unwrapped now from the
-/// blob the caller gave, and cached. A cached object that vanished (its session died) is dropped and
-/// unwrapped again once.
-fn with_key_object<T>(
-    session: &Session,
-    cache: &KeyCache,
-    kek: ObjectHandle,
-    wraps: WrapMechanisms,
-    key: KeyVersionRef,
-    op: impl Fn(ObjectHandle) -> Result<T, HsmError>,
-) -> Result<T, HsmError> {
-    if let Some(cached) = cache.get(&key.id) {
-        match op(cached.handle) {
-            Err(HsmError::StaleObject { .. }) => cache.invalidate_key(&key.id.key_id),
-            other => return other,
-        }
-    }
-    let wrapped = key.blob.ok_or(HsmError::NotCached)?;
-    let wrap = wraps.for_format(wrapped.format)?;
-    let entry: Arc<CachedKey> =
-        cache.insert(key.id, unwrap_root_key(session, kek, wrap, &wrapped)?);
-    op(entry.handle)
-}
-
-/// Unwraps a root-key blob into a non-extractable, sensitive session object that can
-/// only encrypt and decrypt.
-///
-/// CKA_PRIVATE is false on purpose. A session object is visible only to this process's
-/// sessions, which are all logged in, so "private" adds no access control here; but
-/// SoftHSM keeps the value of private objects encrypted under the token key and decrypts
-/// it on every C_EncryptInit/C_DecryptInit, a second cipher operation on each WrapKey and
-/// UnwrapKey. CKA_SENSITIVE and non-extractability still keep the value from being read.
-/// A token whose policy refuses a non-private secret key gets a private one instead.
-fn unwrap_root_key(
-    session: &Session,
-    kek: ObjectHandle,
-    wrap: WrapMechanism,
-    wrapped: &WrappedKey,
-) -> Result<ObjectHandle, HsmError> {
-    let template = |private: bool| {
-        [
-            Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::KeyType(KeyType::AES),
-            Attribute::Token(false),
-            Attribute::Private(private),
-            Attribute::Sensitive(true),
-            Attribute::Extractable(false),
-            Attribute::Encrypt(true),
-            Attribute::Decrypt(true),
-            Attribute::Wrap(false),
-            Attribute::Unwrap(false),
-        ]
-    };
-    let mechanism = wrap.mechanism();
-    match session
-        .unwrap_key(&mechanism, kek, &wrapped.blob, &template(false))
-        .map_err(HsmError::from)
-    {
-        // A token whose policy wants every secret key private gets one.
-        Err(e) if e.is_template_refused() => {
-            Ok(session.unwrap_key(&mechanism, kek, &wrapped.blob, &template(true))?)
-        }
-        other => other,
     }
 }
 

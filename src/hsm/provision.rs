@@ -12,7 +12,8 @@ use cryptoki::context::Pkcs11;
 use cryptoki::session::UserType;
 use cryptoki::types::AuthPin;
 
-use super::{HsmConfig, HsmError, PinSource, initialize};
+use super::token::{find_slot_by_label, initialize};
+use super::{HsmConfig, HsmError, PinSource};
 use crate::secret::write_owner_only;
 
 /// Debian's SoftHSMv2 module.
@@ -109,7 +110,7 @@ impl EmbeddedSoftHsm {
         let user_pin = read_pin(&self.user_pin_file)?;
         ctx.init_token(slot, &so_pin, DEFAULT_TOKEN_LABEL)?;
         // SoftHSM moves the new token to another slot number: look it up again.
-        let slot = super::find_slot_by_label(&ctx, DEFAULT_TOKEN_LABEL)?;
+        let slot = find_slot_by_label(&ctx, DEFAULT_TOKEN_LABEL)?;
         let session = ctx.open_rw_session(slot)?;
         session.login(UserType::So, Some(&so_pin))?;
         session.init_pin(&user_pin)?;
