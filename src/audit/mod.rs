@@ -85,11 +85,11 @@ pub struct AuditTrail {
     store: Arc<dyn AuditStore>,
     /// Appended, not yet in the store, in append order; sequence numbers and hashes are
     /// given when they are sealed onto the chain's stored end.
-    pending: Mutex<Vec<AuditRecord>>,
+    pending: Arc<Mutex<Vec<AuditRecord>>>,
     /// Held while committing, so this process seals one batch at a time.
-    writing: tokio::sync::Mutex<()>,
+    writing: Arc<tokio::sync::Mutex<()>>,
     /// False after a failed commit, until one succeeds.
-    writable: AtomicBool,
+    writable: Arc<AtomicBool>,
 }
 
 impl AuditTrail {
@@ -119,9 +119,9 @@ impl AuditTrail {
         }
         Ok(Self {
             store,
-            pending: Mutex::new(Vec::new()),
-            writing: tokio::sync::Mutex::new(()),
-            writable: AtomicBool::new(true),
+            pending: Arc::new(Mutex::new(Vec::new())),
+            writing: Arc::new(tokio::sync::Mutex::new(())),
+            writable: Arc::new(AtomicBool::new(true)),
         })
     }
 
@@ -155,29 +155,43 @@ impl AuditTrail {
     /// Chains every pending record onto the stored end of the chain and writes them,
     /// in blocks, as one store step (durable at the next [`Durability::sync`] of the
     /// store). Records appended before this call are written when it returns Ok.
+    ///
+    /// The write runs as a task of its own: a caller that goes away (a cancelled call,
+    /// an aborted background task) cannot stop it between taking the batch and storing
+    /// it, which would lose the batch.
     pub async fn commit(&self) -> Result<(), AuditError> {
-        let _writing = self.writing.lock().await;
-        let batch = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let seal = |end: Option<ChainEnd>| seal(&batch, end);
-        if let Err(error) = self.store.append_audit(&seal).await {
-            // Put the batch back, ahead of anything appended since.
-            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            let mut unwritten = batch;
-            unwritten.append(&mut pending);
-            *pending = unwritten;
-            // Logged once per episode, not once per refused call.
-            if self.writable.swap(false, Ordering::Relaxed) {
-                tracing::error!(error = %error, "the audit trail cannot be written: calls are refused until it can");
+        let (store, pending, writing, writable) = (
+            Arc::clone(&self.store),
+            Arc::clone(&self.pending),
+            Arc::clone(&self.writing),
+            Arc::clone(&self.writable),
+        );
+        tokio::spawn(async move {
+            let _writing = writing.lock_owned().await;
+            let batch = std::mem::take(&mut *pending.lock().unwrap_or_else(|e| e.into_inner()));
+            if batch.is_empty() {
+                return Ok(());
             }
-            return Err(error.into());
-        }
-        if !self.writable.swap(true, Ordering::Relaxed) {
-            tracing::warn!("the audit trail is writable again");
-        }
-        Ok(())
+            let seal = |end: Option<ChainEnd>| seal(&batch, end);
+            if let Err(error) = store.append_audit(&seal).await {
+                // Put the batch back, ahead of anything appended since.
+                let mut pending = pending.lock().unwrap_or_else(|e| e.into_inner());
+                let mut unwritten = batch;
+                unwritten.append(&mut pending);
+                *pending = unwritten;
+                // Logged once per episode, not once per refused call.
+                if writable.swap(false, Ordering::Relaxed) {
+                    tracing::error!(error = %error, "the audit trail cannot be written: calls are refused until it can");
+                }
+                return Err(error.into());
+            }
+            if !writable.swap(true, Ordering::Relaxed) {
+                tracing::warn!("the audit trail is writable again");
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|_| AuditError::Unavailable)?
     }
 
     /// Commits and makes the store durable: what a mutating call waits for before it
@@ -253,10 +267,11 @@ mod tests {
         }
     }
 
-    /// A store whose appends fail while `failing` is set.
+    /// A store whose appends fail while `failing` is set, and take 100 ms with `slow`.
     struct FlakyStore {
         inner: SledStore,
         failing: AtomicBool,
+        slow: AtomicBool,
     }
 
     #[async_trait]
@@ -271,6 +286,9 @@ mod tests {
         async fn append_audit(&self, seal: Seal<'_>) -> Result<(), StoreError> {
             if self.failing.load(Ordering::SeqCst) {
                 return Err(StoreError::unavailable("test", "disk gone"));
+            }
+            if self.slow.load(Ordering::SeqCst) {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
             self.inner.append_audit(seal).await
         }
@@ -312,6 +330,7 @@ mod tests {
         let store = Arc::new(FlakyStore {
             inner: SledStore::open(&dir.path().join("db")).unwrap(),
             failing: AtomicBool::new(false),
+            slow: AtomicBool::new(false),
         });
         let trail = AuditTrail::open(store.clone() as Arc<dyn AuditStore>)
             .await
@@ -330,6 +349,32 @@ mod tests {
         trail.commit().await.unwrap();
         let report = verify(store.as_ref(), |_| {}).await.unwrap().unwrap();
         assert_eq!(report.records, 2, "A kept across the failed commit, then C");
+    }
+
+    #[tokio::test]
+    async fn a_commit_whose_caller_goes_away_still_writes_its_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FlakyStore {
+            inner: SledStore::open(&dir.path().join("db")).unwrap(),
+            failing: AtomicBool::new(false),
+            slow: AtomicBool::new(true),
+        });
+        let trail = AuditTrail::open(store.clone() as Arc<dyn AuditStore>)
+            .await
+            .unwrap();
+        trail.append(&event("A")).unwrap();
+        trail.append(&event("B")).unwrap();
+        // The caller gives up while the store is writing (a cancelled call, an aborted
+        // background task): the batch it took must not be lost.
+        let cancelled = tokio::time::timeout(std::time::Duration::from_millis(10), trail.commit());
+        assert!(cancelled.await.is_err(), "still writing when abandoned");
+        trail.append(&event("C")).unwrap();
+        trail.commit().await.unwrap();
+        let report = verify(store.as_ref(), |_| {}).await.unwrap().unwrap();
+        assert_eq!(
+            report.records, 3,
+            "A and B written by the abandoned commit, then C"
+        );
     }
 
     #[tokio::test]
