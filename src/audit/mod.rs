@@ -7,8 +7,8 @@
 //!   puts the record in the trail's pending list, in memory, before the call is
 //!   answered. [`AuditTrail::commit`] numbers and hashes the pending records onto the
 //!   chain's end *as stored* and writes them in blocks, in one store step that no other
-//!   process can interleave with (sled: one process; PostgreSQL: a transaction under an
-//!   advisory lock). So sequence numbers follow commit order across replicas, and a
+//!   process can interleave with (sled: one process; PostgreSQL: a transaction holding the
+//!   lock on the chain's row). So sequence numbers follow commit order across replicas, and a
 //!   record's time is when its call was answered (replicas' clocks may differ a little).
 //! - Blocks, not single records: a store insert costs several microseconds, too much per
 //!   call at 25k calls/s. A mutating call waits for [`AuditTrail::persist`] (commit, then

@@ -420,6 +420,12 @@ impl KeyManager {
     /// One attempt of [`current`](Self::current).
     async fn try_current(&self, ctx: &CallerContext, id: Uuid) -> Result<KeyRecord, KmsError> {
         let key = self.find(ctx, id).await?;
+        // Destroyed or erased on another replica: this replica's HSM may still hold the
+        // unwrapped versions. No call can reach them (the state refuses it), but they
+        // should not stay in the token's memory either.
+        if matches!(key.state, KeyState::Destroyed | KeyState::PreActivation) {
+            self.hsm.forget_key(&id);
+        }
         let now = now_millis();
         let (next, erase_material) =
             if key.has_expiring_material() && key.valid_to.is_some_and(|at| at <= now) {
