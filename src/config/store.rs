@@ -161,3 +161,140 @@ pub fn postgres_for_command(url: String, env: &dyn Env) -> Result<PostgresConfig
         StoreConfig::Sled { .. } => Err(invalid("store URL", "not a PostgreSQL store")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    struct MapEnv(HashMap<&'static str, String>);
+
+    impl Env for MapEnv {
+        fn var(&self, name: &str) -> Option<String> {
+            self.0.get(name).cloned()
+        }
+    }
+
+    fn env(pairs: &[(&'static str, &str)]) -> MapEnv {
+        MapEnv(pairs.iter().map(|(k, v)| (*k, v.to_string())).collect())
+    }
+
+    fn section(text: &str) -> Option<StoreSection> {
+        Some(toml::from_str(text).unwrap())
+    }
+
+    fn postgres(config: StoreConfig) -> PostgresConfig {
+        match config {
+            StoreConfig::Postgres(config) => config,
+            StoreConfig::Sled { .. } => panic!("expected PostgreSQL"),
+        }
+    }
+
+    #[test]
+    fn sled_by_default_and_a_store_url_means_postgres() {
+        let dir = Path::new("/srv/kms");
+        assert!(matches!(
+            resolve(None, &env(&[]), dir).unwrap(),
+            StoreConfig::Sled { path } if path == dir.join("db")
+        ));
+        let config = postgres(
+            resolve(
+                None,
+                &env(&[("KMS_STORE_URL", "host=/run/postgresql dbname=kms")]),
+                dir,
+            )
+            .unwrap(),
+        );
+        assert_eq!(
+            config.cache_ttl,
+            Duration::from_millis(DEFAULT_CACHE_TTL_MS)
+        );
+        assert_eq!(config.pool_size, DEFAULT_POOL_SIZE);
+        // The environment's URL wins over the file's, and its backend over the file's.
+        let config = postgres(
+            resolve(
+                section("backend = \"sled\"\nurl = \"postgres://file/kms\""),
+                &env(&[("KMS_STORE_URL", "postgres://env/kms")]),
+                dir,
+            )
+            .unwrap(),
+        );
+        assert_eq!(config.url, "postgres://env/kms");
+    }
+
+    #[test]
+    fn the_password_comes_from_a_file_or_the_environment_and_is_never_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("db.password");
+        std::fs::write(&file, "s3cret-from-file\n").unwrap();
+        let config = postgres(
+            resolve(
+                section(&format!(
+                    "backend = \"postgres\"\nurl = \"postgres://kms@db/kms\"\npassword_file = {:?}",
+                    file
+                )),
+                &env(&[]),
+                dir.path(),
+            )
+            .unwrap(),
+        );
+        assert_eq!(
+            config.password.as_ref().unwrap().expose(),
+            b"s3cret-from-file",
+            "the file's trailing newline is not part of the password"
+        );
+        assert!(!format!("{config:?}").contains("s3cret"));
+        let config = postgres(
+            resolve(
+                section(&format!(
+                    "backend = \"postgres\"\nurl = \"postgres://kms@db/kms\"\npassword_file = {:?}",
+                    file
+                )),
+                &env(&[(STORE_PASSWORD_ENV, "from-env")]),
+                dir.path(),
+            )
+            .unwrap(),
+        );
+        assert_eq!(config.password.unwrap().expose(), b"from-env");
+        // A password inside the URL stays out of Debug output too.
+        let config = PostgresConfig::new("postgres://kms:in-the-url@db/kms");
+        assert!(!format!("{config:?}").contains("in-the-url"));
+    }
+
+    #[test]
+    fn bad_settings_name_the_setting_and_never_echo_the_url() {
+        let dir = Path::new("/srv/kms");
+        let error = |section_text: &str, pairs: &[(&'static str, &str)]| {
+            resolve(section(section_text), &env(pairs), dir)
+                .unwrap_err()
+                .to_string()
+        };
+        let message = error("backend = \"postgres\"", &[]);
+        assert!(
+            message.starts_with("store.url (KMS_STORE_URL)"),
+            "{message}"
+        );
+        let message = error("", &[("KMS_STORE_URL", "pass=word-in-garbage ===")]);
+        assert!(message.starts_with("store.url"), "{message}");
+        assert!(!message.contains("word-in-garbage"), "{message}");
+        let message = error(
+            "",
+            &[
+                ("KMS_STORE_URL", "dbname=kms"),
+                ("KMS_STORE_CACHE_TTL_MS", "5000"),
+            ],
+        );
+        assert!(message.starts_with("store.cache_ttl_ms"), "{message}");
+        let message = error(
+            "",
+            &[
+                ("KMS_STORE_URL", "dbname=kms"),
+                ("KMS_STORE_POOL_SIZE", "0"),
+            ],
+        );
+        assert!(message.starts_with("store.pool_size"), "{message}");
+        let message = error("", &[("KMS_STORE_BACKEND", "mysql")]);
+        assert!(message.starts_with("KMS_STORE_BACKEND"), "{message}");
+    }
+}
