@@ -29,36 +29,43 @@ fn key_from(row: &Row) -> Result<KeyRecord, StoreError> {
     Ok(key)
 }
 
-/// The counter rows a change touches, each with its delta, in one fixed order.
-fn counter_changes(previous: Option<&KeyRecord>, next: &KeyRecord) -> Vec<(i16, bool, i64)> {
-    let mut changes = vec![(next.state.code() as i16, next.extractable, 1i64)];
+/// Counter rows per (instance, state, extractable): a key counts in the shard its id
+/// picks, so concurrent creates in one instance lock different rows instead of queueing
+/// on one until each commits. CountKeys sums at most 10 x 16 rows.
+const COUNTER_SHARDS: u128 = 16;
+
+/// The counter rows a change touches, each with its delta, in one fixed order (so two
+/// transactions never wait on each other's counters in a cycle).
+fn counter_changes(previous: Option<&KeyRecord>, next: &KeyRecord) -> Vec<(i16, bool, i16, i64)> {
+    let shard = (next.id.as_u128() % COUNTER_SHARDS) as i16;
+    let mut changes = vec![(next.state.code() as i16, next.extractable, shard, 1i64)];
     if let Some(previous) = previous {
         let old = (previous.state.code() as i16, previous.extractable);
         if old == (changes[0].0, changes[0].1) {
             return Vec::new();
         }
-        changes.push((old.0, old.1, -1));
+        changes.push((old.0, old.1, shard, -1));
     }
-    changes.sort_by_key(|(state, extractable, _)| (*state, *extractable));
+    changes.sort_by_key(|(state, extractable, shard, _)| (*state, *extractable, *shard));
     changes
 }
 
 async fn apply_counters(
     tx: &Transaction<'_>,
     instance: &str,
-    changes: &[(i16, bool, i64)],
+    changes: &[(i16, bool, i16, i64)],
 ) -> Result<(), StoreError> {
     let statement = tx
         .prepare_cached(
-            "INSERT INTO kms_key_counters (instance, state, extractable, count)
-             VALUES ($1, $2, $3, greatest($4::bigint, 0))
-             ON CONFLICT (instance, state, extractable)
-             DO UPDATE SET count = greatest(kms_key_counters.count + $4::bigint, 0)",
+            "INSERT INTO kms_key_counters (instance, state, extractable, shard, count)
+             VALUES ($1, $2, $3, $4, greatest($5::bigint, 0))
+             ON CONFLICT (instance, state, extractable, shard)
+             DO UPDATE SET count = greatest(kms_key_counters.count + $5::bigint, 0)",
         )
         .await
         .map_err(db_error)?;
-    for (state, extractable, delta) in changes {
-        tx.execute(&statement, &[&instance, state, extractable, delta])
+    for (state, extractable, shard, delta) in changes {
+        tx.execute(&statement, &[&instance, state, extractable, shard, delta])
             .await
             .map_err(db_error)?;
     }

@@ -10,8 +10,9 @@
 //!   the server sets it): [`Durability::sync`] has nothing to wait for.
 //! - Compare-and-swap is `UPDATE ... WHERE revision = $previous`; a serialisation
 //!   failure or deadlock is a `Conflict` too, which the domain retries.
-//! - Counters (CountKeys) are rows updated in the key's transaction, in a fixed order so
-//!   two transactions never wait on each other's counters in a cycle.
+//! - Counters (CountKeys) are rows updated in the key's transaction, sixteen shards per
+//!   (instance, state, extractable) so concurrent creates do not queue on one row, and
+//!   in a fixed order so two transactions never wait on each other's counters in a cycle.
 //! - Key records read by a replica are cached for at most `cache_ttl` (default
 //!   [`DEFAULT_CACHE_TTL_MS`] ms): the bound within which a change made on another
 //!   replica (DisableKey, DeleteKey, RotateKey) is seen here. Absence is never cached,

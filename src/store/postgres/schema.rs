@@ -39,8 +39,9 @@ pub const MIGRATIONS: &[&str] = &[
         instance text NOT NULL,
         state smallint NOT NULL,
         extractable boolean NOT NULL,
+        shard smallint NOT NULL,
         count bigint NOT NULL,
-        PRIMARY KEY (instance, state, extractable)
+        PRIMARY KEY (instance, state, extractable, shard)
     );
     CREATE TABLE kms_versions (
         key_id uuid NOT NULL,
