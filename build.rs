@@ -12,6 +12,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.protoc_executable(protoc);
 
     tonic_prost_build::configure()
+        // Undecodable request bodies are INVALID_ARGUMENT (src/api/codec.rs).
+        .codec_path("crate::api::codec::StrictCodec")
         .file_descriptor_set_path(out_dir.join("kms_descriptor.bin"))
         .compile_with_config(
             config,

@@ -93,7 +93,21 @@ pub fn key(record: &KeyRecord) -> proto::Key {
     }
 }
 
-/// Names: 1..90 characters, printable, no leading or trailing white space.
+/// Characters a name or description must not hold although they are not control
+/// characters: format characters (Unicode category Cf: bidirectional overrides such as
+/// U+202E that make a name display as another, zero-width spaces and joiners, U+FEFF)
+/// and the line and paragraph separators U+2028 and U+2029, which break log lines.
+fn invisible(c: char) -> bool {
+    use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
+    matches!(
+        c.general_category(),
+        GeneralCategory::Format
+            | GeneralCategory::LineSeparator
+            | GeneralCategory::ParagraphSeparator
+    )
+}
+
+/// Names: 1..90 characters, printable and visible, no leading or trailing white space.
 pub fn name(value: String) -> Result<String, KmsError> {
     let count = value.chars().count();
     if count == 0 {
@@ -107,6 +121,13 @@ pub fn name(value: String) -> Result<String, KmsError> {
     }
     if value.chars().any(char::is_control) {
         return Err(KmsError::invalid("name", "must be printable"));
+    }
+    if value.chars().any(invisible) {
+        return Err(KmsError::invalid(
+            "name",
+            "must not contain invisible or text-direction characters (Unicode format \
+             characters, line or paragraph separators)",
+        ));
     }
     if value.trim() != value {
         return Err(KmsError::invalid(
@@ -128,6 +149,13 @@ pub fn description(value: String) -> Result<String, KmsError> {
     }
     if value.chars().any(char::is_control) {
         return Err(KmsError::invalid("description", "must be printable"));
+    }
+    if value.chars().any(invisible) {
+        return Err(KmsError::invalid(
+            "description",
+            "must not contain invisible or text-direction characters (Unicode format \
+             characters, line or paragraph separators)",
+        ));
     }
     Ok(value)
 }
@@ -275,6 +303,20 @@ mod tests {
         assert!(name("tab\tinside".into()).is_err());
         assert!(name("é".repeat(90)).is_ok());
         assert!(name("é".repeat(91)).is_err());
+        for hidden in [
+            '\u{202E}', '\u{200B}', '\u{FEFF}', '\u{2028}', '\u{2029}', '\u{2066}',
+        ] {
+            let error = name(format!("pay{hidden}roll")).unwrap_err().to_string();
+            assert!(
+                error.starts_with("name: must not contain invisible"),
+                "{error}"
+            );
+            assert!(description(format!("a{hidden}b")).is_err());
+        }
+        assert!(
+            name("Grüße, 鍵 ключ".into()).is_ok(),
+            "ordinary letters of any script"
+        );
     }
 
     #[test]

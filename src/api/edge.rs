@@ -7,7 +7,11 @@
 //! - an audit record for calls that never reach the gate: refused here, or by gRPC
 //!   itself before a handler runs (a message over the size limit, bytes that do not
 //!   decode, an unknown method). The gate marks each call it audits; a response to an
-//!   unmarked call is recorded here with the code gRPC answered.
+//!   unmarked call is recorded here with the code gRPC answered;
+//! - a message over the size limit is RESOURCE_EXHAUSTED naming the limit: gRPC refuses
+//!   it before decoding with OUT_OF_RANGE, which says "a value out of range" to a caller
+//!   whose only fault is the size. Only such an answer (OUT_OF_RANGE, the gate never
+//!   reached) is rewritten; no handler answers OUT_OF_RANGE.
 //!
 //! Health and reflection are not KMS calls: neither authenticated nor audited.
 
@@ -59,11 +63,16 @@ impl GateReached {
 pub struct EdgeLayer {
     audit: Arc<AuditTrail>,
     auth: Arc<Authenticator>,
+    max_request_bytes: usize,
 }
 
 impl EdgeLayer {
-    pub fn new(audit: Arc<AuditTrail>, auth: Arc<Authenticator>) -> Self {
-        Self { audit, auth }
+    pub fn new(audit: Arc<AuditTrail>, auth: Arc<Authenticator>, max_request_bytes: usize) -> Self {
+        Self {
+            audit,
+            auth,
+            max_request_bytes,
+        }
     }
 }
 
@@ -75,6 +84,7 @@ impl<S> Layer<S> for EdgeLayer {
             inner,
             audit: Arc::clone(&self.audit),
             auth: Arc::clone(&self.auth),
+            max_request_bytes: self.max_request_bytes,
         }
     }
 }
@@ -84,6 +94,7 @@ pub struct Edge<S> {
     inner: S,
     audit: Arc<AuditTrail>,
     auth: Arc<Authenticator>,
+    max_request_bytes: usize,
 }
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
@@ -163,15 +174,24 @@ where
         let _ = reached.0.principal.set(Arc::clone(&principal));
         request.extensions_mut().insert(reached.clone());
         let answer = self.inner.call(request);
+        let max_request_bytes = self.max_request_bytes;
         Box::pin(async move {
-            let response = answer.await?;
+            let mut response = answer.await?;
             if !reached.0.audited.load(Ordering::Relaxed) {
-                let code = response
+                let mut code = response
                     .headers()
                     .get("grpc-status")
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse::<i32>().ok())
                     .unwrap_or(tonic::Code::Unknown as i32);
+                if code == tonic::Code::OutOfRange as i32 {
+                    response = tonic::Status::resource_exhausted(format!(
+                        "the request message is larger than the {max_request_bytes} bytes \
+                         this server accepts"
+                    ))
+                    .into_http();
+                    code = tonic::Code::ResourceExhausted as i32;
+                }
                 let metadata = metadata_of(kept);
                 let operation = operation_of(&uri);
                 record(&audit, Some(&principal), operation, &metadata, code, peer);

@@ -4,6 +4,7 @@
 
 mod audit;
 mod call;
+pub mod codec;
 mod convert;
 mod edge;
 mod import_tokens;
@@ -66,15 +67,22 @@ pub(crate) fn parse_key_id(field: &'static str, value: &str) -> Result<Uuid, Kms
     match key_field(value) {
         Some(id) => Ok(id),
         None if value.is_empty() => Err(KmsError::invalid(field, "required (a v4 UUID)")),
-        None => Err(KmsError::invalid(field, "must be a v4 UUID")),
+        None => Err(KmsError::invalid(
+            field,
+            "must be a v4 UUID in canonical form (lowercase, hyphenated)",
+        )),
     }
 }
 
-/// A key id field if it holds a valid key id (a v4 UUID); what the audit trail records.
+/// A key id field if it holds a valid key id: a v4 UUID in its one canonical text form
+/// (36 characters, lowercase, hyphenated), as the service writes them; braces, `urn:`,
+/// upper case or no hyphens are refused, so one key has one spelling in requests,
+/// logs and the audit trail.
 pub(crate) fn key_field(value: &str) -> Option<Uuid> {
-    Uuid::parse_str(value)
+    Uuid::try_parse(value)
         .ok()
         .filter(|id| id.get_version_num() == 4)
+        .filter(|id| id.hyphenated().to_string() == value)
 }
 
 #[cfg(test)]
@@ -82,6 +90,25 @@ mod tests {
     use super::*;
     use crate::hsm::HsmError;
     use tonic::Code;
+
+    #[test]
+    fn key_ids_have_one_canonical_spelling() {
+        let id = Uuid::new_v4();
+        let canonical = id.to_string();
+        assert_eq!(key_field(&canonical), Some(id));
+        for other in [
+            canonical.to_uppercase(),
+            id.simple().to_string(),
+            format!("{{{canonical}}}"),
+            format!("urn:uuid:{canonical}"),
+            format!(" {canonical}"),
+        ] {
+            assert_eq!(key_field(&other), None, "{other}");
+            let error = parse_key_id("id", &other).unwrap_err().to_string();
+            assert!(error.starts_with("id: must be a v4 UUID"), "{error}");
+        }
+        assert_eq!(key_field(&Uuid::nil().to_string()), None, "not v4");
+    }
 
     #[test]
     fn hsm_and_store_faults_never_leak_detail() {

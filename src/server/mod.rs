@@ -315,7 +315,11 @@ async fn serve_with_hsm(
         .http2_max_header_list_size(16 * 1024)
         .http2_keepalive_interval(Some(limits.idle_timeout / 3))
         .http2_keepalive_timeout(Some(limits.idle_timeout / 3))
-        .layer(EdgeLayer::new(Arc::clone(&audit), Arc::clone(&auth)))
+        .layer(EdgeLayer::new(
+            Arc::clone(&audit),
+            Arc::clone(&auth),
+            max_request,
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
