@@ -123,8 +123,10 @@ fn with_key_object<T>(
     }
     let wrapped = key.blob.ok_or(HsmError::NotCached)?;
     let wrap = wraps.for_format(wrapped.format)?;
-    let entry: Arc<CachedKey> =
-        cache.insert(key.id, unwrap_root_key(session, kek, wrap, &wrapped)?);
+    let entry: Arc<CachedKey> = cache.insert(
+        key.id,
+        unwrap_root_key(session, kek, wrap, &wrapped).map_err(HsmError::reclassify_stored_blob)?,
+    );
     op(entry.handle)
 }
 

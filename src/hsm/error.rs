@@ -113,6 +113,16 @@ impl HsmError {
         }
     }
 
+    /// An error from unwrapping a blob the service stored itself (a root-key version):
+    /// a refusal there is not about the caller's input but a damaged store or the wrong
+    /// KEK, so it must not read as "your ciphertext is bad".
+    pub(crate) fn reclassify_stored_blob(self) -> HsmError {
+        match self {
+            HsmError::Rejected { function, rv } => HsmError::Pkcs11 { function, rv },
+            other => other,
+        }
+    }
+
     /// The token refused an object template (an attribute value its policy forbids).
     pub(crate) fn is_template_refused(&self) -> bool {
         matches!(
@@ -161,7 +171,10 @@ fn classify(rv: RvError, function: String) -> HsmError {
         | RvError::TokenNotPresent
         | RvError::TokenNotRecognized
         | RvError::CryptokiNotInitialized
-        | RvError::SlotIdInvalid => HsmError::Unavailable { function, rv },
+        | RvError::SlotIdInvalid
+        // The KEK's handle: the service's own object, never the caller's input.
+        | RvError::UnwrappingKeyHandleInvalid
+        | RvError::WrappingKeyHandleInvalid => HsmError::Unavailable { function, rv },
         RvError::SessionHandleInvalid
         | RvError::SessionClosed
         | RvError::UserNotLoggedIn
@@ -171,7 +184,6 @@ fn classify(rv: RvError, function: String) -> HsmError {
         | RvError::EncryptedDataLenRange
         | RvError::WrappedKeyInvalid
         | RvError::WrappedKeyLenRange
-        | RvError::UnwrappingKeyHandleInvalid
         | RvError::DataInvalid
         | RvError::DataLenRange => HsmError::Rejected { function, rv },
         RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid => {
@@ -217,5 +229,16 @@ mod tests {
         ));
         let gone = classify(RvError::DeviceRemoved, "C_UnwrapKey".into());
         assert!(gone.reclassify_client_decrypt().is_unavailable());
+        // The KEK's handle lost is the service's fault, never the caller's.
+        assert!(
+            classify(RvError::UnwrappingKeyHandleInvalid, "C_UnwrapKey".into()).is_unavailable()
+        );
+        assert!(classify(RvError::WrappingKeyHandleInvalid, "C_WrapKey".into()).is_unavailable());
+        // A stored blob the token refuses is not a rejection of the caller's input.
+        let refused = classify(RvError::WrappedKeyInvalid, "C_UnwrapKey".into());
+        assert!(matches!(
+            refused.reclassify_stored_blob(),
+            HsmError::Pkcs11 { .. }
+        ));
     }
 }
