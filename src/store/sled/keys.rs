@@ -97,7 +97,10 @@ impl DecodedKeys {
         {
             return Ok(record.clone());
         }
-        let record = decode_key_value(&raw)?;
+        let record = decode_key_value(&raw).map_err(|error| match error {
+            StoreError::Corrupt { reason, .. } => StoreError::corrupt(format!("key {id}"), reason),
+            other => other,
+        })?;
         shard
             .lock()
             .unwrap_or_else(|e| e.into_inner())
