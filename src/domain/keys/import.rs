@@ -479,6 +479,21 @@ mod tests {
         assert!(parse_import_token(&other_format).is_none());
     }
 
+    proptest::proptest! {
+        /// Any bytes as an import token: refused or parsed, never a panic; a parsed
+        /// token is exactly what encoding its fields gives.
+        #[test]
+        fn import_tokens_parse_or_refuse(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80)) {
+            if let Some(parsed) = parse_import_token(&bytes) {
+                let mut again = vec![IMPORT_TOKEN_FORMAT];
+                again.extend_from_slice(parsed.key_id.as_bytes());
+                again.extend_from_slice(parsed.parameters_id.as_bytes());
+                again.extend_from_slice(&parsed.expires_at.to_be_bytes());
+                proptest::prop_assert_eq!(again, bytes);
+            }
+        }
+    }
+
     #[test]
     fn expiration_model_rules() {
         use ExpirationModel::*;
