@@ -135,6 +135,11 @@ async fn a_changed_deleted_or_reordered_record_is_found_at_the_right_place() {
             Box::new(|records| at(records, 6).prev_hash = [0x11; 32]),
             "audit record 6",
         ),
+        (
+            "the newest records cut off",
+            Box::new(|records| records.retain(|r| r.seq <= 8)),
+            "audit record 9: missing: the chain's recorded end is record 10",
+        ),
     ];
     for (what, change, expected) in cases {
         let copy = tampered_copy(data.path(), change);
