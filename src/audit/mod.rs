@@ -22,9 +22,9 @@
 //!   again; the pending list is bounded, so a stuck store cannot grow memory.
 //! - Retention ([`retention`]) removes the oldest blocks beyond a count or an age and
 //!   keeps the hash of the last removed record as the chain's anchor, so what remains
-//!   still verifies. Removal at either end of the chain is not detectable by a chain
-//!   alone (an attacker with write access could also rewrite the anchor); ship the
-//!   newest hash (`kms audit verify` prints it) elsewhere if that matters.
+//!   still verifies. The store also keeps the chain's end, so records cut from the end
+//!   are found; an attacker with write access could rewrite the end and the anchor too,
+//!   so ship the newest hash (`kms audit verify` prints it) elsewhere if that matters.
 
 mod query;
 mod record;
