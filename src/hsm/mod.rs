@@ -303,6 +303,12 @@ impl Hsm {
         let (reply, result) = tokio::sync::oneshot::channel();
         let cache = Arc::clone(&self.cache);
         self.pool.submit(Box::new(move |worker| {
+            // The caller went away while the job waited (its deadline passed or the
+            // call was cancelled): the HSM does no work nobody will receive.
+            if reply.is_closed() {
+                tracing::debug!("HSM job skipped: its caller is gone");
+                return;
+            }
             let result = worker.session().and_then(|session| {
                 cache.graveyard.destroy_all(session);
                 job(session)
