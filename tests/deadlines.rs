@@ -5,8 +5,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestServer, TestToken, create_key, instance, req};
-use kms::proto::{CreateImportTokenRequest, CreateKeyRequest, WrapKeyRequest};
+use common::{TestServer, TestToken, audit_events, create_key, instance, req};
+use kms::proto::{
+    CreateImportTokenRequest, CreateKeyRequest, ListAuditEventsRequest, WrapKeyRequest,
+};
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -71,6 +73,30 @@ async fn calls_whose_deadline_passed_in_the_queue_are_not_run_in_the_hsm() {
             .await,
         "expired calls were skipped, not run"
     );
+    // tonic cuts a call off at its deadline by dropping it, outside every layer of
+    // ours; each one is still in the audit trail, as cut off by its deadline.
+    let mut waited = 0;
+    let cut_off = loop {
+        let events = audit_events(
+            &server,
+            &tenant,
+            ListAuditEventsRequest {
+                operation: "WrapKey".into(),
+                key_id: key.id.clone(),
+                ..Default::default()
+            },
+        )
+        .await;
+        waited += 1;
+        if events.len() >= 10 || waited == 50 {
+            break events;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(cut_off.len(), 10, "one record per call");
+    for event in &cut_off {
+        assert_eq!(event.code, Code::DeadlineExceeded as i32, "{event:?}");
+    }
     // The session is free again and serves at once.
     server
         .keys()

@@ -19,7 +19,7 @@ use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Response, Status};
 use uuid::Uuid;
 
-use super::edge::GateReached;
+use super::edge::{GateReached, dropped_call_code};
 use super::{correlation_value, status_from, with_correlation};
 use crate::audit::{ANONYMOUS, AuditEvent, AuditTrail};
 use crate::auth::{
@@ -212,12 +212,12 @@ impl CallGate {
     {
         let peer = request.remote_addr();
         // The edge layer authenticated the call before tonic decoded it (when present).
-        let authenticated = match request.extensions().get::<GateReached>() {
+        let (authenticated, deadline) = match request.extensions().get::<GateReached>() {
             Some(reached) => {
                 reached.mark();
-                reached.principal()
+                (reached.principal(), reached.deadline())
             }
-            None => None,
+            None => (None, None),
         };
         let (metadata, _, message) = request.into_parts();
         let request_key = message.audited_key();
@@ -227,7 +227,19 @@ impl CallGate {
                 let principal = Arc::clone(&caller.principal);
                 let instance = caller.ctx.instance.clone();
                 let correlation_id = caller.ctx.correlation_id;
+                let unanswered = RecordIfDropped {
+                    audit: &self.audit,
+                    rpc,
+                    principal: &principal,
+                    instance: &instance,
+                    key_id: request_key,
+                    correlation_id,
+                    peer,
+                    deadline,
+                    armed: true,
+                };
                 let outcome = handler(caller, message).await;
+                unanswered.disarm();
                 (Ok(outcome), Some(principal), instance, correlation_id)
             }
             Err(refusal) => (
@@ -359,6 +371,48 @@ impl CallGate {
             },
             principal,
         })
+    }
+}
+
+/// Records a call whose handler was dropped before it finished: tonic drops it when the
+/// client's deadline passes or the client cancels. What the handler did before is not
+/// undone (each change is one store step, whole or not at all); the record says the
+/// call was cut off, so the trail still has one record per call.
+struct RecordIfDropped<'a> {
+    audit: &'a AuditTrail,
+    rpc: Rpc,
+    principal: &'a Principal,
+    instance: &'a str,
+    key_id: Option<Uuid>,
+    correlation_id: Uuid,
+    peer: Option<std::net::SocketAddr>,
+    deadline: Option<std::time::Instant>,
+    armed: bool,
+}
+
+impl RecordIfDropped<'_> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for RecordIfDropped<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let event = AuditEvent {
+            principal: &self.principal.name,
+            instance: self.instance,
+            operation: self.rpc.name(),
+            key_id: self.key_id,
+            code: dropped_call_code(self.deadline) as i32,
+            correlation_id: self.correlation_id,
+            peer: self.peer,
+        };
+        if let Err(error) = self.audit.append(&event) {
+            tracing::debug!(operation = self.rpc.name(), error = %error, "cannot audit a call cut off");
+        }
     }
 }
 

@@ -7,7 +7,11 @@
 //! - an audit record for calls that never reach the gate: refused here, or by gRPC
 //!   itself before a handler runs (a message over the size limit, bytes that do not
 //!   decode, an unknown method). The gate marks each call it audits; a response to an
-//!   unmarked call is recorded here with the code gRPC answered;
+//!   unmarked call is recorded here with the code gRPC answered. tonic enforces the
+//!   client's `grpc-timeout` outside every layer by dropping the call's future, and a
+//!   client that cancels has its future dropped too: an unmarked call dropped before it
+//!   was answered is recorded DEADLINE_EXCEEDED (its deadline had passed) or CANCELLED
+//!   (the gate records the calls it has taken over the same way);
 //! - a message over the size limit is RESOURCE_EXHAUSTED naming the limit: gRPC refuses
 //!   it before decoding with OUT_OF_RANGE, which says "a value out of range" to a caller
 //!   whose only fault is the size. Only such an answer (OUT_OF_RANGE, the gate never
@@ -20,6 +24,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderValue, Request, Response, Uri};
 use tonic::metadata::MetadataMap;
@@ -47,6 +52,7 @@ pub struct GateReached(Arc<EdgeState>);
 struct EdgeState {
     audited: AtomicBool,
     principal: OnceLock<Arc<Principal>>,
+    deadline: OnceLock<Instant>,
 }
 
 impl GateReached {
@@ -56,6 +62,85 @@ impl GateReached {
 
     pub fn principal(&self) -> Option<Arc<Principal>> {
         self.0.principal.get().cloned()
+    }
+
+    /// When the client's `grpc-timeout` runs out, if it sent one.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.0.deadline.get().copied()
+    }
+
+    fn audited(&self) -> bool {
+        self.0.audited.load(Ordering::Relaxed)
+    }
+}
+
+/// The code recorded for a call dropped before it was answered: tonic drops a call whose
+/// deadline passed, and the call of a client that went away. tonic starts its timer a
+/// moment before this layer sees the request, so "passed" allows for that moment.
+pub fn dropped_call_code(deadline: Option<Instant>) -> tonic::Code {
+    const TIMER_SLACK: Duration = Duration::from_millis(5);
+    match deadline {
+        Some(deadline) if Instant::now() + TIMER_SLACK >= deadline => tonic::Code::DeadlineExceeded,
+        _ => tonic::Code::Cancelled,
+    }
+}
+
+/// The `grpc-timeout` header's value (gRPC over HTTP/2: at most eight digits and a
+/// unit); `None` when absent or malformed, as tonic treats it.
+fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount * 3600),
+        "M" => Duration::from_secs(amount * 60),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+/// Records, when dropped unanswered, a call neither the gate nor the edge has recorded.
+struct RecordIfDropped {
+    audit: Arc<AuditTrail>,
+    principal: Arc<Principal>,
+    reached: GateReached,
+    uri: Uri,
+    kept: Option<Kept>,
+    peer: Option<std::net::SocketAddr>,
+}
+
+impl RecordIfDropped {
+    /// The call was answered: what remains to record is the edge's to do, with the code.
+    fn answered(mut self) -> Kept {
+        self.kept.take().unwrap_or_default()
+    }
+}
+
+impl Drop for RecordIfDropped {
+    fn drop(&mut self) {
+        let Some(kept) = self.kept.take() else {
+            return;
+        };
+        if self.reached.audited() {
+            return;
+        }
+        let code = dropped_call_code(self.reached.deadline()) as i32;
+        let metadata = metadata_of(kept);
+        let operation = operation_of(&self.uri);
+        record(
+            &self.audit,
+            Some(&self.principal),
+            operation,
+            &metadata,
+            code,
+            self.peer,
+        );
     }
 }
 
@@ -169,15 +254,30 @@ where
                 return Box::pin(std::future::ready(Ok(status.into_http())));
             }
         };
-        let uri = request.uri().clone();
         let reached = GateReached::default();
         let _ = reached.0.principal.set(Arc::clone(&principal));
+        if let Some(timeout) = grpc_timeout(request.headers()) {
+            let _ = reached.0.deadline.set(Instant::now() + timeout);
+        }
+        let guard = RecordIfDropped {
+            audit,
+            principal,
+            reached: reached.clone(),
+            uri: request.uri().clone(),
+            kept: Some(kept),
+            peer,
+        };
         request.extensions_mut().insert(reached.clone());
         let answer = self.inner.call(request);
         let max_request_bytes = self.max_request_bytes;
         Box::pin(async move {
-            let mut response = answer.await?;
-            if !reached.0.audited.load(Ordering::Relaxed) {
+            let answer = answer.await;
+            let audit = Arc::clone(&guard.audit);
+            let principal = Arc::clone(&guard.principal);
+            let uri = guard.uri.clone();
+            let kept = guard.answered();
+            let mut response = answer?;
+            if !reached.audited() {
                 let mut code = response
                     .headers()
                     .get("grpc-status")
