@@ -74,7 +74,8 @@ async fn calls_whose_deadline_passed_in_the_queue_are_not_run_in_the_hsm() {
         "expired calls were skipped, not run"
     );
     // tonic cuts a call off at its deadline by dropping it, outside every layer of
-    // ours; each one is still in the audit trail, as cut off by its deadline.
+    // ours (or the client's own timer resets the stream a moment before); each call is
+    // still in the audit trail, as cut off.
     let mut waited = 0;
     let cut_off = loop {
         let events = audit_events(
@@ -95,7 +96,10 @@ async fn calls_whose_deadline_passed_in_the_queue_are_not_run_in_the_hsm() {
     };
     assert_eq!(cut_off.len(), 10, "one record per call");
     for event in &cut_off {
-        assert_eq!(event.code, Code::DeadlineExceeded as i32, "{event:?}");
+        assert!(
+            [Code::DeadlineExceeded as i32, Code::Cancelled as i32].contains(&event.code),
+            "{event:?}"
+        );
     }
     // The session is free again and serves at once.
     server

@@ -254,7 +254,17 @@ impl CallGate {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(error)) => {
                 let status = status_from(&error);
-                if matches!(status.code(), Code::Internal | Code::Unavailable) {
+                // A fault of the service is logged with its detail; an unusable HSM or
+                // store is logged once per episode by its monitor, so each call it
+                // refuses only at debug level.
+                if status.code() == Code::Unavailable {
+                    tracing::debug!(
+                        operation = rpc.name(),
+                        %correlation_id,
+                        error = %error,
+                        "call failed: a dependency is unavailable"
+                    );
+                } else if status.code() == Code::Internal {
                     tracing::error!(
                         operation = rpc.name(),
                         principal = principal_name,
@@ -386,7 +396,7 @@ struct RecordIfDropped<'a> {
     key_id: Option<Uuid>,
     correlation_id: Uuid,
     peer: Option<std::net::SocketAddr>,
-    deadline: Option<std::time::Instant>,
+    deadline: Option<(std::time::Instant, std::time::Duration)>,
     armed: bool,
 }
 

@@ -52,7 +52,7 @@ pub struct GateReached(Arc<EdgeState>);
 struct EdgeState {
     audited: AtomicBool,
     principal: OnceLock<Arc<Principal>>,
-    deadline: OnceLock<Instant>,
+    deadline: OnceLock<(Instant, Duration)>,
 }
 
 impl GateReached {
@@ -64,8 +64,8 @@ impl GateReached {
         self.0.principal.get().cloned()
     }
 
-    /// When the client's `grpc-timeout` runs out, if it sent one.
-    pub fn deadline(&self) -> Option<Instant> {
+    /// When the client's `grpc-timeout` runs out, and the timeout, if it sent one.
+    pub fn deadline(&self) -> Option<(Instant, Duration)> {
         self.0.deadline.get().copied()
     }
 
@@ -75,12 +75,17 @@ impl GateReached {
 }
 
 /// The code recorded for a call dropped before it was answered: tonic drops a call whose
-/// deadline passed, and the call of a client that went away. tonic starts its timer a
-/// moment before this layer sees the request, so "passed" allows for that moment.
-pub fn dropped_call_code(deadline: Option<Instant>) -> tonic::Code {
-    const TIMER_SLACK: Duration = Duration::from_millis(5);
+/// deadline passed, and the call of a client that went away. A client's own timer
+/// usually fires a little before the server's and resets the stream, and the request
+/// may reach this layer late on a busy server, so a call dropped in the last fifth of
+/// its time (at least 5 ms) counts as cut off by its deadline.
+pub fn dropped_call_code(deadline: Option<(Instant, Duration)>) -> tonic::Code {
     match deadline {
-        Some(deadline) if Instant::now() + TIMER_SLACK >= deadline => tonic::Code::DeadlineExceeded,
+        Some((deadline, timeout))
+            if Instant::now() + (timeout / 5).max(Duration::from_millis(5)) >= deadline =>
+        {
+            tonic::Code::DeadlineExceeded
+        }
         _ => tonic::Code::Cancelled,
     }
 }
@@ -257,7 +262,7 @@ where
         let reached = GateReached::default();
         let _ = reached.0.principal.set(Arc::clone(&principal));
         if let Some(timeout) = grpc_timeout(request.headers()) {
-            let _ = reached.0.deadline.set(Instant::now() + timeout);
+            let _ = reached.0.deadline.set((Instant::now() + timeout, timeout));
         }
         let guard = RecordIfDropped {
             audit,

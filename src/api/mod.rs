@@ -21,6 +21,7 @@ use tonic::metadata::MetadataValue;
 use uuid::Uuid;
 
 use crate::domain::KmsError;
+use crate::hsm::HsmError;
 use crate::store::StoreError;
 
 fn with_correlation(mut status: Status, correlation_id: Uuid) -> Status {
@@ -50,6 +51,9 @@ fn status_from(error: &KmsError) -> Status {
             Status::failed_precondition(error.to_string())
         }
         KmsError::Conflict => Status::aborted(error.to_string()),
+        KmsError::Hsm(HsmError::Overloaded) => Status::resource_exhausted(
+            "the HSM is saturated; retry with backoff (the request was not started)",
+        ),
         KmsError::Hsm(e) if e.is_unavailable() => {
             Status::unavailable("the HSM is unavailable; retry later")
         }

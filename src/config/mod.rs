@@ -27,7 +27,7 @@ use crate::hsm::provision::{
     DEFAULT_KEK_LABEL, DEFAULT_KEY_CACHE_SIZE, DEFAULT_SOFTHSM_MODULE, EmbeddedSoftHsm,
     default_pool_size,
 };
-use crate::hsm::{HsmConfig, PinSource};
+use crate::hsm::{CallLimits, HsmConfig, PinSource};
 
 pub const DEFAULT_DATA_DIR: &str = "./kms-data";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
@@ -104,6 +104,51 @@ struct HsmSection {
     pool_size: Option<usize>,
     key_cache_size: Option<usize>,
     oaep_fallback: Option<bool>,
+    queue_size: Option<usize>,
+    queue_wait_ms: Option<u64>,
+    call_timeout_ms: Option<u64>,
+}
+
+/// `[hsm] queue_size`, `queue_wait_ms`, `call_timeout_ms` (and their KMS_HSM_*
+/// variables): the bounds on a call's time in and before the HSM.
+fn call_limits(section: &HsmSection, env: &dyn Env) -> Result<CallLimits, ConfigError> {
+    let mut limits = CallLimits::default();
+    let queue_size = parsed_var(env, "KMS_HSM_QUEUE_SIZE", "a number")?.or(section.queue_size);
+    if let Some(size) = queue_size {
+        if !(1..=1_000_000).contains(&size) {
+            return Err(ConfigError::Invalid {
+                name: "hsm.queue_size".into(),
+                reason: "must be 1..1000000".into(),
+            });
+        }
+        limits.queue_size = size;
+    }
+    let millis =
+        |var: &str, field: Option<u64>, name: &str| -> Result<Option<Duration>, ConfigError> {
+            match parsed_var::<u64>(env, var, "a number of milliseconds")?.or(field) {
+                None => Ok(None),
+                Some(0) => Err(ConfigError::Invalid {
+                    name: name.into(),
+                    reason: "must be at least 1 ms".into(),
+                }),
+                Some(ms) => Ok(Some(Duration::from_millis(ms))),
+            }
+        };
+    if let Some(wait) = millis(
+        "KMS_HSM_QUEUE_WAIT_MS",
+        section.queue_wait_ms,
+        "hsm.queue_wait_ms",
+    )? {
+        limits.queue_wait = wait;
+    }
+    if let Some(timeout) = millis(
+        "KMS_HSM_CALL_TIMEOUT_MS",
+        section.call_timeout_ms,
+        "hsm.call_timeout_ms",
+    )? {
+        limits.call_timeout = timeout;
+    }
+    Ok(limits)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -193,6 +238,7 @@ impl Config {
         let section = file.hsm;
         let embedded = section.is_none().then(|| EmbeddedSoftHsm::under(&data_dir));
         let section = section.unwrap_or_default();
+        let limits = call_limits(&section, env)?;
         let module = env
             .var("KMS_HSM_MODULE")
             .map(PathBuf::from)
@@ -227,8 +273,10 @@ impl Config {
                 pool_size: section.pool_size.unwrap_or_else(default_pool_size),
                 key_cache_size: section.key_cache_size.unwrap_or(DEFAULT_KEY_CACHE_SIZE),
                 oaep_fallback: true,
+                limits: Default::default(),
             },
         };
+        hsm.limits = limits;
         if let Some(fallback) = section.oaep_fallback {
             hsm.oaep_fallback = fallback;
         }

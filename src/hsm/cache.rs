@@ -7,9 +7,13 @@
 //!   only drops the map's reference; the object is destroyed when the last user drops
 //!   its reference, by queueing the handle for the next PKCS#11 job to destroy. So no
 //!   call ever uses a handle that another thread has just destroyed.
+//! - Generations: each entry remembers the module generation it was made in (see
+//!   [`super::link`]). After a re-initialisation the old objects are gone and their
+//!   handle numbers may name new objects, so they are forgotten, never destroyed.
 
 use std::hash::BuildHasher;
 use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cryptoki::object::ObjectHandle;
@@ -29,34 +33,45 @@ pub struct VersionId {
 /// An unwrapped key version living in the HSM. Destroyed (deferred) on last drop.
 pub(crate) struct CachedKey {
     pub(crate) handle: ObjectHandle,
+    generation: u64,
     graveyard: Arc<Graveyard>,
 }
 
 impl Drop for CachedKey {
     fn drop(&mut self) {
-        self.graveyard.bury(self.handle);
+        self.graveyard.bury(self.generation, self.handle);
     }
 }
 
 /// Handles waiting to be destroyed by whichever PKCS#11 job runs next.
 #[derive(Default)]
 pub(crate) struct Graveyard {
-    handles: Mutex<Vec<ObjectHandle>>,
+    handles: Mutex<Vec<(u64, ObjectHandle)>>,
 }
 
 impl Graveyard {
-    fn bury(&self, handle: ObjectHandle) {
+    fn bury(&self, generation: u64, handle: ObjectHandle) {
         self.handles
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(handle);
+            .push((generation, handle));
     }
 
-    /// Destroys every queued object. Blocking; failures are logged, not returned
-    /// (an object already gone with its session needs no destroying).
-    pub(crate) fn destroy_all(&self, session: &Session) {
-        let handles = std::mem::take(&mut *self.handles.lock().unwrap_or_else(|e| e.into_inner()));
-        for handle in handles {
+    /// Destroys every queued object of `generation`; those of earlier generations died
+    /// with C_Finalize and are only forgotten. Blocking; failures are logged, not
+    /// returned (an object already gone with its session needs no destroying).
+    pub(crate) fn destroy_all(&self, session: &Session, generation: u64) {
+        let handles = {
+            let mut queued = self.handles.lock().unwrap_or_else(|e| e.into_inner());
+            if queued.is_empty() {
+                return;
+            }
+            std::mem::take(&mut *queued)
+        };
+        for (made_in, handle) in handles {
+            if made_in != generation {
+                continue;
+            }
             if let Err(e) = session.destroy_object(handle) {
                 tracing::debug!(error = %e, "destroying an evicted key object");
             }
@@ -67,6 +82,7 @@ impl Graveyard {
 pub(crate) struct KeyCache {
     shards: Vec<Mutex<LruCache<VersionId, Arc<CachedKey>>>>,
     hasher: std::collections::hash_map::RandomState,
+    generation: AtomicU64,
     pub(crate) graveyard: Arc<Graveyard>,
 }
 
@@ -78,8 +94,14 @@ impl KeyCache {
                 .map(|_| Mutex::new(LruCache::new(per_shard)))
                 .collect(),
             hasher: Default::default(),
+            generation: AtomicU64::new(1),
             graveyard: Arc::default(),
         }
+    }
+
+    /// Objects unwrapped from now on belong to this module generation.
+    pub(crate) fn set_generation(&self, generation: u64) {
+        self.generation.store(generation, Ordering::Release);
     }
 
     fn shard(&self, key_id: &Uuid) -> &Mutex<LruCache<VersionId, Arc<CachedKey>>> {
@@ -98,6 +120,7 @@ impl KeyCache {
     pub(crate) fn insert(&self, id: VersionId, handle: ObjectHandle) -> Arc<CachedKey> {
         let entry = Arc::new(CachedKey {
             handle,
+            generation: self.generation.load(Ordering::Acquire),
             graveyard: Arc::clone(&self.graveyard),
         });
         // A replaced or evicted entry is dropped here, outside the lock, which queues

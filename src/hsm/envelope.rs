@@ -46,9 +46,9 @@ impl Hsm {
         data_key_len: usize,
         aad: Vec<u8>,
     ) -> Result<(SecretBytes, Sealed), HsmError> {
-        let (kek, cache, random) = (self.kek, Arc::clone(&self.cache), Arc::clone(&self.random));
+        let (cache, random) = (Arc::clone(&self.cache), Arc::clone(&self.random));
         let wraps = self.wrap_mechanisms();
-        self.run(move |session| {
+        self.run(move |session, kek| {
             let plaintext = match plaintext {
                 Some(p) => p,
                 None => {
@@ -77,9 +77,9 @@ impl Hsm {
         sealed: Sealed,
         aad: Vec<u8>,
     ) -> Result<SecretBytes, HsmError> {
-        let (kek, cache) = (self.kek, Arc::clone(&self.cache));
+        let cache = Arc::clone(&self.cache);
         let wraps = self.wrap_mechanisms();
-        self.run(move |session| {
+        self.run(move |session, kek| {
             with_key_object(session, &cache, kek, wraps, key, |handle| {
                 let mut iv = sealed.iv;
                 let params = GcmParams::new(&mut iv, &aad, (GCM_TAG_LEN as c_ulong * 8).into())?;

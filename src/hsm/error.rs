@@ -2,6 +2,8 @@
 
 use cryptoki::error::{Error as CryptokiError, RvError};
 
+use super::link::Repair;
+
 /// What went wrong talking to the PKCS#11 token.
 ///
 /// Messages name functions, return codes, labels and paths, never key material or PINs.
@@ -59,6 +61,20 @@ pub enum HsmError {
 
     #[error("the HSM worker stopped: {0}")]
     Worker(String),
+
+    /// The token is being repaired (see [`super::link`]); calls fail fast meanwhile.
+    #[error("the token is unusable and being repaired")]
+    Recovering,
+
+    /// Every HSM session is busy and the queue of waiting calls is full, or a call
+    /// waited in it longer than the configured bound.
+    #[error("the HSM is saturated: no session came free in time")]
+    Overloaded,
+
+    /// A PKCS#11 call did not return within the configured bound; its worker is still
+    /// inside the module.
+    #[error("a PKCS#11 call did not return within {seconds} s")]
+    Hung { seconds: u64 },
 }
 
 impl HsmError {
@@ -66,8 +82,33 @@ impl HsmError {
     pub fn is_unavailable(&self) -> bool {
         matches!(
             self,
-            HsmError::Unavailable { .. } | HsmError::SessionBroken { .. }
+            HsmError::Unavailable { .. }
+                | HsmError::SessionBroken { .. }
+                | HsmError::Recovering
+                | HsmError::Hung { .. }
         )
+    }
+
+    /// What the connection must do before the token is usable again after this error.
+    pub(crate) fn repair(&self) -> Repair {
+        match self {
+            HsmError::SessionBroken {
+                rv: RvError::UserNotLoggedIn,
+                ..
+            }
+            | HsmError::Unavailable {
+                rv: RvError::UnwrappingKeyHandleInvalid | RvError::WrappingKeyHandleInvalid,
+                ..
+            } => Repair::Login,
+            HsmError::Unavailable {
+                rv: RvError::DeviceError | RvError::DeviceMemory,
+                ..
+            }
+            | HsmError::SessionBroken { .. }
+            | HsmError::Hung { .. } => Repair::Check,
+            HsmError::Unavailable { .. } | HsmError::TokenNotFound { .. } => Repair::Reinitialize,
+            _ => Repair::None,
+        }
     }
 
     /// The pooled session must be dropped and a new one opened.
@@ -196,6 +237,27 @@ fn classify(rv: RvError, function: String) -> HsmError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_fault_asks_for_the_repair_that_mends_it() {
+        let repair = |rv| classify(rv, "C_Encrypt".into()).repair();
+        assert_eq!(repair(RvError::SessionHandleInvalid), Repair::Check);
+        assert_eq!(repair(RvError::SessionClosed), Repair::Check);
+        assert_eq!(repair(RvError::DeviceError), Repair::Check);
+        assert_eq!(repair(RvError::DeviceMemory), Repair::Check);
+        assert_eq!(repair(RvError::UserNotLoggedIn), Repair::Login);
+        assert_eq!(repair(RvError::UnwrappingKeyHandleInvalid), Repair::Login);
+        assert_eq!(repair(RvError::DeviceRemoved), Repair::Reinitialize);
+        assert_eq!(repair(RvError::TokenNotPresent), Repair::Reinitialize);
+        assert_eq!(
+            repair(RvError::CryptokiNotInitialized),
+            Repair::Reinitialize
+        );
+        // The caller's bad input, or the token's refusal of it, mends nothing.
+        assert_eq!(repair(RvError::EncryptedDataInvalid), Repair::None);
+        assert_eq!(repair(RvError::KeyHandleInvalid), Repair::None);
+        assert_eq!(repair(RvError::GeneralError), Repair::None);
+    }
 
     #[test]
     fn return_codes_are_classified_by_kind() {

@@ -1,9 +1,18 @@
 //! Everything PKCS#11. Nothing outside this module imports `cryptoki`.
 //!
-//! One `Hsm` per process: one C_Initialize, one logged-in anchor session held for the
-//! life of the process (login state belongs to the application, so every pooled session
-//! is logged in through it), and a bounded pool of sessions. Every PKCS#11 call runs on
-//! tokio's blocking pool, never on the async executor.
+//! One `Hsm` per process: one loaded module, a connection to the token that repairs
+//! itself ([`link`]: one logged-in anchor session, since login state belongs to the
+//! application and every pooled session is logged in through it; sessions reopened,
+//! login redone, the module re-initialised when the token went away), and a bounded
+//! pool of sessions ([`pool`]). No PKCS#11 call runs on the async executor.
+//!
+//! Bounds on a call: it waits for a session in a queue of `queue_size` jobs, for at
+//! most `queue_wait` (then RESOURCE_EXHAUSTED); a call whose caller has gone (deadline
+//! passed, cancelled) is not started; a started call is awaited for at most
+//! `call_timeout` (then UNAVAILABLE). A worker stuck inside the module is not replaced:
+//! a thread inside a C call cannot be stopped safely and the session it holds is in
+//! use. It is bounded instead: the other workers keep serving, and it rejoins the pool
+//! when the call returns.
 //!
 //! Key objects the service creates:
 //! - the master KEK: a token object, AES-256, `CKA_SENSITIVE=TRUE`,
@@ -20,6 +29,7 @@
 mod cache;
 mod envelope;
 mod error;
+mod link;
 pub mod oaep;
 mod pool;
 pub mod provision;
@@ -27,24 +37,26 @@ mod random;
 mod rsa;
 mod token;
 
-use token::{find_or_create_kek, find_slot_by_label, initialize, login, probe_wrap_mechanisms};
+use token::probe_wrap_mechanisms;
 
 use std::os::raw::c_ulong;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use cryptoki::context::Pkcs11;
 use cryptoki::mechanism::vendor_defined::VendorDefinedMechanism;
 use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
-use cryptoki::session::Session;
-use cryptoki::slot::Slot;
+use cryptoki::session::{Session, SessionState};
 use serde::{Deserialize, Serialize};
 
 use cache::KeyCache;
 pub use cache::VersionId;
 pub use envelope::{GCM_IV_LEN, GCM_TAG_LEN, KeyVersionRef, Sealed};
 pub use error::HsmError;
+use link::{Connection, Repair};
 use oaep::OaepHash;
 use pool::SessionPool;
 use random::RandomReserve;
@@ -72,6 +84,29 @@ pub struct HsmConfig {
     /// Whether an OAEP hash the token cannot decrypt natively is served by raw RSA in
     /// the HSM plus OpenSSL's OAEP decoder in the process.
     pub oaep_fallback: bool,
+    pub limits: CallLimits,
+}
+
+/// How long and how many calls may wait for, and in, the HSM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CallLimits {
+    /// Calls waiting for a session at most; beyond, RESOURCE_EXHAUSTED at once.
+    pub queue_size: usize,
+    /// How long a call may wait for a session before RESOURCE_EXHAUSTED.
+    pub queue_wait: Duration,
+    /// How long a started PKCS#11 job is awaited before UNAVAILABLE.
+    pub call_timeout: Duration,
+}
+
+impl Default for CallLimits {
+    fn default() -> Self {
+        Self {
+            queue_size: 1024,
+            queue_wait: Duration::from_secs(2),
+            // RSA-4096 generation takes seconds on a loaded machine.
+            call_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 /// Where the user PIN comes from. Never the command line.
@@ -196,11 +231,10 @@ impl Capabilities {
 
 /// The process's one connection to the token.
 pub struct Hsm {
-    ctx: Pkcs11,
-    slot: Slot,
-    anchor: Mutex<Option<Session>>,
+    connection: Arc<Connection>,
     pool: SessionPool,
-    kek: ObjectHandle,
+    repairer: Mutex<Option<JoinHandle<()>>>,
+    limits: CallLimits,
     /// The KEK was created by this start (none was on the token).
     kek_created: bool,
     rfc5649: Option<WrapMechanism>,
@@ -229,18 +263,20 @@ impl Hsm {
             path: config.module.display().to_string(),
             reason: e.to_string(),
         })?;
-        initialize(&ctx)?;
-        let slot = find_slot_by_label(&ctx, &config.token_label)?;
+        let cache = Arc::new(KeyCache::new(config.key_cache_size.max(1)));
+        let (connection, kek_created) =
+            Connection::open(ctx, config, may_create_kek, Arc::clone(&cache))?;
+        let link = connection.current().expect("a link just opened");
+        let ctx = &connection.ctx;
 
-        let anchor = ctx.open_rw_session(slot)?;
-        let pin = config.pin.read()?;
-        login(&anchor, &pin)?;
-        drop(pin);
-
-        let (rfc5649, rfc3394) = probe_wrap_mechanisms(&ctx, slot);
-        let aes_gcm = ctx.get_mechanism_info(slot, MechanismType::AES_GCM).is_ok();
-        let raw_rsa = rsa::raw_rsa_offered(&ctx, slot);
-        let (native_sha1, native_sha256) = rsa::probe_native_oaep(&anchor);
+        let (rfc5649, rfc3394) = probe_wrap_mechanisms(ctx, link.slot);
+        let aes_gcm = ctx
+            .get_mechanism_info(link.slot, MechanismType::AES_GCM)
+            .is_ok();
+        let raw_rsa = rsa::raw_rsa_offered(ctx, link.slot);
+        let (native_sha1, native_sha256) = link
+            .with_anchor(rsa::probe_native_oaep)
+            .unwrap_or((false, false));
         let oaep = |native: bool| {
             if native {
                 OaepSupport::Native
@@ -261,25 +297,35 @@ impl Hsm {
             aes_gcm,
         };
         if rfc5649.is_none() && rfc3394.is_none() {
+            connection.shutdown();
             return Err(HsmError::MechanismMissing {
                 what: "AES key wrap (CKM_AES_KEY_WRAP_PAD, _KWP or CKM_AES_KEY_WRAP)",
             });
         }
+        drop(link);
 
-        let (kek, kek_created) = find_or_create_kek(&anchor, &config.kek_label, may_create_kek)?;
-        let pool = SessionPool::start(ctx.clone(), slot, config.pool_size.max(1))?;
+        let connection = Arc::new(connection);
+        let pool = SessionPool::start(
+            Arc::clone(&connection),
+            config.pool_size.max(1),
+            config.limits.queue_size.max(1),
+        )?;
+        let repairing = Arc::clone(&connection);
+        let repairer = std::thread::Builder::new()
+            .name("hsm-repair".into())
+            .spawn(move || repairing.repair_loop())
+            .map_err(|e| HsmError::Worker(format!("cannot start the HSM repair thread: {e}")))?;
         Ok(Hsm {
-            ctx,
-            slot,
-            anchor: Mutex::new(Some(anchor)),
+            connection,
             pool,
-            kek,
+            repairer: Mutex::new(Some(repairer)),
+            limits: config.limits,
             kek_created,
             rfc5649,
             rfc3394,
             capabilities,
             token_label: config.token_label.clone(),
-            cache: Arc::new(KeyCache::new(config.key_cache_size.max(1))),
+            cache,
             random: Arc::default(),
         })
     }
@@ -295,13 +341,16 @@ impl Hsm {
     }
 
     /// Runs one PKCS#11 job on a pooled session's worker thread, off the async executor.
+    /// The job gets the session and the master KEK's current handle.
     async fn run<T, F>(&self, job: F) -> Result<T, HsmError>
     where
         T: Send + 'static,
-        F: FnOnce(&Session) -> Result<T, HsmError> + Send + 'static,
+        F: FnOnce(&Session, ObjectHandle) -> Result<T, HsmError> + Send + 'static,
     {
         let (reply, result) = tokio::sync::oneshot::channel();
-        let cache = Arc::clone(&self.cache);
+        let connection = Arc::clone(&self.connection);
+        let queued = Instant::now();
+        let queue_wait = self.limits.queue_wait;
         self.pool.submit(Box::new(move |worker| {
             // The caller went away while the job waited (its deadline passed or the
             // call was cancelled): the HSM does no work nobody will receive.
@@ -309,24 +358,43 @@ impl Hsm {
                 tracing::debug!("HSM job skipped: its caller is gone");
                 return;
             }
-            let result = worker.session().and_then(|session| {
-                cache.graveyard.destroy_all(session);
-                job(session)
+            if queued.elapsed() > queue_wait {
+                let _ = reply.send(Err(HsmError::Overloaded));
+                return;
+            }
+            let cache = &connection.cache;
+            let result = connection.with_link(|link| {
+                let session = worker.session(&connection.ctx, link)?;
+                cache.graveyard.destroy_all(session, link.generation);
+                let result = job(session, link.kek());
+                if let Err(e) = &result
+                    && e.breaks_session()
+                {
+                    worker.discard();
+                    // Objects created in the dead session died with it; forget them all
+                    // rather than risk using a handle the token may hand out again.
+                    cache.clear();
+                }
+                result
             });
-            if let Err(e) = &result
-                && e.breaks_session()
-            {
-                worker.discard();
-                // Objects created in the dead session died with it; forget them all
-                // rather than risk using a handle the token may hand out again.
-                cache.clear();
+            if let Err(e) = &result {
+                connection.request(e.repair(), e);
             }
             // The caller may have gone away (cancelled RPC); the result is dropped.
             let _ = reply.send(result);
         }))?;
-        result
-            .await
-            .map_err(|_| HsmError::Worker("the HSM worker dropped the job".into()))?
+        match tokio::time::timeout(self.limits.call_timeout, result).await {
+            Ok(answer) => {
+                answer.map_err(|_| HsmError::Worker("the HSM worker dropped the job".into()))?
+            }
+            Err(_) => {
+                let hung = HsmError::Hung {
+                    seconds: self.limits.call_timeout.as_secs(),
+                };
+                self.connection.request(Repair::Check, &hung);
+                Err(hung)
+            }
+        }
     }
 
     /// The mechanism used for new blobs: RFC 5649 when offered, since it wraps any length.
@@ -352,8 +420,8 @@ impl Hsm {
         kind: KeyKind,
         material: NewMaterial,
     ) -> Result<WrappedKey, HsmError> {
-        let (kek, wrap) = (self.kek, self.preferred_wrap());
-        self.run(move |session| {
+        let wrap = self.preferred_wrap();
+        self.run(move |session, kek| {
             let (mut template, key_type, generator) = match kind {
                 KeyKind::Root => (root_key_template(), KeyType::AES, Mechanism::AesKeyGen),
                 KeyKind::Standard => (
@@ -380,11 +448,10 @@ impl Hsm {
     /// Generates an RSA key pair in the HSM; returns the public key and the private key
     /// wrapped under the KEK. Takes seconds for large keys (RSA-4096).
     pub async fn generate_rsa_pair(&self, bits: u32) -> Result<RsaKeyPair, HsmError> {
-        let kek = self.kek;
         let wrap = self.rfc5649.ok_or(HsmError::MechanismMissing {
             what: "RFC 5649 AES key wrap (needed to store RSA private keys)",
         })?;
-        self.run(move |session| rsa::generate_pair(session, bits, kek, wrap))
+        self.run(move |session, kek| rsa::generate_pair(session, bits, kek, wrap))
             .await
     }
 
@@ -394,11 +461,10 @@ impl Hsm {
         &self,
         request: MaterialImport,
     ) -> Result<ImportedMaterial, HsmError> {
-        let kek = self.kek;
         let wraps = self.wrap_mechanisms();
         let private_wrap = self.mechanism_for(request.private_key.format)?;
         let support = self.capabilities.oaep(request.hash);
-        self.run(move |session| {
+        self.run(move |session, kek| {
             rsa::import_material(session, kek, wraps, private_wrap, support, request)
         })
         .await
@@ -407,7 +473,7 @@ impl Hsm {
     /// `len` bytes from the HSM's random number generator.
     pub async fn random_bytes(&self, len: usize) -> Result<Vec<u8>, HsmError> {
         let random = Arc::clone(&self.random);
-        self.run(move |session| {
+        self.run(move |session, _| {
             let mut bytes = vec![0; len];
             random.fill(session, &mut bytes)?;
             Ok(bytes)
@@ -417,9 +483,8 @@ impl Hsm {
 
     /// Unwraps a standard key's blob and reads its payload.
     pub async fn unwrap_standard_key(&self, wrapped: WrappedKey) -> Result<SecretBytes, HsmError> {
-        let kek = self.kek;
         let wrap = self.mechanism_for(wrapped.format)?;
-        self.run(move |session| {
+        self.run(move |session, kek| {
             let mut template = standard_key_template();
             template.push(Attribute::KeyType(KeyType::GENERIC_SECRET));
             let key = session.unwrap_key(&wrap.mechanism(), kek, &wrapped.blob, &template)?;
@@ -435,38 +500,53 @@ impl Hsm {
         .await
     }
 
-    /// Asks the token for its info: fails when the token or module is gone.
+    /// Whether the token is usable now: no repair under way, the token answers and the
+    /// anchor session is still logged in. A failure asks for the repair that mends it.
     pub async fn ping(&self) -> Result<(), HsmError> {
-        let (ctx, slot) = (self.ctx.clone(), self.slot);
-        tokio::task::spawn_blocking(move || ctx.get_token_info(slot).map(|_| ()))
-            .await
-            .map_err(|e| HsmError::Worker(e.to_string()))?
-            .map_err(HsmError::from)
+        if self.connection.repairing() {
+            return Err(HsmError::Recovering);
+        }
+        let connection = Arc::clone(&self.connection);
+        tokio::task::spawn_blocking(move || {
+            let link = connection.current().ok_or(HsmError::Recovering)?;
+            let answered = connection
+                .ctx
+                .get_token_info(link.slot)
+                .map_err(HsmError::from)
+                .and_then(|_| {
+                    let state = link
+                        .with_anchor(|a| a.get_session_info().map(|i| i.session_state()))
+                        .transpose()?;
+                    match state {
+                        Some(SessionState::RwUser) => Ok(()),
+                        _ => Err(HsmError::SessionBroken {
+                            function: "C_GetSessionInfo".into(),
+                            rv: cryptoki::error::RvError::UserNotLoggedIn,
+                        }),
+                    }
+                });
+            if let Err(e) = &answered {
+                connection.request(e.repair().max(Repair::Check), e);
+            }
+            answered
+        })
+        .await
+        .map_err(|e| HsmError::Worker(e.to_string()))?
     }
 
     /// Closes every session and finalizes the module. Call once, after the server has
     /// stopped and in-flight calls have finished.
     pub fn shutdown(&self) {
         self.cache.clear();
-        if let Some(anchor) = self
-            .anchor
+        self.pool.close_all();
+        self.connection.shutdown();
+        if let Some(repairer) = self
+            .repairer
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
+            .take()
         {
-            self.cache.graveyard.destroy_all(anchor);
-        }
-        self.pool.close_all();
-        if let Some(anchor) = self.anchor.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            if let Err(e) = anchor.logout() {
-                tracing::debug!(error = %HsmError::from(e), "logout at shutdown");
-            }
-            if let Err(e) = anchor.close() {
-                tracing::warn!(error = %HsmError::from(e), "closing anchor session");
-            }
-        }
-        if let Err(e) = self.ctx.clone().finalize() {
-            tracing::warn!(error = %HsmError::from(e), "C_Finalize");
+            let _ = repairer.join();
         }
     }
 }

@@ -1,10 +1,12 @@
 //! A bounded pool of PKCS#11 sessions, each owned by one dedicated worker thread.
 //!
-//! Jobs (closures over a `&Session`) go into one shared queue; `size` worker threads take
-//! them in turn. Each worker owns its session for its whole life, opening it lazily and
-//! replacing it after a job reports the session broken. So at most `size` PKCS#11 calls
-//! run at once, no session is ever shared, and no PKCS#11 call runs on the async
-//! executor.
+//! Jobs (closures over a `&Session`) go into one shared, bounded queue; `size` worker
+//! threads take them in turn. Each worker owns its session, opening it lazily and
+//! replacing it after a job reports the session broken or the module was
+//! re-initialised. So at most `size` PKCS#11 calls run at once, no session is ever
+//! shared, and no PKCS#11 call runs on the async executor. A full queue refuses new jobs
+//! ([`HsmError::Overloaded`]): under a flood, callers are told to back off at once
+//! instead of piling up without limit.
 //!
 //! Why threads rather than `spawn_blocking` per call: under load a worker goes straight
 //! from one job to the next without sleeping, so a call costs one wake-up (the reply)
@@ -12,44 +14,16 @@
 //! the difference between WrapKey at about half and at about three quarters of the
 //! health-check baseline on a 2-core machine.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use crossbeam_channel::{Receiver, Sender};
-use cryptoki::context::Pkcs11;
-use cryptoki::session::Session;
-use cryptoki::slot::Slot;
+use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use super::error::HsmError;
+use super::link::{Connection, WorkerSession};
 
 /// A unit of work for a worker: gets the worker's session slot.
 pub(crate) type Job = Box<dyn FnOnce(&mut WorkerSession) + Send>;
-
-/// A worker's session, opened on first use and reopened after it breaks.
-pub(crate) struct WorkerSession {
-    ctx: Pkcs11,
-    slot: Slot,
-    session: Option<Session>,
-}
-
-impl WorkerSession {
-    /// The session, opened now if needed. Login state belongs to the application (held
-    /// by the anchor session), so a new session is already logged in.
-    pub(crate) fn session(&mut self) -> Result<&Session, HsmError> {
-        if self.session.is_none() {
-            self.session = Some(self.ctx.open_rw_session(self.slot)?);
-        }
-        Ok(self.session.as_ref().expect("session just opened"))
-    }
-
-    /// Closes the session; the next job gets a new one.
-    pub(crate) fn discard(&mut self) {
-        if let Some(session) = self.session.take() {
-            // Closing a dead session may fail too; nothing more can be done with it.
-            let _ = session.close();
-        }
-    }
-}
 
 pub(crate) struct SessionPool {
     queue: Mutex<Option<Sender<Job>>>,
@@ -57,27 +31,25 @@ pub(crate) struct SessionPool {
 }
 
 impl SessionPool {
-    pub(crate) fn start(ctx: Pkcs11, slot: Slot, size: usize) -> Result<Self, HsmError> {
-        let (sender, receiver) = crossbeam_channel::unbounded::<Job>();
+    /// `size` workers sharing one queue of at most `queue_size` waiting jobs.
+    pub(crate) fn start(
+        connection: Arc<Connection>,
+        size: usize,
+        queue_size: usize,
+    ) -> Result<Self, HsmError> {
+        let (sender, receiver) = crossbeam_channel::bounded::<Job>(queue_size);
         let mut workers = Vec::with_capacity(size);
         for index in 0..size {
             let receiver: Receiver<Job> = receiver.clone();
-            let mut slot_state = WorkerSession {
-                ctx: ctx.clone(),
-                slot,
-                session: None,
-            };
+            let connection = Arc::clone(&connection);
             let worker = std::thread::Builder::new()
                 .name(format!("hsm-{index}"))
                 .spawn(move || {
+                    let mut session = WorkerSession::default();
                     while let Ok(job) = receiver.recv() {
-                        job(&mut slot_state);
+                        job(&mut session);
                     }
-                    if let Some(session) = slot_state.session.take()
-                        && let Err(e) = session.close()
-                    {
-                        tracing::warn!(error = %HsmError::from(e), "closing a pooled session");
-                    }
+                    session.close_if_current(connection.current().map(|link| link.generation));
                 })
                 .map_err(|e| HsmError::Worker(format!("cannot start an HSM worker: {e}")))?;
             workers.push(worker);
@@ -88,14 +60,20 @@ impl SessionPool {
         })
     }
 
-    /// Queues a job for the next free worker.
+    /// Queues a job for the next free worker; [`HsmError::Overloaded`] when the queue
+    /// is full.
     pub(crate) fn submit(&self, job: Job) -> Result<(), HsmError> {
         let queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        queue
+        let queue = queue
             .as_ref()
-            .ok_or_else(|| HsmError::Worker("the HSM session pool is shut down".into()))?
-            .send(job)
-            .map_err(|_| HsmError::Worker("the HSM workers stopped".into()))
+            .ok_or_else(|| HsmError::Worker("the HSM session pool is shut down".into()))?;
+        match queue.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(HsmError::Overloaded),
+            Err(TrySendError::Disconnected(_)) => {
+                Err(HsmError::Worker("the HSM workers stopped".into()))
+            }
+        }
     }
 
     /// Lets the workers finish queued jobs, then closes every session. Blocking.

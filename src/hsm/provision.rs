@@ -73,6 +73,7 @@ impl EmbeddedSoftHsm {
     /// The HSM configuration for this token.
     pub fn hsm_config(&self, module: PathBuf) -> HsmConfig {
         HsmConfig {
+            limits: Default::default(),
             module,
             token_label: DEFAULT_TOKEN_LABEL.into(),
             pin: PinSource::File(self.user_pin_file.clone()),
