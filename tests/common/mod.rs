@@ -6,6 +6,7 @@
 //! embedded default); the clients the harness hands out authenticate with its token.
 #![allow(dead_code)]
 
+pub mod faults;
 pub mod postgres;
 
 use std::io::{BufRead, BufReader};
@@ -405,6 +406,35 @@ impl TestServer {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_file).unwrap_or_default()
+    }
+
+    /// KeyService's health status now (`None` if the check itself failed).
+    pub async fn health(&self) -> Option<ServingStatus> {
+        let channel = self.endpoint().connect().await.ok()?;
+        let reply = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: "kms.v1.KeyService".into(),
+            })
+            .await
+            .ok()?;
+        ServingStatus::try_from(reply.get_ref().status).ok()
+    }
+
+    /// Waits up to `within` for KeyService's health to be `status`.
+    pub async fn health_becomes(&self, status: ServingStatus, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self.health().await == Some(status) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    /// How many times `needle` occurs in the log now.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log().matches(needle).count()
     }
 
     /// Waits (up to 10 s) for `needle` to reach the log, which is written asynchronously.
