@@ -6,7 +6,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -18,20 +17,7 @@ use kms::proto::*;
 /// Runs `kms audit verify` on `data_dir`'s store (its sled database, or its PostgreSQL
 /// database when the suite runs on PostgreSQL); returns (success, stdout + stderr).
 fn verify(data_dir: &Path) -> (bool, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_kms"));
-    command.args(["audit", "verify"]);
-    if common::postgres::selected() {
-        command.arg("--store-url").arg(common::store_url(data_dir));
-    } else {
-        command.arg("--data-dir").arg(data_dir);
-    }
-    let output = command.output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (output.status.success(), text)
+    common::audit_verify(data_dir)
 }
 
 fn copy_dir(from: &Path, to: &Path) {

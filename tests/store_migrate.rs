@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::process::Command;
 
 use common::postgres::TempPostgres;
 use common::{ServerSetup, TestServer, TestToken, create_key, instance, req};
@@ -14,19 +13,8 @@ use kms::proto::{
 };
 
 fn kms(args: &[&str]) -> (bool, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_kms"))
-        .args(args)
-        .env_remove("KMS_STORE_URL")
-        .output()
-        .unwrap();
-    (
-        output.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        ),
-    )
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+    common::run_kms(&args)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

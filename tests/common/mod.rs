@@ -578,6 +578,45 @@ pub async fn audit_events(
     }
 }
 
+/// Runs the `kms` binary with `args` (and no KMS_STORE_URL from the suite's own
+/// environment); returns whether it succeeded and its stdout and stderr joined.
+pub fn run_kms(args: &[&std::ffi::OsStr]) -> (bool, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_kms"))
+        .args(args)
+        .env_remove("KMS_STORE_URL")
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    )
+}
+
+/// `kms audit verify` of a data directory's store (sled: with no server running).
+pub fn audit_verify(data_dir: &Path) -> (bool, String) {
+    use std::ffi::OsStr;
+    if postgres::selected() {
+        let url = store_url(data_dir);
+        run_kms(&[
+            OsStr::new("audit"),
+            OsStr::new("verify"),
+            OsStr::new("--store-url"),
+            OsStr::new(&url),
+        ])
+    } else {
+        run_kms(&[
+            OsStr::new("audit"),
+            OsStr::new("verify"),
+            OsStr::new("--data-dir"),
+            data_dir.as_os_str(),
+        ])
+    }
+}
+
 /// The database a data directory's servers use when the suite runs on PostgreSQL: one
 /// per data directory (so a restart finds its keys), on the binary's shared cluster.
 pub fn store_url(data_dir: &Path) -> String {
