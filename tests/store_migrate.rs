@@ -4,7 +4,6 @@
 
 mod common;
 
-
 use common::postgres::TempPostgres;
 use common::{ServerSetup, TestServer, TestToken, create_key, instance, req};
 use kms::proto::{
