@@ -384,15 +384,6 @@ async fn check_service(server: &TestServer, tenant: &str, model: &Shared) {
         .unwrap()
         .into_inner()
         .count;
-    let mut model = model.lock().unwrap();
-    let known = model.keys.len() as u64 + model.unanswered_but_made;
-    assert!(
-        count >= known && count <= known + model.pending_creates as u64,
-        "{count} keys stored, {known} known, {} creates unanswered",
-        model.pending_creates
-    );
-    model.unanswered_but_made += count - known;
-    model.pending_creates = 0;
     let remaining = server
         .import_tokens()
         .await
@@ -402,6 +393,15 @@ async fn check_service(server: &TestServer, tenant: &str, model: &Shared) {
         .into_inner()
         .remaining_retrievals
         + 1;
+    let mut model = model.lock().unwrap();
+    let known = model.keys.len() as u64 + model.unanswered_but_made;
+    assert!(
+        count >= known && count <= known + model.pending_creates as u64,
+        "{count} keys stored, {known} known, {} creates unanswered",
+        model.pending_creates
+    );
+    model.unanswered_but_made += count - known;
+    model.pending_creates = 0;
     let spent = RETRIEVALS - remaining;
     assert!(
         spent >= model.retrievals_acknowledged
