@@ -292,7 +292,7 @@ impl CallGate {
             correlation_id,
             peer,
         };
-        self.record(rpc, &event)
+        self.record(rpc, &event, answer.is_ok())
             .await
             .map_err(|status| with_correlation(status, correlation_id))?;
         tracing::debug!(
@@ -315,16 +315,18 @@ impl CallGate {
         }
     }
 
-    /// Appends the record and, for a mutating call (or every call with `sync_reads`),
-    /// waits for the group flush that writes the trail's pending records and makes them
-    /// durable together with the change the handler made.
-    async fn record(&self, rpc: Rpc, event: &AuditEvent<'_>) -> Result<(), Status> {
+    /// Appends the record and, for a mutating call that succeeded (or every call with
+    /// `sync_reads`), waits for the group flush that writes the trail's pending records
+    /// and makes them durable together with the change the handler made. A refused
+    /// call changed nothing: its record is committed in the background, like a read's,
+    /// so a flood of bad requests costs no flush each.
+    async fn record(&self, rpc: Rpc, event: &AuditEvent<'_>, changed: bool) -> Result<(), Status> {
         if let Err(error) = self.audit.append(event) {
             // The trail logs the episode once; each refused call only at debug.
             tracing::debug!(operation = rpc.name(), error = %error, "call refused: audit trail unavailable");
             return Err(audit_unavailable());
         }
-        if !(rpc.mutates() || self.options.sync_reads) {
+        if !((rpc.mutates() && changed) || self.options.sync_reads) {
             return Ok(());
         }
         if let Err(error) = self.audit.persist().await {

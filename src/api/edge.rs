@@ -15,7 +15,9 @@
 //! - a message over the size limit is RESOURCE_EXHAUSTED naming the limit: gRPC refuses
 //!   it before decoding with OUT_OF_RANGE, which says "a value out of range" to a caller
 //!   whose only fault is the size. Only such an answer (OUT_OF_RANGE, the gate never
-//!   reached) is rewritten; no handler answers OUT_OF_RANGE.
+//!   reached) is rewritten; no handler answers OUT_OF_RANGE. Likewise tonic answers
+//!   INTERNAL to malformed gRPC framing before any handler runs; that is the caller's
+//!   malformed input, so INVALID_ARGUMENT (an operator is paged for INTERNAL).
 //!
 //! Health and reflection are not KMS calls: neither authenticated nor audited.
 
@@ -42,6 +44,9 @@ use crate::audit::{ANONYMOUS, AuditEvent, AuditTrail};
 use crate::auth::{Authenticator, Principal};
 
 const KMS_PATH_PREFIX: &str = "/kms.v1.";
+/// The answer to a request whose gRPC framing tonic refused.
+pub const MALFORMED_FRAME: &str =
+    "the request is not a well-formed gRPC message (length-prefixed, uncompressed)";
 
 /// Put on each KMS request: who the edge authenticated, and whether the call gate has
 /// audited the call.
@@ -296,6 +301,12 @@ where
                     ))
                     .into_http();
                     code = tonic::Code::ResourceExhausted as i32;
+                } else if code == tonic::Code::Internal as i32 {
+                    // Before any handler, INTERNAL is tonic refusing the request's gRPC
+                    // framing (a compressed flag with no encoding, a body cut short):
+                    // the caller's malformed input, not a fault of the service.
+                    response = tonic::Status::invalid_argument(MALFORMED_FRAME).into_http();
+                    code = tonic::Code::InvalidArgument as i32;
                 }
                 let metadata = metadata_of(kept);
                 let operation = operation_of(&uri);
