@@ -101,3 +101,65 @@ async fn run_bench(server: &TestServer, args: &[&str]) -> String {
     );
     stdout
 }
+
+/// The overload scenario: well-behaved callers keep being served during a flood that
+/// overruns a small HSM queue (the flood is refused RESOURCE_EXHAUSTED, nothing fails
+/// otherwise), and the server's memory is reported per phase.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_overload_shows_refusals_under_a_flood_and_service_for_the_others() {
+    let token = TestToken::create();
+    let data = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with_env(
+        &token,
+        data.path(),
+        &[("KMS_HSM_POOL_SIZE", "1"), ("KMS_HSM_QUEUE_SIZE", "4")],
+    )
+    .await;
+    let pid = server.pid().to_string();
+    let stdout = run_bench(
+        &server,
+        &[
+            "--scenarios",
+            "overload",
+            "--concurrency",
+            "4",
+            "--flood-factor",
+            "10",
+            "--seconds",
+            "2",
+            "--warmup-seconds",
+            "0",
+            "--server-pid",
+            &pid,
+        ],
+    )
+    .await;
+    let row = |phase: &str| -> Vec<String> {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("| {phase} |")))
+            .unwrap_or_else(|| panic!("no {phase} row in:\n{stdout}"))
+            .split('|')
+            .map(|c| c.trim().to_owned())
+            .collect()
+    };
+    let number = |cell: &str| cell.parse::<f64>().unwrap();
+    for phase in ["steady", "flood", "after: first second", "after"] {
+        let cells = row(phase);
+        assert!(
+            number(&cells[2]) > 0.0,
+            "well-behaved callers served: {cells:?}"
+        );
+        assert_eq!(
+            cells[8], "0",
+            "no call failed other than by refusal: {cells:?}"
+        );
+        assert!(cells[9].ends_with("MiB"), "{cells:?}");
+    }
+    let flood = row("flood");
+    assert!(
+        number(&flood[7]) > 0.0,
+        "the flood overran the queue: {flood:?}"
+    );
+    assert_eq!(number(&row("steady")[7]), 0.0);
+}

@@ -54,9 +54,13 @@ pub enum Command {
         /// and the rounds are summed.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
-        /// The server's process id, to report its CPU time per call (Linux).
+        /// The server's process id, to report its CPU time per call and, in the
+        /// overload scenario, its resident memory (Linux).
         #[arg(long)]
         server_pid: Option<u32>,
+        /// Overload scenario: flood callers per well-behaved caller.
+        #[arg(long, default_value_t = 10)]
+        flood_factor: usize,
     },
     /// Bring your own AES key: read material from a file, encrypt it locally for the
     /// server's import token (secure import) or import parameters (EXTERNAL keys), and
@@ -253,6 +257,7 @@ pub fn run(command: Command) -> ExitCode {
             scenarios,
             rounds,
             server_pid,
+            flood_factor,
         } => {
             let options = crate::cli::bench::BenchOptions {
                 target: target.target(),
@@ -269,6 +274,7 @@ pub fn run(command: Command) -> ExitCode {
                 },
                 rounds: rounds.max(1),
                 server_pid,
+                flood_factor,
             };
             bench(options)
         }
@@ -389,8 +395,8 @@ fn bench(options: crate::cli::bench::BenchOptions) -> ExitCode {
     run_client(
         "bench",
         &mut tokio::runtime::Builder::new_multi_thread(),
-        crate::cli::bench::run(&options),
-        |results| print!("{}", crate::cli::bench::report(&options, &results)),
+        crate::cli::bench::run_all(&options),
+        |report| print!("{report}"),
     )
 }
 

@@ -4,10 +4,14 @@
 //!
 //! A client of the public API only: it creates its own keys in its own instance.
 //!
+//! The overload scenario ([`overload`]) is opt-in and reported in a table of its own.
+//!
 //! The import scenarios (CreateImportToken, GetParametersForImport) are opt-in: each call
 //! uses up a pre-generated RSA key pair, so they make `import_calls` sequential calls
 //! and report latency; start the server with a pool at least that large
 //! (KMS_IMPORT_RSA_POOL_SIZE) and let it fill ("RSA key-pair pool is full" in its log).
+
+mod overload;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -46,6 +50,8 @@ pub struct BenchOptions {
     pub rounds: usize,
     /// The server's process id, to report its CPU time per call (Linux `/proc`).
     pub server_pid: Option<u32>,
+    /// Overload scenario: flood callers per well-behaved caller.
+    pub flood_factor: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -60,6 +66,9 @@ pub enum Scenario {
     Create,
     CreateImportToken,
     GetParametersForImport,
+    /// Well-behaved callers before, during and after a flood of `flood_factor` times as
+    /// many (see [`overload`]). Opt-in.
+    Overload,
 }
 
 impl Scenario {
@@ -87,6 +96,7 @@ impl Scenario {
             Scenario::Create => "CreateKey (durable)",
             Scenario::CreateImportToken => "CreateImportToken (RSA-4096)",
             Scenario::GetParametersForImport => "GetParametersForImport (RSA-2048)",
+            Scenario::Overload => "WrapKey under a flood",
         }
     }
 }
@@ -150,7 +160,11 @@ pub async fn run(options: &BenchOptions) -> Result<Vec<Measured>, BenchError> {
     };
 
     let mut prepared = Vec::with_capacity(options.scenarios.len());
-    for scenario in &options.scenarios {
+    for scenario in options
+        .scenarios
+        .iter()
+        .filter(|s| **s != Scenario::Overload)
+    {
         prepared.push((*scenario, prepare(options, &clients, *scenario).await?));
     }
     let mut samples: Vec<Vec<Sample>> = prepared.iter().map(|_| Vec::new()).collect();
@@ -201,7 +215,9 @@ async fn prepare(
                 })
             })
         }
-        Scenario::Wrap => {
+        // The overload scenario runs apart (`overload::run`); as a table row it would be
+        // plain WrapKey.
+        Scenario::Wrap | Scenario::Overload => {
             let key = create_root_keys(&clients.keys, &instance, 1)
                 .await?
                 .remove(0);
@@ -350,6 +366,20 @@ async fn measure_sequential(
 }
 
 /// A markdown table of the results, with each throughput relative to the baseline.
+/// Runs every chosen scenario and returns the whole report: the throughput table, then
+/// the overload table when that scenario was chosen.
+pub async fn run_all(options: &BenchOptions) -> Result<String, BenchError> {
+    let mut out = String::new();
+    if options.scenarios.iter().any(|s| *s != Scenario::Overload) {
+        let results = run(options).await?;
+        out.push_str(&report(options, &results));
+    }
+    if options.scenarios.contains(&Scenario::Overload) {
+        out.push_str(&overload::run(options).await?);
+    }
+    Ok(out)
+}
+
 pub fn report(options: &BenchOptions, results: &[Measured]) -> String {
     let baseline = results.iter().find(|m| m.scenario == Scenario::Health);
     let rounds = options.rounds.max(1);
