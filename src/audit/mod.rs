@@ -17,9 +17,12 @@
 //!   commits first, then the record's, and the answer waits for both. Read calls'
 //!   records are committed by a background task every [`BACKGROUND_COMMIT`], or like
 //!   mutating calls with `audit.sync_reads = true`.
-//! - If records cannot be written, the trail turns unavailable: every call is answered
-//!   UNAVAILABLE (Vault's rule: nothing served unaudited) until a commit succeeds
-//!   again; the pending list is bounded, so a stuck store cannot grow memory.
+//! - If records cannot be written, a mutating call is answered UNAVAILABLE (its record
+//!   cannot be made durable with its change). Other calls are still answered: their
+//!   records wait in the pending list and reach the store when it takes writes again.
+//!   The list is bounded ([`MAX_PENDING`]); once full, every call is answered
+//!   UNAVAILABLE (Vault's rule: nothing served unaudited), so a stuck store cannot grow
+//!   memory.
 //! - Retention ([`retention`]) removes the oldest blocks beyond a count or an age and
 //!   keeps the hash of the last removed record as the chain's anchor, so what remains
 //!   still verifies. The store also keeps the chain's end, so records cut from the end
@@ -88,7 +91,7 @@ pub struct AuditTrail {
     pending: Arc<Mutex<Vec<AuditRecord>>>,
     /// Held while committing, so this process seals one batch at a time.
     writing: Arc<tokio::sync::Mutex<()>>,
-    /// False after a failed commit, until one succeeds.
+    /// False after a failed commit, until one succeeds (to log each episode once).
     writable: Arc<AtomicBool>,
 }
 
@@ -128,9 +131,6 @@ impl AuditTrail {
     /// Adds one record to the trail. It is chained and reaches the store at the next
     /// [`commit`](Self::commit).
     pub fn append(&self, event: &AuditEvent<'_>) -> Result<(), AuditError> {
-        if !self.writable.load(Ordering::Relaxed) {
-            return Err(AuditError::Unavailable);
-        }
         let record = AuditRecord {
             seq: 0,
             time_ms: now_millis(),
@@ -181,7 +181,11 @@ impl AuditTrail {
                 *pending = unwritten;
                 // Logged once per episode, not once per refused call.
                 if writable.swap(false, Ordering::Relaxed) {
-                    tracing::error!(error = %error, "the audit trail cannot be written: calls are refused until it can");
+                    tracing::error!(
+                        error = %error,
+                        "the audit trail cannot be written: mutating calls are refused; the \
+                         records of other calls wait in memory (at most {MAX_PENDING}) until it can"
+                    );
                 }
                 return Err(error.into());
             }
@@ -325,7 +329,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_trail_that_cannot_be_written_refuses_appends_until_it_can_and_loses_nothing() {
+    async fn a_trail_that_cannot_be_written_holds_records_until_it_can_and_loses_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(FlakyStore {
             inner: SledStore::open(&dir.path().join("db")).unwrap(),
@@ -338,17 +342,19 @@ mod tests {
         trail.append(&event("A")).unwrap();
         store.failing.store(true, Ordering::SeqCst);
         assert!(trail.commit().await.is_err());
-        // Calls are then refused rather than served unaudited.
-        assert!(matches!(
-            trail.append(&event("B")),
-            Err(AuditError::Unavailable)
-        ));
+        assert!(trail.persist().await.is_err(), "a mutating call is refused");
+        // Other calls' records wait in memory for the store.
+        trail.append(&event("B")).unwrap();
+        assert!(trail.has_pending());
         store.failing.store(false, Ordering::SeqCst);
         trail.commit().await.unwrap();
         trail.append(&event("C")).unwrap();
         trail.commit().await.unwrap();
         let report = verify(store.as_ref(), |_| {}).await.unwrap().unwrap();
-        assert_eq!(report.records, 2, "A kept across the failed commit, then C");
+        assert_eq!(
+            report.records, 3,
+            "A and B kept across the failed commits, then C"
+        );
     }
 
     #[tokio::test]

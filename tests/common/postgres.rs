@@ -177,8 +177,9 @@ impl TempPostgres {
         )
     }
 
-    /// Creates a database (an existing one is kept) and returns its connection string.
-    pub fn database(&self, name: &str) -> String {
+    /// Runs one SQL statement as `kms` in the `postgres` database; returns whether it
+    /// succeeded and its stderr.
+    pub fn try_psql(&self, sql: &str) -> (bool, String) {
         let output = Command::new("psql")
             .args(["-h"])
             .arg(self.dir.path())
@@ -191,15 +192,37 @@ impl TempPostgres {
                 "postgres",
                 "-qc",
             ])
-            .arg(format!("CREATE DATABASE \"{name}\""))
+            .arg(sql)
             .output()
             .expect("psql");
-        let stderr = String::from_utf8_lossy(&output.stderr);
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
+    /// Runs one SQL statement; panics if it fails.
+    pub fn psql(&self, sql: &str) {
+        let (ok, stderr) = self.try_psql(sql);
+        assert!(ok, "{sql}: {stderr}");
+    }
+
+    /// Creates a database (an existing one is kept) and returns its connection string.
+    pub fn database(&self, name: &str) -> String {
+        let (ok, stderr) = self.try_psql(&format!("CREATE DATABASE \"{name}\""));
         assert!(
-            output.status.success() || stderr.contains("already exists"),
+            ok || stderr.contains("already exists"),
             "CREATE DATABASE {name}: {stderr}"
         );
         self.url(name)
+    }
+
+    /// The database a connection string of [`Self::url`] names.
+    pub fn database_of(&self, url: &str) -> String {
+        url.split_whitespace()
+            .find_map(|part| part.strip_prefix("dbname="))
+            .expect("a dbname")
+            .to_owned()
     }
 
     /// Stops the server (fast shutdown: connections are closed).

@@ -110,15 +110,15 @@ fn transaction_error(e: TransactionError<()>) -> StoreError {
 #[async_trait]
 impl AuditStore for SledStore {
     async fn append_audit(&self, seal: Seal<'_>) -> Result<(), StoreError> {
-        self.trees.append_audit(seal)
+        self.trees()?.append_audit(seal)
     }
 
     async fn audit_chain_end(&self) -> Result<Option<ChainEnd>, StoreError> {
-        self.trees.chain_end()
+        self.trees()?.chain_end()
     }
 
     async fn last_audit_block(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
-        match self.trees.audit.last()? {
+        match self.trees()?.audit.last()? {
             Some((key, value)) => Ok(Some((seq_of(&key)?, value.to_vec()))),
             None => Ok(None),
         }
@@ -156,7 +156,7 @@ impl AuditStore for SledStore {
     }
 
     async fn audit_anchor(&self) -> Result<Option<ChainEnd>, StoreError> {
-        self.trees
+        self.trees()?
             .audit_meta
             .get(ANCHOR_KEY)?
             .map(|raw| decode_end("audit anchor", &raw))

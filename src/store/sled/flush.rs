@@ -2,6 +2,8 @@
 //! after its call, and all callers waiting at the same moment share that one fsync. The
 //! fsync runs on the flusher's own thread, never on the async executor.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 
 use tokio::sync::oneshot;
@@ -13,6 +15,8 @@ type Waiter = oneshot::Sender<Result<(), String>>;
 pub(super) struct GroupFlusher {
     requests: Option<mpsc::Sender<Waiter>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// The last flush failed.
+    failing: Arc<AtomicBool>,
 }
 
 /// The thread holds the database open: it is stopped and joined when the store is
@@ -30,6 +34,8 @@ impl GroupFlusher {
     /// Starts the flush thread; it ends when the flusher is dropped.
     pub(super) fn start(db: ::sled::Db) -> Self {
         let (requests, incoming) = mpsc::channel::<Waiter>();
+        let failing_flag = Arc::new(AtomicBool::new(false));
+        let shared_flag = Arc::clone(&failing_flag);
         let thread = std::thread::Builder::new()
             .name("sled-flush".into())
             .spawn(move || {
@@ -51,6 +57,7 @@ impl GroupFlusher {
                         }
                         _ => {}
                     }
+                    shared_flag.store(failing, Ordering::Release);
                     for waiter in waiters {
                         let _ = waiter.send(outcome.clone());
                     }
@@ -60,7 +67,13 @@ impl GroupFlusher {
         Self {
             requests: Some(requests),
             thread: Some(thread),
+            failing: failing_flag,
         }
+    }
+
+    /// True when the last flush failed.
+    pub(super) fn failing(&self) -> bool {
+        self.failing.load(Ordering::Acquire)
     }
 
     /// Returns once everything written before this call is on disk.

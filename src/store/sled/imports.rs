@@ -103,7 +103,7 @@ impl ImportStore for SledStore {
         &self,
         instance: &str,
     ) -> Result<Option<ImportTokenRecord>, StoreError> {
-        self.trees
+        self.trees()?
             .import_tokens
             .get(instance.as_bytes())?
             .map(|raw| decode_token(&raw))
@@ -116,7 +116,7 @@ impl ImportStore for SledStore {
         previous: Option<&ImportTokenRecord>,
         next: Option<&ImportTokenRecord>,
     ) -> Result<(), StoreError> {
-        self.trees.swap_import_token(instance, previous, next)
+        self.trees()?.swap_import_token(instance, previous, next)
     }
 
     async fn import_tokens(&self) -> Result<Vec<ImportTokenRecord>, StoreError> {
@@ -134,7 +134,7 @@ impl ImportStore for SledStore {
         &self,
         key_id: Uuid,
     ) -> Result<Option<ImportParametersRecord>, StoreError> {
-        self.trees
+        self.trees()?
             .import_parameters
             .get(key_id.as_bytes())?
             .map(|raw| decode("import parameters", &raw))
@@ -145,14 +145,14 @@ impl ImportStore for SledStore {
         &self,
         parameters: &ImportParametersRecord,
     ) -> Result<(), StoreError> {
-        self.trees
+        self.trees()?
             .import_parameters
             .insert(parameters.key_id.as_bytes(), encode(parameters))?;
         Ok(())
     }
 
     async fn remove_import_parameters(&self, key_id: Uuid) -> Result<(), StoreError> {
-        self.trees.import_parameters.remove(key_id.as_bytes())?;
+        self.trees()?.import_parameters.remove(key_id.as_bytes())?;
         Ok(())
     }
 
@@ -173,12 +173,12 @@ impl ImportStore for SledStore {
     async fn push_key_pair(&self, pair: &RsaKeyPair) -> Result<(), StoreError> {
         let mut k = pair.bits.to_be_bytes().to_vec();
         k.extend_from_slice(Uuid::new_v4().as_bytes());
-        self.trees.rsa_pool.insert(k, encode(pair))?;
+        self.trees()?.rsa_pool.insert(k, encode(pair))?;
         Ok(())
     }
 
     async fn take_key_pair(&self, bits: u32) -> Result<Option<RsaKeyPair>, StoreError> {
-        self.trees.take_key_pair(bits)
+        self.trees()?.take_key_pair(bits)
     }
 
     async fn count_key_pairs(&self, bits: u32) -> Result<usize, StoreError> {

@@ -380,7 +380,7 @@ fn decode_expiry_entry(entry: &[u8]) -> Result<(String, Uuid), StoreError> {
 #[async_trait]
 impl KeyStore for SledStore {
     async fn has_keys(&self) -> Result<bool, StoreError> {
-        Ok(!self.trees.keys.is_empty())
+        Ok(!self.trees()?.keys.is_empty())
     }
 
     async fn insert_key(
@@ -388,11 +388,11 @@ impl KeyStore for SledStore {
         key: &KeyRecord,
         version: Option<&VersionRecord>,
     ) -> Result<(), StoreError> {
-        self.trees.insert_key(key, version)
+        self.trees()?.insert_key(key, version)
     }
 
     async fn get_key(&self, instance: &str, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
-        self.trees.get_key(instance, id)
+        self.trees()?.get_key(instance, id)
     }
 
     async fn replace_key(
@@ -402,7 +402,7 @@ impl KeyStore for SledStore {
         new_version: Option<&VersionRecord>,
         erase_material: bool,
     ) -> Result<(), StoreError> {
-        self.trees
+        self.trees()?
             .replace_key(previous, next, new_version, erase_material)
     }
 
@@ -411,11 +411,11 @@ impl KeyStore for SledStore {
         key_id: Uuid,
         version_id: Uuid,
     ) -> Result<Option<VersionRecord>, StoreError> {
-        self.trees.get_version(key_id, version_id)
+        self.trees()?.get_version(key_id, version_id)
     }
 
     async fn list_versions(&self, key_id: Uuid) -> Result<Vec<VersionRecord>, StoreError> {
-        self.trees.list_versions(key_id)
+        self.trees()?.list_versions(key_id)
     }
 
     async fn list_keys(
@@ -431,7 +431,7 @@ impl KeyStore for SledStore {
     }
 
     async fn count_keys(&self, instance: &str, filter: &KeyFilter) -> Result<u64, StoreError> {
-        self.trees.count_keys(instance, filter)
+        self.trees()?.count_keys(instance, filter)
     }
 
     async fn due_for_expiry(

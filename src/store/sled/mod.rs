@@ -27,6 +27,13 @@
 //! blocking thread ([`SledStore::blocking`]); the fsync runs on the flusher's own thread.
 //! sled writes what is not flushed every [`PERIODIC_FLUSH_MS`] anyway; durability on
 //! demand is the group flush ([`Durability::sync`]).
+//!
+//! A write error (a full disk, a read-only directory) poisons a sled database: every
+//! operation fails from then on. So the store reopens it: [`Store::ping`] (the health
+//! monitor's probe) finds the poisoned database, waits for operations in flight to let
+//! go of it, closes it and opens it again, retrying until the fault has cleared.
+//! Meanwhile every operation answers UNAVAILABLE. What was flushed before the fault is
+//! there after it; writes that were never acknowledged may be gone.
 
 mod audit;
 mod flush;
@@ -34,7 +41,8 @@ mod imports;
 mod keys;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use ::sled::Tree;
 use async_trait::async_trait;
@@ -64,8 +72,10 @@ impl From<::sled::Error> for StoreError {
 }
 
 pub struct SledStore {
-    trees: Arc<Trees>,
-    flusher: GroupFlusher,
+    /// The open database, or none while it is being reopened.
+    current: RwLock<Option<Arc<Trees>>>,
+    /// A poisoned database some operation still held when a reopen began.
+    retired: Mutex<Option<Arc<Trees>>>,
     path: PathBuf,
 }
 
@@ -83,6 +93,9 @@ pub(super) struct Trees {
     audit: Tree,
     audit_meta: Tree,
     decoded_keys: DecodedKeys,
+    /// Holds a handle of the database on its thread; declared after the trees, so it
+    /// is dropped (and its thread joined) when they are.
+    flusher: GroupFlusher,
     /// Held while appending to the audit chain, so reading its end and writing after it
     /// is one step.
     audit_append: Mutex<()>,
@@ -92,6 +105,14 @@ impl SledStore {
     /// Opens (creating if absent) the database, migrating an older schema and refusing
     /// a newer one.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Ok(Self {
+            current: RwLock::new(Some(Arc::new(Self::open_trees(path)?))),
+            retired: Mutex::new(None),
+            path: path.to_owned(),
+        })
+    }
+
+    fn open_trees(path: &Path) -> Result<Trees, StoreError> {
         let db = ::sled::Config::new()
             .path(path)
             .flush_every_ms(Some(PERIODIC_FLUSH_MS))
@@ -109,6 +130,7 @@ impl SledStore {
             audit: db.open_tree("audit")?,
             audit_meta: db.open_tree("audit_meta")?,
             decoded_keys: DecodedKeys::new(),
+            flusher: GroupFlusher::start(db.clone()),
             audit_append: Mutex::new(()),
             db: db.clone(),
         };
@@ -136,11 +158,55 @@ impl SledStore {
             meta.insert(SCHEMA_KEY, &STORE_SCHEMA.to_be_bytes())?;
         }
         db.flush()?;
-        Ok(Self {
-            flusher: GroupFlusher::start(db),
-            trees: Arc::new(trees),
-            path: path.to_owned(),
-        })
+        Ok(trees)
+    }
+
+    /// The open database; UNAVAILABLE while it is being reopened.
+    fn trees(&self) -> Result<Arc<Trees>, StoreError> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| {
+                StoreError::unavailable(BACKEND, "reopening the database after a write failure")
+            })
+    }
+
+    /// Closes a poisoned database and opens it again. Blocking.
+    fn reopen(&self) -> Result<(), StoreError> {
+        let taken = self
+            .current
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(trees) = taken {
+            *retired = Some(trees);
+        }
+        if let Some(trees) = retired.take() {
+            // Operations in flight hold it for microseconds; a scan may hold it longer.
+            let mut trees = trees;
+            for _ in 0..50 {
+                match Arc::try_unwrap(trees) {
+                    Ok(closed) => {
+                        drop(closed);
+                        trees = Arc::new(Self::open_trees(&self.path)?);
+                        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(trees);
+                        return Ok(());
+                    }
+                    Err(shared) => trees = shared,
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            *retired = Some(trees);
+            return Err(StoreError::unavailable(
+                BACKEND,
+                "the poisoned database is still in use",
+            ));
+        }
+        let trees = Self::open_trees(&self.path)?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(trees));
+        Ok(())
     }
 
     /// Runs `work` on a blocking thread: the explicit boundary for scans and bulk work.
@@ -148,7 +214,7 @@ impl SledStore {
         &self,
         work: impl FnOnce(&Trees) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let trees = Arc::clone(&self.trees);
+        let trees = self.trees()?;
         tokio::task::spawn_blocking(move || work(&trees))
             .await
             .map_err(|e| StoreError::unavailable(BACKEND, e))?
@@ -157,7 +223,7 @@ impl SledStore {
     /// The schema version written in the database.
     pub fn schema_version(&self) -> Result<Option<u32>, StoreError> {
         Ok(self
-            .trees
+            .trees()?
             .db
             .open_tree("meta")?
             .get(SCHEMA_KEY)?
@@ -167,11 +233,11 @@ impl SledStore {
     /// Overwrites the schema version: for tests of the refusal of newer schemas.
     #[doc(hidden)]
     pub fn force_schema_version(&self, version: u32) -> Result<(), StoreError> {
-        self.trees
+        self.trees()?
             .db
             .open_tree("meta")?
             .insert(SCHEMA_KEY, &version.to_be_bytes())?;
-        self.trees.db.flush()?;
+        self.trees()?.db.flush()?;
         Ok(())
     }
 }
@@ -202,15 +268,40 @@ impl Trees {
 #[async_trait]
 impl Durability for SledStore {
     async fn sync(&self) -> Result<(), StoreError> {
-        self.flusher.flush().await
+        self.trees()?.flusher.flush().await
     }
 }
 
 #[async_trait]
 impl Store for SledStore {
+    /// No connection to lose; a failed flush means a poisoned database, reopened here.
     async fn ping(&self) -> Result<(), StoreError> {
-        // No connection to lose; a failing disk shows in the group flush.
-        Ok(())
+        let healthy = match self
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            Some(trees) => !trees.flusher.failing() || trees.db.flush().is_ok(),
+            None => false,
+        };
+        if healthy {
+            return Ok(());
+        }
+        let store = self.path.clone();
+        let outcome = match tokio::runtime::Handle::current().runtime_flavor() {
+            tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| self.reopen())
+            }
+            _ => self.reopen(),
+        };
+        match &outcome {
+            Ok(()) => {
+                tracing::warn!(path = %store.display(), "the store reopened after a write failure")
+            }
+            Err(error) => tracing::debug!(error = %error, "reopening the store"),
+        }
+        outcome
     }
 
     fn describe(&self) -> String {
