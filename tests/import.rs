@@ -1329,3 +1329,74 @@ async fn the_import_key_command_brings_keys_in_by_both_flows() {
         b"external"
     );
 }
+
+/// Secure-import inputs at random, through the real RSA path: random RSA-OAEP blocks of
+/// every plausible size, random nonces and IVs, both hashes, and fields of the wrong
+/// size. Each is refused INVALID_ARGUMENT naming a secure-import field (the token's
+/// private key unwraps in the HSM and the OAEP check fails there, or in the fallback
+/// decoder), never INTERNAL or UNAVAILABLE, and no key is created.
+#[tokio::test]
+async fn random_secure_import_inputs_are_refused_naming_a_field() {
+    let token = TestToken::create();
+    let data = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&token, data.path()).await;
+    let (mut tokens, mut keys) = (server.import_tokens().await, server.keys().await);
+    let tenant = instance();
+    create_token(&mut tokens, &tenant, 600, 500).await;
+    let sizes = [0usize, 1, 12, 27, 28, 29, 255, 256, 384, 511, 512, 513];
+    let mut draw = [0u8; 8];
+    for case in 0..64 {
+        openssl::rand::rand_bytes(&mut draw).unwrap();
+        let pick = |i: usize| sizes[draw[i] as usize % sizes.len()];
+        // Mostly the sizes the format wants, so the HSM sees the ciphertext.
+        let (payload, nonce, iv) = if case % 4 == 0 {
+            (pick(0), pick(1), pick(2))
+        } else {
+            ([256, 384, 512][draw[3] as usize % 3], 28, 12)
+        };
+        let hash = if draw[4] % 2 == 0 {
+            Hash::Sha1
+        } else {
+            Hash::Sha256
+        };
+        let fields = SecureFields {
+            encrypted_payload: random_bytes(payload),
+            encrypted_nonce: random_bytes(nonce),
+            iv: random_bytes(iv),
+        };
+        let empty = payload == 0 && nonce == 0 && iv == 0;
+        let outcome = secure_create(&mut keys, &tenant, fields, hash).await;
+        if empty {
+            // No secure-import fields at all: an ordinary generated key.
+            outcome.expect("a generated key");
+            continue;
+        }
+        let status = outcome.expect_err("random input is refused");
+        assert_eq!(
+            status.code(),
+            Code::InvalidArgument,
+            "case {case}: {status:?}"
+        );
+        assert!(
+            ["encrypted_payload", "encrypted_nonce", "iv"]
+                .iter()
+                .any(|field| status.message().starts_with(field)),
+            "case {case}: names a field: {status:?}"
+        );
+    }
+    let generated = count_keys(&mut keys, &tenant).await;
+    let listed = keys
+        .count_keys(req(
+            &tenant,
+            CountKeysRequest {
+                state: vec![KeyState::Active as i32],
+                extractable: None,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .count;
+    assert_eq!(generated, listed, "only the generated keys exist");
+    assert!(!server.settled_log().await.contains("call failed"));
+}

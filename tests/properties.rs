@@ -149,13 +149,13 @@ fn corrupt_stored_key_records_are_clean_errors_naming_the_key() {
         .run(&vec(any::<u8>(), 0..200), |garbage| {
             let id = Uuid::new_v4();
             {
-                let db = sled::open(&path).unwrap();
+                let db = retry_while_locked(|| sled::open(&path).map_err(|e| e.to_string()));
                 let mut key = b"inst\0".to_vec();
                 key.extend_from_slice(id.as_bytes());
                 db.open_tree("keys").unwrap().insert(key, garbage).unwrap();
                 db.flush().unwrap();
             }
-            let store = SledStore::open(&path).unwrap();
+            let store = open_when_released(&path);
             match runtime.block_on(store.get_key("inst", id)) {
                 Err(StoreError::Corrupt { what, .. }) => {
                     prop_assert_eq!(what, format!("key {id}"))
@@ -165,4 +165,23 @@ fn corrupt_stored_key_records_are_clean_errors_naming_the_key() {
             Ok(())
         })
         .unwrap();
+}
+
+/// sled lets go of its directory's lock a moment after the last handle is dropped (its
+/// own I/O threads finish first): retry while another handle of this test holds it.
+fn retry_while_locked<T>(mut open: impl FnMut() -> Result<T, String>) -> T {
+    for _ in 0..100 {
+        match open() {
+            Ok(opened) => return opened,
+            Err(e) if e.contains("could not acquire lock") => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    panic!("the database stayed locked");
+}
+
+fn open_when_released(path: &Path) -> SledStore {
+    retry_while_locked(|| SledStore::open(path).map_err(|e| e.to_string()))
 }

@@ -294,6 +294,33 @@ pub fn import_token(token: &ImportTokenRecord) -> proto::ImportToken {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// Any secure-import fields: all absent is no import; otherwise accepted only
+        /// with the format's sizes and a known algorithm, else refused naming a field.
+        #[test]
+        fn secure_import_fields_are_accepted_only_whole(
+            payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            nonce in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
+            iv in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..20),
+            algorithm in -2i32..5,
+        ) {
+            let (lens, known) = ((payload.len(), nonce.len(), iv.len()), (0..=2).contains(&algorithm));
+            match secure_import(payload, nonce, iv, algorithm) {
+                Ok(None) => proptest::prop_assert!(known && lens == (0, 0, 0)),
+                Ok(Some(import)) => {
+                    proptest::prop_assert!(known);
+                    proptest::prop_assert!((1..=MAX_RSA_CIPHERTEXT).contains(&import.encrypted_payload.len()));
+                    proptest::prop_assert_eq!(import.encrypted_nonce.len(), ENCRYPTED_NONCE_LEN);
+                    proptest::prop_assert_eq!(import.iv.len(), GCM_IV_LEN);
+                }
+                Err(KmsError::InvalidArgument { field, .. }) => proptest::prop_assert!(
+                    ["encryption_algorithm", "encrypted_payload", "encrypted_nonce", "iv"].contains(&field)
+                ),
+                Err(other) => proptest::prop_assert!(false, "{other}"),
+            }
+        }
+    }
+
     #[test]
     fn names_are_checked() {
         assert!(name("ok name".into()).is_ok());
