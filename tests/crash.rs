@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{TestServer, TestToken, instance, req};
+use common::{Rng, TestServer, TestToken, instance, req};
 use kms::domain::model::{KeyFilter, KeyState as StoredState};
 use kms::proto::key_service_client::KeyServiceClient;
 use kms::proto::{
@@ -30,23 +30,6 @@ const WORKERS: usize = 6;
 const RETRIEVALS: u32 = 500;
 /// A restarted server must be SERVING within this.
 const SERVING_WITHIN: Duration = Duration::from_secs(30);
-
-/// A tiny deterministic generator (xorshift), seeded and printed so a failing run can be
-/// replayed with KMS_CRASH_SEED.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Change {
@@ -417,16 +400,7 @@ async fn check_service(server: &TestServer, tenant: &str, model: &Shared) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_acknowledged_change_survives_sigkill_at_any_moment() {
-    let seed = std::env::var("KMS_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
+    let seed = Rng::seed_from("KMS_CRASH_SEED");
     eprintln!("KMS_CRASH_SEED={seed}");
     let mut rng = Rng(seed);
     let token = TestToken::create();
@@ -491,40 +465,8 @@ async fn every_acknowledged_change_survives_sigkill_at_any_moment() {
 
     // Root keys live in the HSM only as session objects: after all the kills the token
     // holds the master KEK and nothing else.
-    // SAFETY: every server and client is gone; nothing else reads the environment now.
-    for (name, value) in &token.env {
-        unsafe { std::env::set_var(name, value) };
-    }
-    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
-    use cryptoki::object::{Attribute, ObjectClass};
-    use cryptoki::session::UserType;
-    use cryptoki::types::AuthPin;
-    let ctx = Pkcs11::new(&token.module).unwrap();
-    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
-        .unwrap();
-    let slot = ctx
-        .get_slots_with_initialized_token()
-        .unwrap()
-        .into_iter()
-        .find(|slot| ctx.get_token_info(*slot).unwrap().label().trim_end() == token.label)
-        .unwrap();
-    let session = ctx.open_ro_session(slot).unwrap();
-    session
-        .login(UserType::User, Some(&AuthPin::from(token.user_pin())))
-        .unwrap();
-    let objects: usize = [
-        ObjectClass::SECRET_KEY,
-        ObjectClass::PRIVATE_KEY,
-        ObjectClass::PUBLIC_KEY,
-        ObjectClass::DATA,
-    ]
-    .into_iter()
-    .map(|class| {
-        session
-            .find_objects(&[Attribute::Class(class)])
-            .unwrap()
-            .len()
-    })
-    .sum();
+    // Every server and client is gone: nothing else reads the environment now.
+    let (_ctx, session) = common::open_token_from_outside(&token);
+    let objects = common::stored_objects(&session).len();
     assert_eq!(objects, 1, "only the master KEK is on the token");
 }

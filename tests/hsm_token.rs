@@ -7,10 +7,7 @@
 mod common;
 
 use common::{TestServer, TestToken, instance, req};
-use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::object::{Attribute, AttributeInfo, AttributeType, ObjectClass};
-use cryptoki::session::UserType;
-use cryptoki::types::AuthPin;
 use kms::proto::{CreateKeyRequest, DeleteKeyRequest};
 
 #[tokio::test(flavor = "current_thread")]
@@ -54,26 +51,11 @@ async fn the_token_holds_only_a_sensitive_non_extractable_kek() {
         }
     }
 
-    // SAFETY: the only test in this binary, on a current-thread runtime; nothing else
-    // reads the environment concurrently.
-    for (name, value) in &token.env {
-        unsafe { std::env::set_var(name, value) };
-    }
-    let ctx = Pkcs11::new(&token.module).unwrap();
-    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
-        .unwrap();
-    let slot = ctx
-        .get_slots_with_initialized_token()
-        .unwrap()
-        .into_iter()
-        .find(|s| ctx.get_token_info(*s).unwrap().label().trim_end() == token.label)
-        .expect("token by label");
-    let session = ctx.open_ro_session(slot).unwrap();
-    session
-        .login(UserType::User, Some(&AuthPin::from(token.user_pin())))
-        .unwrap();
+    // The only test in this binary, on a current-thread runtime: nothing else reads the
+    // environment now.
+    let (ctx, session) = common::open_token_from_outside(&token);
 
-    let everything = stored_objects(&session);
+    let everything = common::stored_objects(&session);
     assert_eq!(
         everything.len(),
         1,
@@ -125,23 +107,8 @@ async fn the_token_holds_only_a_sensitive_non_extractable_kek() {
     // Still nothing else once the server has stopped.
     drop(keys);
     assert!(server.stop().await.success());
-    assert_eq!(stored_objects(&session).len(), 1);
+    assert_eq!(common::stored_objects(&session).len(), 1);
     session.logout().unwrap();
     drop(session);
     ctx.finalize().unwrap();
-}
-
-/// Every object that can hold key material or data. (Some tokens, such as Kryoptic,
-/// also expose built-in mechanism and profile objects, which are not the service's.)
-fn stored_objects(session: &cryptoki::session::Session) -> Vec<cryptoki::object::ObjectHandle> {
-    [
-        ObjectClass::SECRET_KEY,
-        ObjectClass::PRIVATE_KEY,
-        ObjectClass::PUBLIC_KEY,
-        ObjectClass::DATA,
-        ObjectClass::CERTIFICATE,
-    ]
-    .into_iter()
-    .flat_map(|class| session.find_objects(&[Attribute::Class(class)]).unwrap())
-    .collect()
 }

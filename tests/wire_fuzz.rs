@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
-use common::{TestServer, TestToken, create_key, instance, req};
+use common::{Rng, TestServer, TestToken, create_key, instance, req};
 use http_body_util::{BodyExt, Full};
 use kms::proto;
 use prost::Message;
@@ -25,18 +25,15 @@ use tonic_health::pb::health_check_response::ServingStatus;
 const DEFAULT_REQUESTS: usize = 100_000;
 const IN_FLIGHT: usize = 48;
 
-struct Rng(u64);
+/// The fuzzer's draws: sizes and indexes as `usize`, bytes in runs.
+trait Draw {
+    fn pick(&mut self, n: usize) -> usize;
+    fn bytes(&mut self, len: usize) -> Vec<u8>;
+}
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
+impl Draw for Rng {
+    fn pick(&mut self, n: usize) -> usize {
+        self.below(n as u64) as usize
     }
 
     fn bytes(&mut self, len: usize) -> Vec<u8> {
@@ -46,51 +43,51 @@ impl Rng {
 
 /// A protobuf body: one of the RPC's seeds changed in one of many ways, or noise.
 fn mutate(rng: &mut Rng, seeds: &[Vec<u8>]) -> Vec<u8> {
-    let mut body = seeds[rng.below(seeds.len())].clone();
-    match rng.below(12) {
+    let mut body = seeds[rng.pick(seeds.len())].clone();
+    match rng.pick(12) {
         0 => {
-            let len = rng.below(80);
+            let len = rng.pick(80);
             body = rng.bytes(len);
         }
         1 => {
-            for _ in 0..=rng.below(4) {
+            for _ in 0..=rng.pick(4) {
                 if !body.is_empty() {
-                    let at = rng.below(body.len());
-                    body[at] ^= 1 << rng.below(8);
+                    let at = rng.pick(body.len());
+                    body[at] ^= 1 << rng.pick(8);
                 }
             }
         }
         2 if !body.is_empty() => {
-            let at = rng.below(body.len());
+            let at = rng.pick(body.len());
             body[at] = rng.next() as u8;
         }
         3 => {
-            let at = rng.below(body.len() + 1);
-            let len = 1 + rng.below(8);
+            let at = rng.pick(body.len() + 1);
+            let len = 1 + rng.pick(8);
             let extra = rng.bytes(len);
             body.splice(at..at, extra);
         }
         4 if !body.is_empty() => {
-            let from = rng.below(body.len());
-            let to = (from + 1 + rng.below(8)).min(body.len());
+            let from = rng.pick(body.len());
+            let to = (from + 1 + rng.pick(8)).min(body.len());
             body.drain(from..to);
         }
-        5 => body.truncate(rng.below(body.len() + 1)),
+        5 => body.truncate(rng.pick(body.len() + 1)),
         6 => {
             // A field header announcing far more bytes than follow.
-            body.extend([(rng.below(20) as u8) << 3 | 2, 0xff, 0xff, 0xff, 0x0f]);
+            body.extend([(rng.pick(20) as u8) << 3 | 2, 0xff, 0xff, 0xff, 0x0f]);
         }
         7 => {
-            let other = &seeds[rng.below(seeds.len())];
-            let cut = rng.below(other.len() + 1);
+            let other = &seeds[rng.pick(seeds.len())];
+            let cut = rng.pick(other.len() + 1);
             body.extend_from_slice(&other[cut..]);
         }
         8 => {
             // Field headers of every wire type, including the reserved 6 and 7.
-            for _ in 0..=rng.below(6) {
-                let field = 1 + rng.below(40) as u64;
-                body.push(((field << 3) | rng.below(8) as u64) as u8);
-                let len = rng.below(4);
+            for _ in 0..=rng.pick(6) {
+                let field = 1 + rng.pick(40) as u64;
+                body.push(((field << 3) | rng.pick(8) as u64) as u8);
+                let len = rng.pick(4);
                 body.extend(rng.bytes(len));
             }
         }
@@ -123,19 +120,19 @@ fn frame(rng: &mut Rng, body: &[u8]) -> (Vec<u8>, Option<Vec<u8>>) {
         framed.extend_from_slice(body);
         framed
     };
-    match rng.below(14) {
+    match rng.pick(14) {
         // Announces more than is sent.
-        0 => (with_body(header(0, len + 1 + rng.below(64) as u32)), None),
+        0 => (with_body(header(0, len + 1 + rng.pick(64) as u32)), None),
         // Announces less: the first message is the body's start.
         1 => {
-            let short = len.saturating_sub(1 + rng.below(4) as u32);
+            let short = len.saturating_sub(1 + rng.pick(4) as u32);
             let first = body[..short as usize].to_vec();
             (with_body(header(0, short)), Some(first))
         }
         2 => (with_body(header(1, len)), None), // "compressed", with no encoding
         3 => (with_body(header(rng.next() as u8 | 2, len)), None), // an unknown flag
         4 => {
-            let cut = rng.below(5);
+            let cut = rng.pick(5);
             (header(0, len)[..cut].to_vec(), None) // a cut header
         }
         5 => (Vec::new(), None),                     // no message at all
@@ -385,16 +382,7 @@ async fn fuzzed_bytes_get_clean_refusals_and_change_nothing_they_touch() {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(DEFAULT_REQUESTS);
-    let seed = std::env::var("KMS_FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
+    let seed = Rng::seed_from("KMS_FUZZ_SEED");
     eprintln!("KMS_FUZZ_SEED={seed} KMS_FUZZ_REQUESTS={requests}");
 
     let token = TestToken::create();
@@ -452,7 +440,7 @@ async fn fuzzed_bytes_get_clean_refusals_and_change_nothing_they_touch() {
             let mut accepted: Vec<(&'static str, Vec<u8>)> = Vec::new();
             let mut refused_by_http2 = 0usize;
             while sent.fetch_add(1, Ordering::Relaxed) < requests {
-                let (path, seeds) = &targets[rng.below(targets.len())];
+                let (path, seeds) = &targets[rng.pick(targets.len())];
                 let body = mutate(&mut rng, seeds);
                 if starts_rsa_generation(path, &body) {
                     continue;

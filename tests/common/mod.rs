@@ -638,3 +638,82 @@ pub async fn open_store(data_dir: &Path) -> std::sync::Arc<dyn kms::store::Store
     };
     kms::store::open(&config).await.expect("open the store")
 }
+
+/// A small deterministic generator (xorshift64) for tests that draw at random: seeded and
+/// printed, so that a failing run can be replayed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// Below `n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    /// The seed in variable `var`, or one from the clock (never 0).
+    pub fn seed_from(var: &str) -> u64 {
+        std::env::var(var)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+                    | 1
+            })
+    }
+}
+
+/// The token opened from outside the service, logged in as its user: for checking what
+/// the service left on it. Sets the token's configuration variable (SOFTHSM2_CONF or
+/// KRYOPTIC_CONF) for this whole process, so call it only when no other thread reads the
+/// environment: in a binary of one test, once its servers are gone.
+pub fn open_token_from_outside(
+    token: &TestToken,
+) -> (cryptoki::context::Pkcs11, cryptoki::session::Session) {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    use cryptoki::session::UserType;
+    use cryptoki::types::AuthPin;
+    for (name, value) in &token.env {
+        // SAFETY: the caller guarantees no other thread reads the environment now.
+        unsafe { std::env::set_var(name, value) };
+    }
+    let ctx = Pkcs11::new(&token.module).unwrap();
+    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .unwrap();
+    let slot = ctx
+        .get_slots_with_initialized_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| ctx.get_token_info(*s).unwrap().label().trim_end() == token.label)
+        .expect("token by label");
+    let session = ctx.open_ro_session(slot).unwrap();
+    session
+        .login(UserType::User, Some(&AuthPin::from(token.user_pin())))
+        .unwrap();
+    (ctx, session)
+}
+
+/// Every object on the token that can hold key material or data. (Some tokens, such as
+/// Kryoptic, also expose built-in mechanism and profile objects, which are not the
+/// service's.)
+pub fn stored_objects(session: &cryptoki::session::Session) -> Vec<cryptoki::object::ObjectHandle> {
+    use cryptoki::object::{Attribute, ObjectClass};
+    [
+        ObjectClass::SECRET_KEY,
+        ObjectClass::PRIVATE_KEY,
+        ObjectClass::PUBLIC_KEY,
+        ObjectClass::DATA,
+        ObjectClass::CERTIFICATE,
+    ]
+    .into_iter()
+    .flat_map(|class| session.find_objects(&[Attribute::Class(class)]).unwrap())
+    .collect()
+}

@@ -11,6 +11,8 @@
 //! and report latency; start the server with a pool at least that large
 //! (KMS_IMPORT_RSA_POOL_SIZE) and let it fill ("RSA key-pair pool is full" in its log).
 
+mod calls;
+mod cpu;
 mod overload;
 
 use std::future::Future;
@@ -18,11 +20,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tonic::Request;
-use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
 use super::connect::{AuthedChannel, ConnectError, Target};
+use calls::{create_root_keys, spread, with_instance, wrap_one_each};
+use cpu::CpuClock;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
@@ -537,123 +539,4 @@ fn summarise(scenario: Scenario, samples: Vec<Sample>) -> Measured {
         server_cpu_per_call: per_call(server_cpu),
         client_cpu_per_call: per_call(client_cpu),
     }
-}
-
-/// CPU time (user + system, all threads) of the server process, when its id is known,
-/// and of this process, read from `/proc` at the start and end of a window.
-struct CpuClock {
-    server_pid: Option<u32>,
-    server: Option<Duration>,
-    client: Option<Duration>,
-}
-
-impl CpuClock {
-    fn start(server_pid: Option<u32>) -> Self {
-        Self {
-            server_pid,
-            server: server_pid.and_then(|pid| process_cpu(&pid.to_string())),
-            client: process_cpu("self"),
-        }
-    }
-
-    /// Server and client CPU time spent since `start`.
-    fn stop(self) -> (Option<Duration>, Option<Duration>) {
-        let since =
-            |before: Option<Duration>, now: Option<Duration>| Some(now?.saturating_sub(before?));
-        (
-            since(
-                self.server,
-                self.server_pid
-                    .and_then(|pid| process_cpu(&pid.to_string())),
-            ),
-            since(self.client, process_cpu("self")),
-        )
-    }
-}
-
-/// utime + stime of `/proc/<pid>/stat`, or None where there is no such file (not Linux,
-/// or no such process).
-fn process_cpu(pid: &str) -> Option<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may hold spaces; the fields
-    // after it start with field 3, so utime (14) and stime (15) are the 12th and 13th.
-    let mut fields = stat
-        .get(stat.rfind(')')? + 1..)?
-        .split_whitespace()
-        .skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    // SAFETY: sysconf only reads a configuration value.
-    let ticks_per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let ticks_per_sec = u64::try_from(ticks_per_sec).ok().filter(|t| *t > 0)?;
-    Some(Duration::from_nanos(
-        (utime + stime).saturating_mul(1_000_000_000 / ticks_per_sec),
-    ))
-}
-
-fn spread(call: usize, len: usize) -> usize {
-    // A multiplicative hash keeps consecutive calls on different keys.
-    call.wrapping_mul(2_654_435_761) % len
-}
-
-fn with_instance<T>(instance: &str, message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    if let Ok(value) = MetadataValue::try_from(instance) {
-        request.metadata_mut().insert("bluemix-instance", value);
-    }
-    request
-}
-
-async fn create_root_keys(
-    keys: &KeyServiceClient<AuthedChannel>,
-    instance: &str,
-    count: usize,
-) -> Result<Vec<String>, BenchError> {
-    let mut ids = Vec::with_capacity(count);
-    for batch in (0..count).collect::<Vec<_>>().chunks(64) {
-        let mut pending = Vec::new();
-        for i in batch {
-            let mut keys = keys.clone();
-            let request = with_instance(
-                instance,
-                CreateKeyRequest {
-                    name: format!("bench-{i}"),
-                    ..Default::default()
-                },
-            );
-            pending.push(tokio::spawn(async move { keys.create_key(request).await }));
-        }
-        for task in pending {
-            let key = task
-                .await
-                .expect("create task")
-                .map_err(BenchError::Setup)?;
-            ids.push(key.into_inner().key.map(|k| k.id).unwrap_or_default());
-        }
-    }
-    Ok(ids)
-}
-
-async fn wrap_one_each(
-    keys: &KeyServiceClient<AuthedChannel>,
-    instance: &str,
-    ids: Vec<String>,
-) -> Result<Vec<(String, Vec<u8>)>, BenchError> {
-    let mut samples = Vec::with_capacity(ids.len());
-    for id in ids {
-        let wrapped = keys
-            .clone()
-            .wrap_key(with_instance(
-                instance,
-                WrapKeyRequest {
-                    id: id.clone(),
-                    plaintext: Some(vec![0x5a; 32]),
-                    aad: vec!["bench".into()],
-                },
-            ))
-            .await?
-            .into_inner();
-        samples.push((id, wrapped.ciphertext));
-    }
-    Ok(samples)
 }

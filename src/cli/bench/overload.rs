@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use tonic::Code;
 
-use super::{BenchError, BenchOptions, create_root_keys, with_instance};
+use super::calls::{create_root_keys, with_instance};
+use super::{BenchError, BenchOptions};
 use crate::cli::connect::AuthedChannel;
 use crate::proto::WrapKeyRequest;
 use crate::proto::key_service_client::KeyServiceClient;
