@@ -24,6 +24,7 @@ use kms::proto::{
     DisableKeyRequest, EnableKeyRequest, GetImportTokenRequest, GetKeyRequest, KeyState,
     ListKeyVersionsRequest, RotateKeyRequest, UnwrapKeyRequest, WrapKeyRequest,
 };
+use kms::store::PageStart;
 
 const ROUNDS: usize = 20;
 const WORKERS: usize = 6;
@@ -229,7 +230,7 @@ async fn check_store(data_dir: &std::path::Path, tenant: &str) {
     assert!(verified, "the audit chain verifies after a kill: {report}");
     let store = common::open_store(data_dir).await;
     let (records, total) = store
-        .list_keys(tenant, &KeyFilter::default(), 0, 100_000)
+        .list_keys(tenant, &KeyFilter::default(), PageStart::Offset(0), 100_000)
         .await
         .unwrap();
     assert_eq!(records.len() as u64, total);

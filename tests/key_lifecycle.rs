@@ -258,12 +258,89 @@ async fn listing_pages_in_creation_order_with_filters_and_totals() {
     let expected: Vec<String> = (0..9).map(|i| format!("k{i}")).collect();
     assert_eq!(seen, expected);
 
+    // The same by page token: each page starts after the last key of the one before.
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    let mut tokens = Vec::new();
+    loop {
+        let page = keys
+            .list_keys(req(
+                &tenant,
+                ListKeysRequest {
+                    limit: Some(2),
+                    page_token: token.clone(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(page.total_count, 9);
+        seen.extend(page.keys.into_iter().map(|k| k.name));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+        tokens.push(token.clone());
+    }
+    assert_eq!(seen, expected);
+    assert_eq!(
+        tokens.len(),
+        4,
+        "a token after each full page, none after the last"
+    );
+    // A token is good only for its own instance and filters, never with an offset.
+    let refused = |request: ListKeysRequest, tenant: String| {
+        let mut keys = keys.clone();
+        async move { keys.list_keys(req(&tenant, request)).await.unwrap_err() }
+    };
+    let other_tenant = refused(
+        ListKeysRequest {
+            page_token: tokens[0].clone(),
+            ..Default::default()
+        },
+        instance(),
+    )
+    .await;
+    let other_filter = refused(
+        ListKeysRequest {
+            page_token: tokens[0].clone(),
+            extractable: Some(true),
+            ..Default::default()
+        },
+        tenant.clone(),
+    )
+    .await;
+    let garbage = refused(
+        ListKeysRequest {
+            page_token: "not-a-token".into(),
+            ..Default::default()
+        },
+        tenant.clone(),
+    )
+    .await;
+    for status in [other_tenant, other_filter, garbage] {
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(status.message().starts_with("page_token"), "{status:?}");
+    }
+    let both = refused(
+        ListKeysRequest {
+            page_token: tokens[0].clone(),
+            offset: 2,
+            ..Default::default()
+        },
+        tenant.clone(),
+    )
+    .await;
+    assert!(both.message().starts_with("offset"), "{both:?}");
+
     // Filters.
     let list = |state: Vec<i32>, extractable: Option<bool>| ListKeysRequest {
         limit: None,
         offset: 0,
         state,
         extractable,
+        page_token: String::new(),
     };
     let standard = keys
         .list_keys(req(&tenant, list(vec![], Some(true))))
@@ -293,6 +370,7 @@ async fn listing_pages_in_creation_order_with_filters_and_totals() {
                 offset: 1,
                 state: vec![KeyState::Active as i32],
                 extractable: Some(false),
+                page_token: String::new(),
             },
         ))
         .await

@@ -49,6 +49,7 @@ conformance!(
     concurrent_updates_lose_nothing,
     versions,
     list_pages,
+    list_pages_after_a_position,
     expiry_index,
     import_tokens,
     last_retrieval_goes_once,

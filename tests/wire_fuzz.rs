@@ -186,6 +186,13 @@ fn targets(keys: &Seeds) -> Vec<(&'static str, Vec<Vec<u8>>)> {
                     offset: 1,
                     state: vec![1, 2],
                     extractable: Some(false),
+                    page_token: String::new(),
+                }
+                .encode_to_vec(),
+                proto::ListKeysRequest {
+                    limit: Some(2),
+                    page_token: "01".repeat(33),
+                    ..Default::default()
                 }
                 .encode_to_vec(),
             ],

@@ -6,12 +6,12 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use super::call::{AuditedKey, CallGate, Rpc};
-use super::{convert, key_field, parse_key_id};
-use crate::domain::KmsError;
+use super::{convert, key_field, page_token, parse_key_id};
 use crate::domain::ciphertext::{MAX_AAD_ENTRIES, MAX_AAD_ENTRY_BYTES, MAX_PLAINTEXT};
 use crate::domain::keys::{KeyManager, Material, MaterialForKey, NewKey};
 use crate::domain::model::KeyRecord;
 use crate::domain::model::now_millis;
+use crate::domain::{KmsError, PageStart};
 use crate::proto;
 use crate::proto::key_service_server::KeyService;
 use crate::secret::SecretBytes;
@@ -187,13 +187,27 @@ impl KeyService for KeyApi {
             .call(Rpc::ListKeys, request, |caller, request| async move {
                 let limit = convert::limit(request.limit)?;
                 let filter = convert::filter(&request.state, request.extractable)?;
-                let (keys, total) = self
+                let instance = &caller.ctx.instance;
+                let start = match (request.page_token.as_str(), request.offset) {
+                    ("", offset) => PageStart::Offset(offset as usize),
+                    (token, 0) => PageStart::After(page_token::decode(instance, &filter, token)?),
+                    (_, _) => {
+                        return Err(KmsError::invalid(
+                            "offset",
+                            "give offset or page_token, not both",
+                        ));
+                    }
+                };
+                let (keys, total, next) = self
                     .keys
-                    .list_keys(&caller.ctx, &filter, request.offset as usize, limit)
+                    .list_keys(&caller.ctx, &filter, start, limit)
                     .await?;
                 Ok(proto::ListKeysResponse {
                     keys: keys.iter().map(convert::key).collect(),
                     total_count: total,
+                    next_page_token: next
+                        .map(|position| page_token::encode(instance, &filter, position))
+                        .unwrap_or_default(),
                 })
             })
             .await

@@ -9,6 +9,7 @@ mod convert;
 mod edge;
 mod import_tokens;
 mod keys;
+mod page_token;
 
 pub use audit::AuditApi;
 pub use call::{CORRELATION_HEADER, CallGate, GateOptions, Rpc};

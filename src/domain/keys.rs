@@ -32,7 +32,7 @@ use super::{CallerContext, KmsError, retry_on_conflict};
 use crate::audit::{AuditEvent, AuditTrail, SYSTEM};
 use crate::hsm::{Hsm, KeyKind, NewMaterial};
 use crate::secret::SecretBytes;
-use crate::store::KeyStore;
+use crate::store::{KeyPosition, KeyStore, PageStart};
 pub use envelope::{DATA_KEY_BYTES, Unwrapped, Wrapped};
 use import::material_removed;
 pub use import::{ImportParameters, Imports, MaterialForKey, SecureImport};
@@ -211,17 +211,23 @@ impl KeyManager {
         Ok((key, Some(payload)))
     }
 
+    /// One page of keys, the total matching, and where the next page starts when this
+    /// one is full.
     pub async fn list_keys(
         &self,
         ctx: &CallerContext,
         filter: &KeyFilter,
-        offset: usize,
+        start: PageStart,
         limit: usize,
-    ) -> Result<(Vec<KeyRecord>, u64), KmsError> {
-        Ok(self
+    ) -> Result<(Vec<KeyRecord>, u64, Option<KeyPosition>), KmsError> {
+        let (page, total) = self
             .store
-            .list_keys(&ctx.instance, filter, offset, limit)
-            .await?)
+            .list_keys(&ctx.instance, filter, start, limit)
+            .await?;
+        let next = (page.len() == limit)
+            .then(|| page.last().map(KeyPosition::of))
+            .flatten();
+        Ok((page, total, next))
     }
 
     pub async fn count_keys(

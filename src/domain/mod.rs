@@ -7,6 +7,9 @@ pub mod key_pairs;
 pub mod keys;
 pub mod model;
 
+/// Where a page of a key listing starts (the store's types, as the domain hands them on).
+pub use crate::store::{KeyPosition, PageStart};
+
 use std::future::Future;
 use std::time::Duration;
 

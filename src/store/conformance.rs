@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
-use super::{ChainEnd, SealedBlocks, Store, StoreError};
+use super::{ChainEnd, KeyPosition, PageStart, SealedBlocks, Store, StoreError};
 use crate::domain::model::{
     ImportParametersRecord, ImportTokenRecord, KeyFilter, KeyOrigin, KeyRecord, KeyState,
     RECORD_SCHEMA, VersionRecord,
@@ -276,7 +276,10 @@ pub async fn list_pages(store: Arc<dyn Store>) {
         .insert_key(&key("b", 0, KeyState::Active, false), None)
         .await
         .unwrap();
-    let (page, total) = store.list_keys("a", &all(), 1, 2).await.unwrap();
+    let (page, total) = store
+        .list_keys("a", &all(), PageStart::Offset(1), 2)
+        .await
+        .unwrap();
     assert_eq!(total, 5);
     assert_eq!(
         page,
@@ -284,7 +287,7 @@ pub async fn list_pages(store: Arc<dyn Store>) {
         "offset 1, limit 2, creation order"
     );
     let (page, total) = store
-        .list_keys("a", &only(KeyState::Active), 0, 10)
+        .list_keys("a", &only(KeyState::Active), PageStart::Offset(0), 10)
         .await
         .unwrap();
     assert_eq!(total, 3);
@@ -296,10 +299,83 @@ pub async fn list_pages(store: Arc<dyn Store>) {
         states: vec![KeyState::Active],
         extractable: Some(true),
     };
-    let (page, total) = store.list_keys("a", &extractable, 0, 10).await.unwrap();
+    let (page, total) = store
+        .list_keys("a", &extractable, PageStart::Offset(0), 10)
+        .await
+        .unwrap();
     assert_eq!((page.len(), total), (1, 1));
-    let (page, _) = store.list_keys("a", &all(), 10, 10).await.unwrap();
+    let (page, _) = store
+        .list_keys("a", &all(), PageStart::Offset(10), 10)
+        .await
+        .unwrap();
     assert!(page.is_empty(), "past the end is an empty page");
+}
+
+/// ListKeys after a position: every matching key once, in order, whatever the page
+/// size; keys created since the position are found, keys of other instances never; two
+/// keys created in the same millisecond are told apart by id.
+pub async fn list_pages_after_a_position(store: Arc<dyn Store>) {
+    let mut made = Vec::new();
+    for at in 0..23 {
+        // Pairs of keys share a creation time.
+        let state = if at % 3 == 0 {
+            KeyState::Suspended
+        } else {
+            KeyState::Active
+        };
+        let k = key("c", 100 + at / 2, state, false);
+        store.insert_key(&k, None).await.unwrap();
+        made.push(k);
+    }
+    for at in 0..4 {
+        store
+            .insert_key(&key("c-other", 100 + at, KeyState::Active, false), None)
+            .await
+            .unwrap();
+    }
+    made.sort_by_key(|k| (k.created_at, *k.id.as_bytes()));
+    for (filter, limit) in [(all(), 1), (all(), 4), (only(KeyState::Active), 5)] {
+        let expected: Vec<Uuid> = made
+            .iter()
+            .filter(|k| filter.matches(k.state, k.extractable))
+            .map(|k| k.id)
+            .collect();
+        let mut seen = Vec::new();
+        let mut start = PageStart::Offset(0);
+        loop {
+            let (page, total) = store.list_keys("c", &filter, start, limit).await.unwrap();
+            assert_eq!(total, expected.len() as u64);
+            assert!(page.len() <= limit);
+            seen.extend(page.iter().map(|k| k.id));
+            match page.last() {
+                Some(last) if page.len() == limit => {
+                    start = PageStart::After(KeyPosition::of(last));
+                }
+                _ => break,
+            }
+        }
+        assert_eq!(seen, expected, "limit {limit}: each key once, in order");
+    }
+    // A key created after the position is on a later page.
+    let (first, _) = store
+        .list_keys("c", &all(), PageStart::Offset(0), 3)
+        .await
+        .unwrap();
+    let later = key("c", 500, KeyState::Active, false);
+    store.insert_key(&later, None).await.unwrap();
+    let after = KeyPosition::of(first.last().unwrap());
+    let (rest, _) = store
+        .list_keys("c", &all(), PageStart::After(after), 100)
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), made.len() - 3 + 1);
+    assert_eq!(rest.last().unwrap().id, later.id);
+    // After the last key: an empty page.
+    let (none, _) = store
+        .list_keys("c", &all(), PageStart::After(KeyPosition::of(&later)), 10)
+        .await
+        .unwrap();
+    assert!(none.is_empty());
 }
 
 /// The expiry index follows expiration dates and state changes.

@@ -97,6 +97,31 @@ pub trait Store: KeyStore + ImportStore + AuditStore {
     fn describe(&self) -> String;
 }
 
+/// Where a page of keys begins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageStart {
+    /// Skip this many matching keys.
+    Offset(usize),
+    /// The keys after this one, in creation order then id.
+    After(KeyPosition),
+}
+
+/// A key's place in the listing order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyPosition {
+    pub created_at: Millis,
+    pub id: Uuid,
+}
+
+impl KeyPosition {
+    pub fn of(key: &KeyRecord) -> Self {
+        Self {
+            created_at: key.created_at,
+            id: key.id,
+        }
+    }
+}
+
 /// What the domain needs from storage for keys and their versions.
 #[async_trait]
 pub trait KeyStore: Durability {
@@ -139,12 +164,14 @@ pub trait KeyStore: Durability {
     async fn list_versions(&self, key_id: Uuid) -> Result<Vec<VersionRecord>, StoreError>;
 
     /// One page of an instance's keys in creation order (then id), and the total
-    /// number matching the filter.
+    /// number matching the filter. From an offset, the store walks every matching key
+    /// before it; after a position (the last key of the previous page), it seeks there,
+    /// so every page costs what the first does.
     async fn list_keys(
         &self,
         instance: &str,
         filter: &KeyFilter,
-        offset: usize,
+        start: PageStart,
         limit: usize,
     ) -> Result<(Vec<KeyRecord>, u64), StoreError>;
 

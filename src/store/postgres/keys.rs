@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::{PostgresStore, db_error};
 use crate::domain::model::{KeyFilter, KeyRecord, KeyState, Millis, VersionRecord};
-use crate::store::{KeyStore, Revision, StoreError};
+use crate::store::{KeyStore, PageStart, Revision, StoreError};
 
 pub(super) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("records always serialize")
@@ -226,37 +226,70 @@ impl KeyStore for PostgresStore {
         &self,
         instance: &str,
         filter: &KeyFilter,
-        offset: usize,
+        start: PageStart,
         limit: usize,
     ) -> Result<(Vec<KeyRecord>, u64), StoreError> {
         let total = self.count_keys(instance, filter).await?;
         let states: Option<Vec<i16>> = (!filter.states.is_empty())
             .then(|| filter.states.iter().map(|s| s.code() as i16).collect());
         let client = self.client().await?;
-        let statement = client
-            .prepare_cached(
-                "SELECT revision, record FROM kms_keys
-                 WHERE instance = $1
-                   AND ($2::smallint[] IS NULL OR state = ANY($2))
-                   AND ($3::boolean IS NULL OR extractable = $3)
-                 ORDER BY created_at, id
-                 OFFSET $4 LIMIT $5",
-            )
-            .await
-            .map_err(db_error)?;
-        let rows = client
-            .query(
-                &statement,
-                &[
-                    &instance,
-                    &states,
-                    &filter.extractable,
-                    &(offset as i64),
-                    &(limit as i64),
-                ],
-            )
-            .await
-            .map_err(db_error)?;
+        // Two statements, so that each keeps its plan on the (instance, created_at, id)
+        // index: a row comparison seeks to the position, an offset walks to it.
+        let rows = match start {
+            PageStart::Offset(offset) => {
+                let statement = client
+                    .prepare_cached(
+                        "SELECT revision, record FROM kms_keys
+                         WHERE instance = $1
+                           AND ($2::smallint[] IS NULL OR state = ANY($2))
+                           AND ($3::boolean IS NULL OR extractable = $3)
+                         ORDER BY created_at, id
+                         OFFSET $4 LIMIT $5",
+                    )
+                    .await
+                    .map_err(db_error)?;
+                client
+                    .query(
+                        &statement,
+                        &[
+                            &instance,
+                            &states,
+                            &filter.extractable,
+                            &(offset as i64),
+                            &(limit as i64),
+                        ],
+                    )
+                    .await
+            }
+            PageStart::After(after) => {
+                let statement = client
+                    .prepare_cached(
+                        "SELECT revision, record FROM kms_keys
+                         WHERE instance = $1
+                           AND ($2::smallint[] IS NULL OR state = ANY($2))
+                           AND ($3::boolean IS NULL OR extractable = $3)
+                           AND (created_at, id) > ($4, $5)
+                         ORDER BY created_at, id
+                         LIMIT $6",
+                    )
+                    .await
+                    .map_err(db_error)?;
+                client
+                    .query(
+                        &statement,
+                        &[
+                            &instance,
+                            &states,
+                            &filter.extractable,
+                            &after.created_at,
+                            &after.id,
+                            &(limit as i64),
+                        ],
+                    )
+                    .await
+            }
+        }
+        .map_err(db_error)?;
         let page = rows.iter().map(key_from).collect::<Result<_, _>>()?;
         Ok((page, total))
     }

@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::{SledStore, Trees};
 use crate::domain::model::{KeyFilter, KeyRecord, KeyState, Millis, VersionRecord};
-use crate::store::{KeyStore, Revision, StoreError};
+use crate::store::{KeyStore, PageStart, Revision, StoreError};
 
 fn instance_prefix(instance: &str) -> Vec<u8> {
     let mut prefix = Vec::with_capacity(instance.len() + 1);
@@ -290,14 +290,27 @@ impl Trees {
         &self,
         instance: &str,
         filter: &KeyFilter,
-        offset: usize,
+        start: PageStart,
         limit: usize,
     ) -> Result<(Vec<KeyRecord>, u64), StoreError> {
         let total = self.count_keys(instance, filter)?;
         let prefix = instance_prefix(instance);
         let mut page = Vec::with_capacity(limit.min(total as usize));
         let mut skipped = 0usize;
-        for entry in self.order.scan_prefix(&prefix) {
+        let (offset, entries) = match start {
+            PageStart::Offset(offset) => (offset, self.order.scan_prefix(&prefix)),
+            PageStart::After(after) => {
+                let mut from = prefix.clone();
+                from.extend_from_slice(&(after.created_at.max(0) as u64).to_be_bytes());
+                from.extend_from_slice(after.id.as_bytes());
+                // Exclusive of the position itself: the key after it, byte-wise.
+                from.push(0);
+                let mut end = prefix.clone();
+                *end.last_mut().expect("the prefix ends in 0x00") = 1;
+                (0, self.order.range(from..end))
+            }
+        };
+        for entry in entries {
             if page.len() >= limit {
                 break;
             }
@@ -422,11 +435,11 @@ impl KeyStore for SledStore {
         &self,
         instance: &str,
         filter: &KeyFilter,
-        offset: usize,
+        start: PageStart,
         limit: usize,
     ) -> Result<(Vec<KeyRecord>, u64), StoreError> {
         let (instance, filter) = (instance.to_owned(), filter.clone());
-        self.blocking(move |trees| trees.list_keys(&instance, &filter, offset, limit))
+        self.blocking(move |trees| trees.list_keys(&instance, &filter, start, limit))
             .await
     }
 
