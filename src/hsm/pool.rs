@@ -3,8 +3,9 @@
 //! Jobs (closures over a `&Session`) go into one shared, bounded queue; `size` worker
 //! threads take them in turn. Each worker owns its session, opening it lazily and
 //! replacing it after a job reports the session broken or the module was
-//! re-initialised. So at most `size` PKCS#11 calls run at once, no session is ever
-//! shared, and no PKCS#11 call runs on the async executor. A full queue refuses new jobs
+//! re-initialised. So at most `size` jobs run at once (besides them only the health
+//! probe and the repair thread call the module), no session is ever shared, and no
+//! PKCS#11 call runs on the async executor. A full queue refuses new jobs
 //! ([`HsmError::Overloaded`]): under a flood, callers are told to back off at once
 //! instead of piling up without limit.
 //!
