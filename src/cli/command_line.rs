@@ -61,6 +61,10 @@ pub enum Command {
         /// Overload scenario: flood callers per well-behaved caller.
         #[arg(long, default_value_t = 10)]
         flood_factor: usize,
+        /// Before measuring, create keys in the instance (at least 128 calls in
+        /// flight) until it holds this many; with --instance, a later run reuses them.
+        #[arg(long, default_value_t = 0)]
+        preload: u64,
     },
     /// Bring your own AES key: read material from a file, encrypt it locally for the
     /// server's import token (secure import) or import parameters (EXTERNAL keys), and
@@ -125,6 +129,13 @@ pub enum StoreCommand {
         /// KMS_STORE_PASSWORD_FILE.
         #[arg(long, value_name = "URL")]
         to: String,
+    },
+    /// Sizes of a stopped embedded default's store: entries and bytes per tree, and
+    /// the database's size on disk.
+    Stats {
+        /// The data directory whose `db` is measured.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
     },
 }
 
@@ -228,6 +239,14 @@ pub fn run(command: Command) -> ExitCode {
                 },
         } => audit_verify(data_dir, store_url),
         Command::Store {
+            command: StoreCommand::Stats { data_dir },
+        } => run_client(
+            "store stats",
+            &mut tokio::runtime::Builder::new_multi_thread(),
+            crate::cli::store::stats(data_dir),
+            |report| print!("{report}"),
+        ),
+        Command::Store {
             command: StoreCommand::Migrate { from, to },
         } => run_client(
             "store migrate",
@@ -258,6 +277,7 @@ pub fn run(command: Command) -> ExitCode {
             rounds,
             server_pid,
             flood_factor,
+            preload,
         } => {
             let options = crate::cli::bench::BenchOptions {
                 target: target.target(),
@@ -275,6 +295,7 @@ pub fn run(command: Command) -> ExitCode {
                 rounds: rounds.max(1),
                 server_pid,
                 flood_factor,
+                preload,
             };
             bench(options)
         }

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod command_line;
 pub mod connect;
 pub mod import_key;
+pub mod progress;
 pub mod store;
 pub mod token;
 

@@ -95,6 +95,25 @@ pub async fn migrate(from: PathBuf, to: String) -> Result<Migrated, MigrateError
     Ok(migrated)
 }
 
+/// `kms store stats`: a table of the sled trees and the size on disk.
+pub async fn stats(data_dir: PathBuf) -> Result<String, MigrateError> {
+    let db = data_dir.join("db");
+    if !db.exists() {
+        return Err(AuditCommandError::NoDatabase(db.display().to_string()).into());
+    }
+    let sled = SledStore::open(&db).map_err(|source| AuditCommandError::Open {
+        path: db.display().to_string(),
+        source,
+    })?;
+    let (trees, on_disk) = sled.tree_sizes().await?;
+    let mut out = String::from("| tree | entries | bytes (keys + values) |\n|---|---:|---:|\n");
+    for (name, entries, bytes) in trees {
+        out.push_str(&format!("| {name} | {entries} | {bytes} |\n"));
+    }
+    out.push_str(&format!("\nsize on disk: {on_disk} bytes\n"));
+    Ok(out)
+}
+
 /// A key, its versions oldest first (the first with the key, each later one by a
 /// replacement carrying it), ending with the record as it was.
 async fn copy_key(

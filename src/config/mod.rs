@@ -453,7 +453,7 @@ mod tests {
         assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
         assert!(matches!(
             &config.store,
-            crate::store::StoreConfig::Sled { path } if path == &PathBuf::from("/tmp/x/db")
+            crate::store::StoreConfig::Sled { path, .. } if path == &PathBuf::from("/tmp/x/db")
         ));
         let embedded = config.embedded.expect("embedded");
         assert!(embedded.softhsm_conf.starts_with("/tmp/x"));

@@ -91,7 +91,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
         path: config.data_dir.display().to_string(),
         source,
     })?;
-    if let StoreConfig::Sled { path } = &config.store
+    if let StoreConfig::Sled { path, .. } = &config.store
         && let Some(parent) = path.parent()
     {
         std::fs::create_dir_all(parent).map_err(|source| ServeError::DataDir {

@@ -25,7 +25,7 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 pub use self::postgres::{PostgresConfig, PostgresStore};
-pub use self::sled::SledStore;
+pub use self::sled::{DEFAULT_SLED_CACHE_BYTES, SledStore};
 use crate::domain::model::{
     ImportParametersRecord, ImportTokenRecord, KeyFilter, KeyRecord, Millis, VersionRecord,
 };
@@ -33,7 +33,7 @@ use crate::hsm::RsaKeyPair;
 
 /// Version of the layout (tables, trees, encodings) written by this build. Older layouts
 /// are migrated when a store opens; a newer one is refused.
-pub const STORE_SCHEMA: u32 = 2;
+pub const STORE_SCHEMA: u32 = 3;
 
 /// Counts the changes of one record: 0 when created, one more on every replacement.
 pub type Revision = u64;
@@ -300,14 +300,20 @@ pub trait AuditStore: Durability {
 /// Which backend to open, from the configuration.
 #[derive(Clone, Debug)]
 pub enum StoreConfig {
-    Sled { path: std::path::PathBuf },
+    Sled {
+        path: std::path::PathBuf,
+        /// sled's page cache, in bytes.
+        cache_bytes: u64,
+    },
     Postgres(PostgresConfig),
 }
 
 /// Opens (creating or migrating its schema) the configured store.
 pub async fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
     Ok(match config {
-        StoreConfig::Sled { path } => Arc::new(SledStore::open(path)?),
+        StoreConfig::Sled { path, cache_bytes } => {
+            Arc::new(SledStore::open_with_cache(path, *cache_bytes)?)
+        }
         StoreConfig::Postgres(config) => Arc::new(PostgresStore::connect(config).await?),
     })
 }

@@ -634,6 +634,7 @@ pub async fn open_store(data_dir: &Path) -> std::sync::Arc<dyn kms::store::Store
     } else {
         kms::store::StoreConfig::Sled {
             path: data_dir.join("db"),
+            cache_bytes: kms::store::DEFAULT_SLED_CACHE_BYTES,
         }
     };
     kms::store::open(&config).await.expect("open the store")

@@ -11,6 +11,7 @@
 //! and report latency; start the server with a pool at least that large
 //! (KMS_IMPORT_RSA_POOL_SIZE) and let it fill ("RSA key-pair pool is full" in its log).
 
+mod at_size;
 mod calls;
 mod cpu;
 mod overload;
@@ -54,6 +55,8 @@ pub struct BenchOptions {
     pub server_pid: Option<u32>,
     /// Overload scenario: flood callers per well-behaved caller.
     pub flood_factor: usize,
+    /// Fill the instance to this many keys before measuring (0: don't).
+    pub preload: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -68,6 +71,14 @@ pub enum Scenario {
     Create,
     CreateImportToken,
     GetParametersForImport,
+    /// GetKey on keys spread over the whole instance (see [`at_size`]).
+    Get,
+    /// The first ListKeys page (limit 200).
+    ListFirst,
+    /// ListKeys pages from every depth of the instance, by page token.
+    ListDeep,
+    /// CountKeys over the instance.
+    Count,
     /// Well-behaved callers before, during and after a flood of `flood_factor` times as
     /// many (see [`overload`]). Opt-in.
     Overload,
@@ -99,6 +110,10 @@ impl Scenario {
             Scenario::CreateImportToken => "CreateImportToken (RSA-4096)",
             Scenario::GetParametersForImport => "GetParametersForImport (RSA-2048)",
             Scenario::Overload => "WrapKey under a flood",
+            Scenario::Get => "GetKey",
+            Scenario::ListFirst => "ListKeys, first page",
+            Scenario::ListDeep => "ListKeys, any page (token)",
+            Scenario::Count => "CountKeys",
         }
     }
 }
@@ -161,13 +176,34 @@ pub async fn run(options: &BenchOptions) -> Result<Vec<Measured>, BenchError> {
         health: HealthClient::new(channel),
     };
 
+    if options.preload > 0 {
+        let in_flight = options.concurrency.max(128);
+        at_size::preload(&clients.keys, &clients.instance, options.preload, in_flight).await?;
+    }
+    let listing = if options
+        .scenarios
+        .iter()
+        .any(|s| matches!(s, Scenario::Get | Scenario::ListDeep))
+    {
+        let mut listing = at_size::walk(&clients.keys, &clients.instance).await?;
+        if listing.ids.is_empty() {
+            create_root_keys(&clients.keys, &clients.instance, 1).await?;
+            listing = at_size::walk(&clients.keys, &clients.instance).await?;
+        }
+        Some(Arc::new(listing))
+    } else {
+        None
+    };
     let mut prepared = Vec::with_capacity(options.scenarios.len());
     for scenario in options
         .scenarios
         .iter()
         .filter(|s| **s != Scenario::Overload)
     {
-        prepared.push((*scenario, prepare(options, &clients, *scenario).await?));
+        prepared.push((
+            *scenario,
+            prepare(options, &clients, listing.as_ref(), *scenario).await?,
+        ));
     }
     let mut samples: Vec<Vec<Sample>> = prepared.iter().map(|_| Vec::new()).collect();
     for round in 0..options.rounds.max(1) {
@@ -199,10 +235,39 @@ struct Clients {
 async fn prepare(
     options: &BenchOptions,
     clients: &Clients,
+    listing: Option<&Arc<at_size::Listing>>,
     scenario: Scenario,
 ) -> Result<Call, BenchError> {
     let instance = clients.instance.clone();
     let call: Call = match scenario {
+        Scenario::Get => {
+            let (keys, listing) = (clients.keys.clone(), listing.cloned().expect("walked"));
+            Arc::new(move |call| {
+                let id = listing.ids[spread(call, listing.ids.len())].clone();
+                at_size::get(&keys, &instance, id)
+            })
+        }
+        Scenario::ListFirst => {
+            let keys = clients.keys.clone();
+            Arc::new(move |_| at_size::list(&keys, &instance, String::new()))
+        }
+        Scenario::ListDeep => {
+            let (keys, listing) = (clients.keys.clone(), listing.cloned().expect("walked"));
+            Arc::new(move |call| {
+                let token = match listing.tokens.len() {
+                    0 => String::new(),
+                    pages => listing.tokens[spread(call, pages)].clone(),
+                };
+                at_size::list(&keys, &instance, token)
+            })
+        }
+        Scenario::Count => {
+            if at_size::count(&clients.keys, &instance).await? == 0 {
+                create_root_keys(&clients.keys, &instance, 1).await?;
+            }
+            let keys = clients.keys.clone();
+            Arc::new(move |_| at_size::count_call(&keys, &instance))
+        }
         Scenario::Health => {
             let health = clients.health.clone();
             Arc::new(move |_| {

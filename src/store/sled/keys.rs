@@ -11,6 +11,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
+use super::codec;
 use super::{SledStore, Trees};
 use crate::domain::model::{KeyFilter, KeyRecord, KeyState, Millis, VersionRecord};
 use crate::store::{KeyStore, PageStart, Revision, StoreError};
@@ -61,6 +62,29 @@ fn version_key(version: &VersionRecord) -> Vec<u8> {
     k
 }
 
+/// A `versions` entry: its tree key holds the key id, creation time and version id.
+pub(super) fn decode_version_entry(k: &[u8], v: &[u8]) -> Result<VersionRecord, StoreError> {
+    if k.len() != 16 + 8 + 16 {
+        return Err(StoreError::corrupt("versions index", "malformed entry"));
+    }
+    let key_id = Uuid::from_bytes(k[..16].try_into().expect("16 bytes"));
+    let created_at = u64::from_be_bytes(k[16..24].try_into().expect("8 bytes")) as Millis;
+    let id = Uuid::from_bytes(k[24..].try_into().expect("16 bytes"));
+    codec::decode_version(key_id, created_at, id, v)
+}
+
+/// A `keys` tree key: the instance and the key id.
+pub(super) fn parse_key_key(k: &[u8]) -> Result<(String, Uuid), StoreError> {
+    let corrupt = || StoreError::corrupt("keys index", "malformed entry");
+    if k.len() < 1 + 16 {
+        return Err(corrupt());
+    }
+    let (instance, id) = k.split_at(k.len() - 16);
+    let instance = instance.strip_suffix(&[0]).ok_or_else(corrupt)?;
+    let instance = String::from_utf8(instance.to_vec()).map_err(|_| corrupt())?;
+    Ok((instance, Uuid::from_bytes(id.try_into().expect("16 bytes"))))
+}
+
 pub(super) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("records always serialize")
 }
@@ -70,8 +94,9 @@ pub(super) fn decode<T: DeserializeOwned>(what: &str, raw: &[u8]) -> Result<T, S
 }
 
 /// Decoded key records, each with the exact bytes it was decoded from. A read whose
-/// bytes equal the remembered ones skips the JSON decode, the largest cost of a
-/// WrapKey/UnwrapKey outside the HSM. sled stays the only source of truth: every read
+/// bytes equal the remembered ones skips the decode (with JSON records it was the
+/// largest cost of a WrapKey/UnwrapKey outside the HSM; 4,096 records of some 300
+/// bytes each in memory). sled stays the only source of truth: every read
 /// still fetches the stored bytes, so a changed record can never be served stale.
 pub(super) struct DecodedKeys {
     shards: Vec<Mutex<LruCache<Uuid, (IVec, KeyRecord)>>>,
@@ -90,17 +115,14 @@ impl DecodedKeys {
         }
     }
 
-    fn decode(&self, id: Uuid, raw: IVec) -> Result<KeyRecord, StoreError> {
+    fn decode(&self, instance: &str, id: Uuid, raw: IVec) -> Result<KeyRecord, StoreError> {
         let shard = &self.shards[id.as_u128() as usize % Self::SHARDS];
         if let Some((bytes, record)) = shard.lock().unwrap_or_else(|e| e.into_inner()).get(&id)
             && *bytes == raw
         {
             return Ok(record.clone());
         }
-        let record = decode_key_value(&raw).map_err(|error| match error {
-            StoreError::Corrupt { reason, .. } => StoreError::corrupt(format!("key {id}"), reason),
-            other => other,
-        })?;
+        let record = decode_key_value(instance, id, &raw)?;
         shard
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -129,11 +151,12 @@ fn unpack<T>(result: Result<T, TransactionError<StoreError>>) -> Result<T, Store
     })
 }
 
-/// A key record's stored value: its revision, then its JSON.
-pub(super) fn encode_key_value(revision: Revision, json: &[u8]) -> Vec<u8> {
-    let mut value = Vec::with_capacity(8 + json.len());
+/// A key record's stored value: its revision, then the record ([`codec`]; JSON in
+/// schema 2).
+pub(super) fn encode_key_value(revision: Revision, record: &[u8]) -> Vec<u8> {
+    let mut value = Vec::with_capacity(8 + record.len());
     value.extend_from_slice(&revision.to_be_bytes());
-    value.extend_from_slice(json);
+    value.extend_from_slice(record);
     value
 }
 
@@ -143,15 +166,19 @@ fn stored_revision(raw: &[u8]) -> Result<Revision, StoreError> {
         .ok_or_else(|| StoreError::corrupt("key", "shorter than its revision"))
 }
 
-pub(super) fn decode_key_value(raw: &[u8]) -> Result<KeyRecord, StoreError> {
+pub(super) fn decode_key_value(
+    instance: &str,
+    id: Uuid,
+    raw: &[u8],
+) -> Result<KeyRecord, StoreError> {
     let revision = stored_revision(raw)?;
-    let mut record: KeyRecord = decode("key", &raw[8..])?;
+    let mut record = codec::decode_key(instance, id, &raw[8..])?;
     record.revision = revision;
     Ok(record)
 }
 
-fn key_value(key: &KeyRecord) -> Vec<u8> {
-    encode_key_value(key.revision, &encode(key))
+pub(super) fn key_value(key: &KeyRecord) -> Vec<u8> {
+    encode_key_value(key.revision, &codec::encode_key(key))
 }
 
 impl Trees {
@@ -175,7 +202,7 @@ impl Trees {
             revision: 0,
             ..key.clone()
         });
-        let version_entry = version.map(|v| (version_key(v), encode(v)));
+        let version_entry = version.map(|v| (version_key(v), codec::encode_version(v)));
         let expiry_entry = expiry_key(key);
         unpack(
             self.key_trees()
@@ -200,7 +227,7 @@ impl Trees {
 
     fn get_key(&self, instance: &str, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
         match self.keys.get(key_key(instance, id))? {
-            Some(raw) => self.decoded_keys.decode(id, raw).map(Some),
+            Some(raw) => self.decoded_keys.decode(instance, id, raw).map(Some),
             None => Ok(None),
         }
     }
@@ -215,7 +242,7 @@ impl Trees {
         if next.revision != previous.revision + 1 {
             return Err(StoreError::Conflict);
         }
-        let added = new_version.map(|v| (version_key(v), encode(v)));
+        let added = new_version.map(|v| (version_key(v), codec::encode_version(v)));
         let record = key_value(next);
         // Versions to erase are read outside the transaction; a version added
         // concurrently changes the key's revision, which makes the check below fail.
@@ -225,7 +252,7 @@ impl Trees {
                 let key = version_key(&version);
                 erased.push((
                     key,
-                    encode(&VersionRecord {
+                    codec::encode_version(&VersionRecord {
                         wrapped: None,
                         ..version
                     }),
@@ -272,7 +299,7 @@ impl Trees {
         for entry in self.versions.scan_prefix(key_id.as_bytes()) {
             let (k, v) = entry?;
             if k.ends_with(version_id.as_bytes()) {
-                return Ok(Some(decode("version", &v)?));
+                return Ok(Some(decode_version_entry(&k, &v)?));
             }
         }
         Ok(None)
@@ -282,7 +309,10 @@ impl Trees {
         self.versions
             .scan_prefix(key_id.as_bytes())
             .rev()
-            .map(|entry| decode("version", &entry?.1))
+            .map(|entry| {
+                let (k, v) = entry?;
+                decode_version_entry(&k, &v)
+            })
             .collect()
     }
 

@@ -3,12 +3,12 @@
 //!
 //! Trees and their keys (instance ids never contain NUL, so `instance 0x00` is a safe
 //! prefix):
-//! - `keys`:     instance 0x00 key-uuid                      -> revision (BE u64) || KeyRecord (JSON)
+//! - `keys`:     instance 0x00 key-uuid                      -> revision (BE u64) || KeyRecord ([`codec`])
 //! - `order`:    instance 0x00 created-ms(BE u64) key-uuid   -> [state, extractable]
 //!   (the ListKeys index: creation order then id, filterable without reading records)
 //! - `counters`: instance 0x00 state extractable             -> count (BE u64)
 //!   (CountKeys sums at most ten counters; updated in the same transaction as records)
-//! - `versions`: key-uuid created-ms(BE u64) version-uuid    -> VersionRecord (JSON)
+//! - `versions`: key-uuid created-ms(BE u64) version-uuid    -> VersionRecord ([`codec`])
 //! - `expiry`:   due-ms(BE u64) instance 0x00 key-uuid       -> ()
 //!   (keys with a time-driven transition due, for the expiry sweep)
 //! - `import_tokens`:     instance      -> revision (BE u64) || token id || ImportTokenRecord (JSON)
@@ -18,8 +18,10 @@
 //! - `audit`, `audit_meta`: the audit trail (see [`audit`])
 //!
 //! Schema history: 1 had no revisions (compare-and-swap compared whole records); 2
-//! prefixes key and import-token records with their revision (and the token's id). A
-//! version-1 database is rewritten in place when it opens.
+//! prefixes key and import-token records with their revision (and the token's id); 3
+//! stores key and version records in a compact binary form ([`codec`]) instead of
+//! JSON. An older database is rewritten in place when it opens (a record already in the
+//! newer form, from a migration interrupted after it, is left alone).
 //!
 //! Where the work runs: point reads and writes run inline on the caller's task (sled
 //! answers them from memory and its write buffer in microseconds, and they are the
@@ -36,6 +38,7 @@
 //! there after it; writes that were never acknowledged may be gone.
 
 mod audit;
+mod codec;
 mod flush;
 mod imports;
 mod keys;
@@ -54,6 +57,15 @@ use keys::DecodedKeys;
 const SCHEMA_KEY: &[u8] = b"schema_version";
 /// sled writes what is not yet flushed at least this often (its default, made explicit).
 pub const PERIODIC_FLUSH_MS: u64 = 500;
+/// sled's page cache unless configured (`store.cache_mib`): bounds what the store holds
+/// in memory however many keys it has. (sled's own default is 1 GiB.)
+pub const DEFAULT_SLED_CACHE_BYTES: u64 = 64 << 20;
+/// sled's log segment. With zstd compression of what it writes, 2 MiB segments held
+/// 100,000 generated keys (and their creation's audit records) in about 620 bytes a
+/// key; sled's defaults (512 KiB, uncompressed) took 1,840, compression alone 975,
+/// 128 KiB segments 1,137, 4 and 8 MiB 671 and 755 (`kms store stats`, README "At
+/// size"). A segment size is fixed when a database is created.
+const SEGMENT_BYTES: usize = 2 << 20;
 const BACKEND: &str = "sled";
 
 impl From<::sled::Error> for StoreError {
@@ -77,6 +89,7 @@ pub struct SledStore {
     /// A poisoned database some operation still held when a reopen began.
     retired: Mutex<Option<Arc<Trees>>>,
     path: PathBuf,
+    cache_bytes: u64,
 }
 
 /// Every tree, shared with blocking threads.
@@ -105,16 +118,28 @@ impl SledStore {
     /// Opens (creating if absent) the database, migrating an older schema and refusing
     /// a newer one.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with_cache(path, DEFAULT_SLED_CACHE_BYTES)
+    }
+
+    /// [`SledStore::open`] with a page cache of `cache_bytes`.
+    pub fn open_with_cache(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         Ok(Self {
-            current: RwLock::new(Some(Arc::new(Self::open_trees(path)?))),
+            current: RwLock::new(Some(Arc::new(Self::open_trees(path, cache_bytes)?))),
             retired: Mutex::new(None),
             path: path.to_owned(),
+            cache_bytes,
         })
     }
 
-    fn open_trees(path: &Path) -> Result<Trees, StoreError> {
+    fn open_trees(path: &Path, cache_bytes: u64) -> Result<Trees, StoreError> {
+        // sled refuses to open a database with other storage parameters than it was
+        // created with: one made by an earlier build keeps its own.
+        let (segment_bytes, compression) = created_with(path).unwrap_or((SEGMENT_BYTES, true));
         let db = ::sled::Config::new()
             .path(path)
+            .cache_capacity(cache_bytes)
+            .use_compression(compression)
+            .segment_size(segment_bytes)
             .flush_every_ms(Some(PERIODIC_FLUSH_MS))
             .open()?;
         let meta = db.open_tree("meta")?;
@@ -152,6 +177,11 @@ impl SledStore {
         }
         if found < 2 {
             trees.migrate_to_revisions()?;
+        }
+        if found < 3 {
+            trees.migrate_to_binary()?;
+        }
+        if found < STORE_SCHEMA {
             tracing::info!(path = %path.display(), from = found, to = STORE_SCHEMA, "migrated the store's schema");
         }
         if found != STORE_SCHEMA || meta.get(SCHEMA_KEY)?.is_none() {
@@ -190,7 +220,7 @@ impl SledStore {
                 match Arc::try_unwrap(trees) {
                     Ok(closed) => {
                         drop(closed);
-                        trees = Arc::new(Self::open_trees(&self.path)?);
+                        trees = Arc::new(Self::open_trees(&self.path, self.cache_bytes)?);
                         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(trees);
                         return Ok(());
                     }
@@ -204,7 +234,7 @@ impl SledStore {
                 "the poisoned database is still in use",
             ));
         }
-        let trees = Self::open_trees(&self.path)?;
+        let trees = Self::open_trees(&self.path, self.cache_bytes)?;
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(trees));
         Ok(())
     }
@@ -242,6 +272,22 @@ impl SledStore {
     }
 }
 
+/// The segment size and compression a database was created with, from sled's `conf`
+/// file (`segment_size: N` and `use_compression: BOOL` lines); `None` for a new one.
+fn created_with(path: &Path) -> Option<(usize, bool)> {
+    let conf = std::fs::read(path.join("conf")).ok()?;
+    let text = String::from_utf8_lossy(&conf);
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(": "))
+            .map(str::trim)
+    };
+    Some((
+        value("segment_size")?.parse().ok()?,
+        value("use_compression")?.parse().ok()?,
+    ))
+}
+
 impl Trees {
     /// Schema 1 -> 2: revision 0 (and, for tokens, the id) in front of each record. A
     /// record already prefixed (a migration interrupted after it) is left alone.
@@ -259,6 +305,28 @@ impl Trees {
                     keys::decode("import token", &v)?;
                 self.import_tokens
                     .insert(k, imports::encode_token(&token))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Trees {
+    /// Schema 2 -> 3: key and version records from JSON to [`codec`]'s binary form.
+    fn migrate_to_binary(&self) -> Result<(), StoreError> {
+        for entry in self.keys.iter() {
+            let (k, v) = entry?;
+            if v.len() > 8 && codec::is_json(&v[8..]) {
+                let (instance, id) = keys::parse_key_key(&k)?;
+                let record = keys::decode_key_value(&instance, id, &v)?;
+                self.keys.insert(k, keys::key_value(&record))?;
+            }
+        }
+        for entry in self.versions.iter() {
+            let (k, v) = entry?;
+            if codec::is_json(&v) {
+                let version = keys::decode_version_entry(&k, &v)?;
+                self.versions.insert(k, codec::encode_version(&version))?;
             }
         }
         Ok(())
@@ -317,8 +385,32 @@ impl SledStore {
             trees
                 .keys
                 .iter()
-                .map(|entry| keys::decode_key_value(&entry?.1))
+                .map(|entry| {
+                    let (k, v) = entry?;
+                    let (instance, id) = keys::parse_key_key(&k)?;
+                    keys::decode_key_value(&instance, id, &v)
+                })
                 .collect()
+        })
+        .await
+    }
+
+    /// Per tree: its name, entries, and bytes of keys plus values; then sled's own
+    /// size on disk. For `kms store stats`.
+    pub async fn tree_sizes(&self) -> Result<(Vec<(String, u64, u64)>, u64), StoreError> {
+        self.blocking(|trees| {
+            let mut sizes = Vec::new();
+            for name in trees.db.tree_names() {
+                let tree = trees.db.open_tree(&name)?;
+                let (mut entries, mut bytes) = (0u64, 0u64);
+                for entry in tree.iter() {
+                    let (k, v) = entry?;
+                    entries += 1;
+                    bytes += (k.len() + v.len()) as u64;
+                }
+                sizes.push((String::from_utf8_lossy(&name).into_owned(), entries, bytes));
+            }
+            Ok((sizes, trees.db.size_on_disk()?))
         })
         .await
     }
@@ -332,5 +424,119 @@ impl SledStore {
                 .collect()
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::domain::model::{KeyFilter, KeyOrigin, KeyRecord, KeyState, VersionRecord};
+    use crate::hsm::{WrapFormat, WrappedKey};
+    use crate::store::{KeyStore, PageStart};
+
+    /// A database created with sled's default storage parameters (earlier builds) opens
+    /// with them; a new one gets this build's.
+    #[test]
+    fn databases_keep_the_storage_parameters_they_were_created_with() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("old");
+        drop(::sled::Config::new().path(&old).open().unwrap());
+        assert_eq!(created_with(&old), Some((512 * 1024, false)));
+        let store = loop {
+            match SledStore::open(&old) {
+                Ok(store) => break store,
+                Err(StoreError::Unavailable { .. }) => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(other) => panic!("{other}"),
+            }
+        };
+        assert_eq!(store.schema_version().unwrap(), Some(STORE_SCHEMA));
+        let new = dir.path().join("new");
+        drop(SledStore::open(&new).unwrap());
+        assert_eq!(created_with(&new), Some((SEGMENT_BYTES, true)));
+    }
+
+    /// A schema-2 database (JSON records) opens as schema 3 with every record intact
+    /// and rewritten in the binary form.
+    #[tokio::test]
+    async fn a_schema_2_database_is_rewritten_in_the_binary_form() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let key = KeyRecord {
+            schema: 1,
+            revision: 3,
+            id: Uuid::new_v4(),
+            instance: "inst".into(),
+            name: "old".into(),
+            description: String::new(),
+            state: KeyState::Active,
+            extractable: false,
+            created_at: 1_700_000_000_000,
+            updated_at: 1_700_000_000_000,
+            expires_at: None,
+            origin: KeyOrigin::Generated,
+            size_bits: 256,
+            current_version: Some(Uuid::new_v4()),
+            imported: false,
+            expiration_model: None,
+            valid_to: None,
+            destroyed_at: None,
+            check_value: None,
+        };
+        let version = VersionRecord {
+            schema: 1,
+            key_id: key.id,
+            id: key.current_version.unwrap(),
+            created_at: key.created_at,
+            wrapped: Some(WrappedKey {
+                format: WrapFormat::Rfc5649,
+                blob: vec![0xab; 40],
+            }),
+        };
+        {
+            let store = SledStore::open(&path).unwrap();
+            let trees = store.trees().unwrap();
+            store.insert_key(&key, Some(&version)).await.unwrap();
+            // Back to what schema 2 wrote.
+            let kk = [b"inst".as_slice(), &[0], key.id.as_bytes()].concat();
+            let json = keys::encode_key_value(3, &serde_json::to_vec(&key).unwrap());
+            trees.keys.insert(&kk, json).unwrap();
+            let (vk, _) = trees.versions.iter().next().unwrap().unwrap();
+            trees
+                .versions
+                .insert(vk, serde_json::to_vec(&version).unwrap())
+                .unwrap();
+            store.force_schema_version(2).unwrap();
+        }
+        let store = loop {
+            // sled lets go of its lock a moment after the last handle drops.
+            match SledStore::open(&path) {
+                Ok(store) => break store,
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        assert_eq!(store.schema_version().unwrap(), Some(STORE_SCHEMA));
+        let trees = store.trees().unwrap();
+        let (_, key_value) = trees.keys.iter().next().unwrap().unwrap();
+        assert!(!codec::is_json(&key_value[8..]), "{key_value:?}");
+        let (_, version_value) = trees.versions.iter().next().unwrap().unwrap();
+        assert!(!codec::is_json(&version_value), "{version_value:?}");
+        let read = store.get_key("inst", key.id).await.unwrap().unwrap();
+        assert_eq!(
+            read,
+            KeyRecord {
+                schema: 1,
+                ..key.clone()
+            }
+        );
+        assert_eq!(store.list_versions(key.id).await.unwrap(), vec![version]);
+        let (page, total) = store
+            .list_keys("inst", &KeyFilter::default(), PageStart::Offset(0), 10)
+            .await
+            .unwrap();
+        assert_eq!((page.len(), total), (1, 1));
     }
 }
