@@ -51,23 +51,26 @@ impl StoreTarget {
     /// Opens the store: a data directory's existing sled database, or PostgreSQL.
     pub async fn open(&self) -> Result<Arc<dyn Store>, AuditCommandError> {
         match self {
-            StoreTarget::DataDir(dir) => {
-                let db = dir.join("db");
-                if !db.exists() {
-                    return Err(AuditCommandError::NoDatabase(db.display().to_string()));
-                }
-                let store = SledStore::open(&db).map_err(|source| AuditCommandError::Open {
-                    path: db.display().to_string(),
-                    source,
-                })?;
-                Ok(Arc::new(store))
-            }
+            StoreTarget::DataDir(dir) => Ok(Arc::new(open_data_dir(dir)?)),
             StoreTarget::Url(url) => {
                 let config = postgres_for_command(url.clone(), &ProcessEnv)?;
                 Ok(Arc::new(PostgresStore::connect(&config).await?))
             }
         }
     }
+}
+
+/// Opens a data directory's existing sled database (its server must be stopped: sled
+/// holds a lock on it).
+pub fn open_data_dir(dir: &std::path::Path) -> Result<SledStore, AuditCommandError> {
+    let db = dir.join("db");
+    if !db.exists() {
+        return Err(AuditCommandError::NoDatabase(db.display().to_string()));
+    }
+    SledStore::open(&db).map_err(|source| AuditCommandError::Open {
+        path: db.display().to_string(),
+        source,
+    })
 }
 
 /// Verifies the target's trail. Progress goes to stderr every 100,000 records.

@@ -12,7 +12,7 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
-use crate::cli::audit::AuditCommandError;
+use crate::cli::audit::{AuditCommandError, open_data_dir};
 use crate::config::{ProcessEnv, postgres_for_command};
 use crate::domain::model::KeyRecord;
 use crate::store::{
@@ -47,14 +47,7 @@ pub struct Migrated {
 const AUDIT_CHUNK: usize = 64;
 
 pub async fn migrate(from: PathBuf, to: String) -> Result<Migrated, MigrateError> {
-    let db = from.join("db");
-    if !db.exists() {
-        return Err(AuditCommandError::NoDatabase(db.display().to_string()).into());
-    }
-    let sled = SledStore::open(&db).map_err(|source| AuditCommandError::Open {
-        path: db.display().to_string(),
-        source,
-    })?;
+    let sled = open_data_dir(&from)?;
     let target = PostgresStore::connect(&postgres_for_command(to, &ProcessEnv)?).await?;
     if target.has_keys().await? {
         return Err(MigrateError::TargetNotEmpty("it holds keys"));
@@ -97,14 +90,7 @@ pub async fn migrate(from: PathBuf, to: String) -> Result<Migrated, MigrateError
 
 /// `kms store stats`: a table of the sled trees and the size on disk.
 pub async fn stats(data_dir: PathBuf) -> Result<String, MigrateError> {
-    let db = data_dir.join("db");
-    if !db.exists() {
-        return Err(AuditCommandError::NoDatabase(db.display().to_string()).into());
-    }
-    let sled = SledStore::open(&db).map_err(|source| AuditCommandError::Open {
-        path: db.display().to_string(),
-        source,
-    })?;
+    let sled = open_data_dir(&data_dir)?;
     let (trees, on_disk) = sled.tree_sizes().await?;
     let mut out = String::from("| tree | entries | bytes (keys + values) |\n|---|---:|---:|\n");
     for (name, entries, bytes) in trees {

@@ -5,7 +5,8 @@
 //!
 //! Decision (measured with 100,000 generated root keys, `kms store stats`): as JSON a key
 //! record took 421 bytes and its version 292 (the blob hex-encoded, every field named);
-//! in this form they take about 70 and 45. States, origins and wrap formats are stored
+//! in this form the `keys` and `versions` trees hold 85 and 84 bytes per key, their tree
+//! keys included. States, origins and wrap formats are stored
 //! as explicit codes, not as serde's variant indexes, so reordering an enum cannot
 //! change what stored bytes mean.
 //!

@@ -95,8 +95,7 @@ pub(super) fn decode<T: DeserializeOwned>(what: &str, raw: &[u8]) -> Result<T, S
 
 /// Decoded key records, each with the exact bytes it was decoded from. A read whose
 /// bytes equal the remembered ones skips the decode (with JSON records it was the
-/// largest cost of a WrapKey/UnwrapKey outside the HSM; 4,096 records of some 300
-/// bytes each in memory). sled stays the only source of truth: every read
+/// largest cost of a WrapKey/UnwrapKey outside the HSM); at most 4,096 records. sled stays the only source of truth: every read
 /// still fetches the stored bytes, so a changed record can never be served stale.
 pub(super) struct DecodedKeys {
     shards: Vec<Mutex<LruCache<Uuid, (IVec, KeyRecord)>>>,

@@ -63,8 +63,8 @@ pub const DEFAULT_SLED_CACHE_BYTES: u64 = 64 << 20;
 /// sled's log segment. With zstd compression of what it writes, 2 MiB segments held
 /// 100,000 generated keys (and their creation's audit records) in about 620 bytes a
 /// key; sled's defaults (512 KiB, uncompressed) took 1,840, compression alone 975,
-/// 128 KiB segments 1,137, 4 and 8 MiB 671 and 755 (`kms store stats`, README "At
-/// size"). A segment size is fixed when a database is created.
+/// 128 KiB segments 1,137, 4 and 8 MiB 671 and 755 (size on disk after preloading with
+/// `kms bench --preload 100000`). A segment size is fixed when a database is created.
 const SEGMENT_BYTES: usize = 2 << 20;
 const BACKEND: &str = "sled";
 
