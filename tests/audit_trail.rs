@@ -13,6 +13,7 @@ use std::time::Duration;
 use common::{TestServer, TestToken, audit_events, instance, req};
 use kms::audit::{AuditRecord, decode_block, encode_block};
 use kms::proto::*;
+use kms::store::SledStore;
 
 /// Runs `kms audit verify` on `data_dir`'s store (its sled database, or its PostgreSQL
 /// database when the suite runs on PostgreSQL); returns (success, stdout + stderr).
@@ -38,7 +39,7 @@ fn copy_dir(from: &Path, to: &Path) {
 fn tampered_copy(data_dir: &Path, change: impl FnOnce(&mut Vec<AuditRecord>)) -> tempfile::TempDir {
     let copy = tempfile::tempdir().unwrap();
     copy_dir(&data_dir.join("db"), &copy.path().join("db"));
-    let db = sled::open(copy.path().join("db")).unwrap();
+    let db = SledStore::open_database(&copy.path().join("db")).unwrap();
     let tree = db.open_tree("audit").unwrap();
     let mut records: Vec<AuditRecord> = tree
         .iter()

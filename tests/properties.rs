@@ -149,7 +149,9 @@ fn corrupt_stored_key_records_are_clean_errors_naming_the_key() {
         .run(&vec(any::<u8>(), 0..200), |garbage| {
             let id = Uuid::new_v4();
             {
-                let db = retry_while_locked(|| sled::open(&path).map_err(|e| e.to_string()));
+                let db = retry_while_locked(|| {
+                    SledStore::open_database(&path).map_err(|e| e.to_string())
+                });
                 let mut key = b"inst\0".to_vec();
                 key.extend_from_slice(id.as_bytes());
                 db.open_tree("keys").unwrap().insert(key, garbage).unwrap();

@@ -131,17 +131,27 @@ impl SledStore {
         })
     }
 
-    fn open_trees(path: &Path, cache_bytes: u64) -> Result<Trees, StoreError> {
+    /// The bare sled database at `path`, opened with the storage parameters it was
+    /// created with and no migration: for tools and tests that inspect or edit a
+    /// stopped data directory below the store's API.
+    pub fn open_database(path: &Path) -> Result<::sled::Db, StoreError> {
+        Ok(Self::database_config(path, DEFAULT_SLED_CACHE_BYTES).open()?)
+    }
+
+    fn database_config(path: &Path, cache_bytes: u64) -> ::sled::Config {
         // sled refuses to open a database with other storage parameters than it was
         // created with: one made by an earlier build keeps its own.
         let (segment_bytes, compression) = created_with(path).unwrap_or((SEGMENT_BYTES, true));
-        let db = ::sled::Config::new()
+        ::sled::Config::new()
             .path(path)
             .cache_capacity(cache_bytes)
             .use_compression(compression)
             .segment_size(segment_bytes)
             .flush_every_ms(Some(PERIODIC_FLUSH_MS))
-            .open()?;
+    }
+
+    fn open_trees(path: &Path, cache_bytes: u64) -> Result<Trees, StoreError> {
+        let db = Self::database_config(path, cache_bytes).open()?;
         let meta = db.open_tree("meta")?;
         let trees = Trees {
             keys: db.open_tree("keys")?,
