@@ -13,6 +13,7 @@ use common::{TestServer, TestToken, bearer, create_principal, instance, kms_toke
 use kms::api::Rpc;
 use kms::cli::connect::AuthedChannel;
 use kms::proto::audit_service_client::AuditServiceClient;
+use kms::proto::backup_service_client::BackupServiceClient;
 use kms::proto::import_token_service_client::ImportTokenServiceClient;
 use kms::proto::key_service_client::KeyServiceClient;
 use kms::proto::*;
@@ -68,6 +69,10 @@ impl Caller {
             Caller::Editor => Role::Editor,
             Caller::Administrator | Caller::WildcardAdministrator => Role::Administrator,
         };
+        // A backup holds every instance: the role in this one is not enough.
+        if rpc == Rpc::ExportBackup && self != Caller::WildcardAdministrator {
+            return Code::PermissionDenied;
+        }
         if held >= rpc.required_role() {
             Code::Ok
         } else {
@@ -196,6 +201,7 @@ impl Fixture {
                 | Rpc::CreateImportToken
                 | Rpc::GetImportToken
                 | Rpc::ListAuditEvents
+                | Rpc::ExportBackup
         );
         let key = if allowed && needs_key {
             match rpc {
@@ -372,6 +378,26 @@ impl Fixture {
                     .await
                 {
                     Ok(_) => Code::Ok,
+                    Err(status) => status.code(),
+                };
+                (code, None)
+            }
+            Rpc::ExportBackup => {
+                let mut backup = BackupServiceClient::new(self.channel.clone());
+                let code = match backup
+                    .export_backup(self.request(caller, ExportBackupRequest {}, correlation))
+                    .await
+                {
+                    // The backup is read to its end, so the call is whole.
+                    Ok(response) => {
+                        let mut chunks = response.into_inner();
+                        let mut bytes = 0;
+                        while let Some(chunk) = chunks.message().await.unwrap() {
+                            bytes += chunk.data.len();
+                        }
+                        assert!(bytes > 0);
+                        Code::Ok
+                    }
                     Err(status) => status.code(),
                 };
                 (code, None)

@@ -57,10 +57,11 @@ pub enum Rpc {
     CreateImportToken,
     GetImportToken,
     ListAuditEvents,
+    ExportBackup,
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 18] = [
+    pub const ALL: [Rpc; 19] = [
         Rpc::CreateKey,
         Rpc::GetKey,
         Rpc::ListKeys,
@@ -79,6 +80,7 @@ impl Rpc {
         Rpc::CreateImportToken,
         Rpc::GetImportToken,
         Rpc::ListAuditEvents,
+        Rpc::ExportBackup,
     ];
 
     /// The RPC's name as in the proto, for logs and the audit trail.
@@ -102,6 +104,7 @@ impl Rpc {
             Rpc::CreateImportToken => "CreateImportToken",
             Rpc::GetImportToken => "GetImportToken",
             Rpc::ListAuditEvents => "ListAuditEvents",
+            Rpc::ExportBackup => "ExportBackup",
         }
     }
 
@@ -123,7 +126,8 @@ impl Rpc {
             | Rpc::EnableKey
             | Rpc::DeleteKey
             | Rpc::DeleteImportedKeyMaterial
-            | Rpc::ListAuditEvents => Role::Administrator,
+            | Rpc::ListAuditEvents
+            | Rpc::ExportBackup => Role::Administrator,
         }
     }
 
@@ -148,7 +152,8 @@ impl Rpc {
             | Rpc::UnwrapKey
             | Rpc::RewrapKey
             | Rpc::ListKeyVersions
-            | Rpc::ListAuditEvents => false,
+            | Rpc::ListAuditEvents
+            | Rpc::ExportBackup => false,
         }
     }
 }

@@ -3,6 +3,7 @@
 //! to gRPC statuses.
 
 mod audit;
+mod backup;
 mod call;
 pub mod codec;
 mod convert;
@@ -12,7 +13,8 @@ mod keys;
 mod page_token;
 
 pub use audit::AuditApi;
-pub use call::{CORRELATION_HEADER, CallGate, GateOptions, Rpc};
+pub use backup::BackupApi;
+pub use call::{CORRELATION_HEADER, CallGate, GateOptions, INSTANCE_HEADER, Rpc};
 pub use edge::EdgeLayer;
 pub use import_tokens::ImportTokenApi;
 pub use keys::KeyApi;

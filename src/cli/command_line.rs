@@ -115,6 +115,33 @@ pub enum Command {
         #[command(subcommand)]
         command: StoreCommand,
     },
+    /// Take a consistent backup of a running server's whole store (needs the
+    /// Administrator role on *). Useless without the HSM's master KEK: back the token
+    /// up too.
+    Backup {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// The instance the call's audit record is filed under.
+        #[arg(long, default_value = "backup")]
+        instance: String,
+        /// Where to write the backup (first to FILE.partial, renamed once checked).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Rebuild a store from a backup, into an empty store (the server stopped), after
+    /// checking the file and that the token holds the backup's master KEK.
+    Restore {
+        /// The backup file.
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+        /// The data directory to restore into (overrides the configuration's and
+        /// KMS_DATA_DIR).
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+        /// The configuration the server will run with (its [hsm] and [store]).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -223,6 +250,60 @@ pub enum AuditCommand {
     },
 }
 
+/// `kms restore`: the configuration with `--data-dir` over it; the embedded token's
+/// SOFTHSM2_CONF exported before any thread starts.
+fn restore(from: PathBuf, data_dir: Option<PathBuf>, config: Option<PathBuf>) -> ExitCode {
+    struct DataDirOver(Option<PathBuf>);
+    impl crate::config::Env for DataDirOver {
+        fn var(&self, name: &str) -> Option<String> {
+            match (&self.0, name) {
+                (Some(dir), "KMS_DATA_DIR") => Some(dir.display().to_string()),
+                _ => crate::config::ProcessEnv.var(name),
+            }
+        }
+    }
+    let config = match crate::config::Config::load(config.as_deref(), &DataDirOver(data_dir)) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("kms restore: configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // The restored database holds KEK-wrapped keys: owner-only, as the server makes it.
+    // SAFETY: umask only sets the process's file-creation mask.
+    unsafe { libc::umask(0o077) };
+    if let Some(embedded) = &config.embedded {
+        if !embedded.softhsm_conf.exists() {
+            eprintln!(
+                "kms restore: no embedded token at {}: restore the token first (copy the \
+                 softhsm directory of the data directory the backup was taken from)",
+                embedded.softhsm_conf.display()
+            );
+            return ExitCode::FAILURE;
+        }
+        // SAFETY: no other thread exists yet (the runtime is built below), and SoftHSM
+        // reads SOFTHSM2_CONF when the module initialises, after this point.
+        unsafe { std::env::set_var("SOFTHSM2_CONF", &embedded.softhsm_conf) };
+    }
+    run_client(
+        "restore",
+        &mut tokio::runtime::Builder::new_multi_thread(),
+        crate::cli::backup::restore(config, from),
+        |done| {
+            println!(
+                "restored {} keys ({} versions), {} import tokens, {} import parameters, \
+                 {} pooled RSA pairs, {} audit blocks",
+                done.counts.keys,
+                done.counts.versions,
+                done.counts.import_tokens,
+                done.counts.import_parameters,
+                done.counts.key_pairs,
+                done.counts.audit_blocks
+            )
+        },
+    )
+}
+
 /// Runs a client command (anything but `serve`, which the binary runs itself).
 pub fn run(command: Command) -> ExitCode {
     match command {
@@ -231,6 +312,32 @@ pub fn run(command: Command) -> ExitCode {
             ExitCode::from(2)
         }
         Command::Token { command } => token(command),
+        Command::Backup {
+            target,
+            instance,
+            out,
+        } => run_client(
+            "backup",
+            &mut tokio::runtime::Builder::new_multi_thread(),
+            crate::cli::backup::backup(target.target(), instance, out),
+            |done| {
+                println!(
+                    "backup written: {} keys ({} versions), {} audit blocks, {} bytes; \
+                     KEK {:?}, check value {}",
+                    done.counts.keys,
+                    done.counts.versions,
+                    done.counts.audit_blocks,
+                    done.bytes,
+                    done.manifest.kek_label,
+                    hex::encode(done.manifest.kek_check.value)
+                )
+            },
+        ),
+        Command::Restore {
+            from,
+            data_dir,
+            config,
+        } => restore(from, data_dir, config),
         Command::Audit {
             command:
                 AuditCommand::Verify {

@@ -2,6 +2,7 @@
 //! server never imports this module.
 
 pub mod audit;
+pub mod backup;
 pub mod bench;
 pub mod command_line;
 pub mod connect;

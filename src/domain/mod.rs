@@ -1,6 +1,7 @@
 //! The key-management domain: who is calling, what may happen to a key, and the
 //! invariants between the HSM and the store (create in the HSM, then persist).
 
+pub mod backup;
 pub mod ciphertext;
 pub mod import_tokens;
 pub mod key_pairs;

@@ -27,6 +27,7 @@
 //! UnwrapKey) in [`envelope`]; key pairs and OAEP import in [`rsa`].
 
 mod cache;
+mod check;
 mod envelope;
 mod error;
 mod link;
@@ -53,6 +54,7 @@ use cryptoki::session::{Session, SessionState};
 
 use cache::KeyCache;
 pub use cache::VersionId;
+pub use check::KekCheck;
 pub use envelope::{GCM_IV_LEN, GCM_TAG_LEN, KeyVersionRef, Sealed};
 pub use error::HsmError;
 use link::{Connection, Repair};

@@ -16,16 +16,18 @@ pub mod bootstrap;
 pub mod listener;
 pub mod tls;
 
-use crate::api::{AuditApi, CallGate, EdgeLayer, GateOptions, ImportTokenApi, KeyApi};
+use crate::api::{AuditApi, BackupApi, CallGate, EdgeLayer, GateOptions, ImportTokenApi, KeyApi};
 use crate::audit::{AuditError, AuditTrail, BACKGROUND_COMMIT};
 use crate::auth::{Authenticator, TokensFileError};
 use crate::config::{Config, FD_HEADROOM};
+use crate::domain::backup::BackupExporter;
 use crate::domain::import_tokens::ImportTokenManager;
 use crate::domain::key_pairs::KeyPairPool;
 use crate::domain::keys::{Imports, KeyManager};
 use crate::hsm::oaep::OaepHash;
 use crate::hsm::{Hsm, HsmError, OaepSupport};
 use crate::proto::audit_service_server::AuditServiceServer;
+use crate::proto::backup_service_server::BackupServiceServer;
 use crate::proto::import_token_service_server::ImportTokenServiceServer;
 use crate::proto::key_service_server::KeyServiceServer;
 use crate::store::{AuditStore, ImportStore, KeyStore, Store, StoreConfig, StoreError};
@@ -213,6 +215,15 @@ async fn serve_with_hsm(
         },
         Arc::clone(&audit),
     ));
+    let exporter = Arc::new(BackupExporter::new(
+        Arc::clone(&hsm),
+        Arc::clone(&store),
+        config.hsm.kek_label.clone(),
+        match config.store {
+            StoreConfig::Sled { .. } => "sled",
+            StoreConfig::Postgres(_) => "postgres",
+        },
+    ));
     let gate = Arc::new(CallGate::new(
         Arc::clone(&auth),
         Arc::clone(&audit),
@@ -332,7 +343,11 @@ async fn serve_with_hsm(
                 .max_decoding_message_size(max_request),
         )
         .add_service(
-            AuditServiceServer::new(AuditApi::new(Arc::clone(&audit), gate))
+            AuditServiceServer::new(AuditApi::new(Arc::clone(&audit), Arc::clone(&gate)))
+                .max_decoding_message_size(max_request),
+        )
+        .add_service(
+            BackupServiceServer::new(BackupApi::new(exporter, gate))
                 .max_decoding_message_size(max_request),
         )
         .serve_with_incoming_shutdown(incoming, shutdown);

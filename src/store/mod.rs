@@ -18,6 +18,7 @@
 pub mod conformance;
 pub mod postgres;
 pub mod sled;
+pub mod snapshot;
 
 use std::sync::Arc;
 
@@ -26,6 +27,7 @@ use uuid::Uuid;
 
 pub use self::postgres::{PostgresConfig, PostgresStore};
 pub use self::sled::{DEFAULT_SLED_CACHE_BYTES, SledStore};
+pub use self::snapshot::{ItemCounts, Loader, Snapshot, SnapshotSink, StoreItem};
 use crate::domain::model::{
     ImportParametersRecord, ImportTokenRecord, KeyFilter, KeyRecord, Millis, VersionRecord,
 };
@@ -89,7 +91,7 @@ pub trait Durability: Send + Sync + 'static {
 
 /// A whole store: what the server opens, one object for every trait.
 #[async_trait]
-pub trait Store: KeyStore + ImportStore + AuditStore {
+pub trait Store: KeyStore + ImportStore + AuditStore + Snapshot {
     /// A cheap round trip to the database, for health.
     async fn ping(&self) -> Result<(), StoreError>;
 
@@ -240,9 +242,10 @@ pub trait ImportStore: Durability {
 }
 
 /// Where the audit chain ends: its newest record's sequence number and hash.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ChainEnd {
     pub seq: u64,
+    #[serde(with = "hex::serde")]
     pub hash: [u8; 32],
 }
 

@@ -7,7 +7,7 @@ use tokio_postgres::Row;
 use super::{PostgresStore, db_error};
 use crate::store::{AuditStore, ChainEnd, Seal, StoreError};
 
-fn chain_end(
+pub(super) fn chain_end(
     seq: Option<i64>,
     hash: Option<Vec<u8>>,
     what: &str,

@@ -10,7 +10,7 @@ use crate::domain::model::{ImportParametersRecord, ImportTokenRecord, Millis};
 use crate::hsm::RsaKeyPair;
 use crate::store::{ImportStore, Revision, StoreError};
 
-fn token_from(row: &Row) -> Result<ImportTokenRecord, StoreError> {
+pub(super) fn token_from(row: &Row) -> Result<ImportTokenRecord, StoreError> {
     let mut token: ImportTokenRecord = decode("import token", row.get::<_, &[u8]>(1))?;
     token.revision = row.get::<_, i64>(0) as Revision;
     Ok(token)

@@ -22,7 +22,7 @@ pub(super) fn decode<T: DeserializeOwned>(what: &str, raw: &[u8]) -> Result<T, S
 }
 
 /// A key from a `revision, record` row.
-fn key_from(row: &Row) -> Result<KeyRecord, StoreError> {
+pub(super) fn key_from(row: &Row) -> Result<KeyRecord, StoreError> {
     let revision: i64 = row.get(0);
     let mut key: KeyRecord = decode("key", row.get::<_, &[u8]>(1))?;
     key.revision = revision as Revision;

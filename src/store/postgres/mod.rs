@@ -30,6 +30,7 @@ mod audit;
 mod imports;
 mod keys;
 pub mod schema;
+mod snapshot;
 
 use std::fmt;
 use std::num::NonZeroUsize;

@@ -24,7 +24,9 @@ fn seq_of(key: &[u8]) -> Result<u64, StoreError> {
     })?))
 }
 
-fn entry(item: ::sled::Result<(::sled::IVec, ::sled::IVec)>) -> Result<(u64, Vec<u8>), StoreError> {
+pub(super) fn block_entry(
+    item: ::sled::Result<(::sled::IVec, ::sled::IVec)>,
+) -> Result<(u64, Vec<u8>), StoreError> {
     let (key, value) = item?;
     Ok((seq_of(&key)?, value.to_vec()))
 }
@@ -49,7 +51,14 @@ fn decode_end(what: &str, raw: &[u8]) -> Result<ChainEnd, StoreError> {
 }
 
 impl Trees {
-    fn chain_end(&self) -> Result<Option<ChainEnd>, StoreError> {
+    pub(super) fn anchor(&self) -> Result<Option<ChainEnd>, StoreError> {
+        self.audit_meta
+            .get(ANCHOR_KEY)?
+            .map(|raw| decode_end("audit anchor", &raw))
+            .transpose()
+    }
+
+    pub(super) fn chain_end(&self) -> Result<Option<ChainEnd>, StoreError> {
         self.audit_meta
             .get(END_KEY)?
             .map(|raw| decode_end("audit chain end", &raw))
@@ -110,7 +119,8 @@ fn transaction_error(e: TransactionError<()>) -> StoreError {
 #[async_trait]
 impl AuditStore for SledStore {
     async fn append_audit(&self, seal: Seal<'_>) -> Result<(), StoreError> {
-        self.trees()?.append_audit(seal)
+        let (_gate, trees) = self.trees_to_write().await?;
+        trees.append_audit(seal)
     }
 
     async fn audit_chain_end(&self) -> Result<Option<ChainEnd>, StoreError> {
@@ -134,7 +144,7 @@ impl AuditStore for SledStore {
                 Some(seq) => trees.audit.range(..seq.to_be_bytes()),
                 None => trees.audit.iter(),
             };
-            iter.rev().take(limit).map(entry).collect()
+            iter.rev().take(limit).map(block_entry).collect()
         })
         .await
     }
@@ -149,21 +159,18 @@ impl AuditStore for SledStore {
                 .audit
                 .range(from.to_be_bytes()..)
                 .take(limit)
-                .map(entry)
+                .map(block_entry)
                 .collect()
         })
         .await
     }
 
     async fn audit_anchor(&self) -> Result<Option<ChainEnd>, StoreError> {
-        self.trees()?
-            .audit_meta
-            .get(ANCHOR_KEY)?
-            .map(|raw| decode_end("audit anchor", &raw))
-            .transpose()
+        self.trees()?.anchor()
     }
 
     async fn prune_audit_blocks(&self, upto: u64, anchor: ChainEnd) -> Result<usize, StoreError> {
+        let _gate = self.writes.read().await;
         self.blocking(move |trees| trees.prune_audit_blocks(upto, anchor))
             .await
     }

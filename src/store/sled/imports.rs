@@ -19,7 +19,7 @@ pub(super) fn encode_token(token: &ImportTokenRecord) -> Vec<u8> {
     value
 }
 
-fn decode_token(raw: &[u8]) -> Result<ImportTokenRecord, StoreError> {
+pub(super) fn decode_token(raw: &[u8]) -> Result<ImportTokenRecord, StoreError> {
     if raw.len() < 24 {
         return Err(StoreError::corrupt(
             "import token",
@@ -116,7 +116,8 @@ impl ImportStore for SledStore {
         previous: Option<&ImportTokenRecord>,
         next: Option<&ImportTokenRecord>,
     ) -> Result<(), StoreError> {
-        self.trees()?.swap_import_token(instance, previous, next)
+        let (_gate, trees) = self.trees_to_write().await?;
+        trees.swap_import_token(instance, previous, next)
     }
 
     async fn import_tokens(&self) -> Result<Vec<ImportTokenRecord>, StoreError> {
@@ -145,14 +146,16 @@ impl ImportStore for SledStore {
         &self,
         parameters: &ImportParametersRecord,
     ) -> Result<(), StoreError> {
-        self.trees()?
+        let (_gate, trees) = self.trees_to_write().await?;
+        trees
             .import_parameters
             .insert(parameters.key_id.as_bytes(), encode(parameters))?;
         Ok(())
     }
 
     async fn remove_import_parameters(&self, key_id: Uuid) -> Result<(), StoreError> {
-        self.trees()?.import_parameters.remove(key_id.as_bytes())?;
+        let (_gate, trees) = self.trees_to_write().await?;
+        trees.import_parameters.remove(key_id.as_bytes())?;
         Ok(())
     }
 
@@ -173,12 +176,14 @@ impl ImportStore for SledStore {
     async fn push_key_pair(&self, pair: &RsaKeyPair) -> Result<(), StoreError> {
         let mut k = pair.bits.to_be_bytes().to_vec();
         k.extend_from_slice(Uuid::new_v4().as_bytes());
-        self.trees()?.rsa_pool.insert(k, encode(pair))?;
+        let (_gate, trees) = self.trees_to_write().await?;
+        trees.rsa_pool.insert(k, encode(pair))?;
         Ok(())
     }
 
     async fn take_key_pair(&self, bits: u32) -> Result<Option<RsaKeyPair>, StoreError> {
-        self.trees()?.take_key_pair(bits)
+        let (_gate, trees) = self.trees_to_write().await?;
+        trees.take_key_pair(bits)
     }
 
     async fn count_key_pairs(&self, bits: u32) -> Result<usize, StoreError> {
@@ -187,6 +192,7 @@ impl ImportStore for SledStore {
     }
 
     async fn clear_import_state(&self) -> Result<usize, StoreError> {
+        let _gate = self.writes.read().await;
         self.blocking(|trees| {
             let dropped =
                 trees.import_tokens.len() + trees.import_parameters.len() + trees.rsa_pool.len();

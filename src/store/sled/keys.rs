@@ -159,10 +159,10 @@ pub(super) fn encode_key_value(revision: Revision, record: &[u8]) -> Vec<u8> {
     value
 }
 
-fn stored_revision(raw: &[u8]) -> Result<Revision, StoreError> {
+fn stored_revision(id: Uuid, raw: &[u8]) -> Result<Revision, StoreError> {
     raw.get(..8)
         .map(|r| Revision::from_be_bytes(r.try_into().expect("8 bytes")))
-        .ok_or_else(|| StoreError::corrupt("key", "shorter than its revision"))
+        .ok_or_else(|| StoreError::corrupt(format!("key {id}"), "shorter than its revision"))
 }
 
 pub(super) fn decode_key_value(
@@ -170,7 +170,7 @@ pub(super) fn decode_key_value(
     id: Uuid,
     raw: &[u8],
 ) -> Result<KeyRecord, StoreError> {
-    let revision = stored_revision(raw)?;
+    let revision = stored_revision(id, raw)?;
     let mut record = codec::decode_key(instance, id, &raw[8..])?;
     record.revision = revision;
     Ok(record)
@@ -265,7 +265,7 @@ impl Trees {
                     let kk = key_key(&previous.instance, previous.id);
                     match keys.get(&kk)? {
                         Some(current)
-                            if stored_revision(&current)
+                            if stored_revision(previous.id, &current)
                                 .map_err(ConflictableTransactionError::Abort)?
                                 == previous.revision => {}
                         _ => return Err(ConflictableTransactionError::Abort(StoreError::Conflict)),
@@ -304,7 +304,7 @@ impl Trees {
         Ok(None)
     }
 
-    fn list_versions(&self, key_id: Uuid) -> Result<Vec<VersionRecord>, StoreError> {
+    pub(super) fn list_versions(&self, key_id: Uuid) -> Result<Vec<VersionRecord>, StoreError> {
         self.versions
             .scan_prefix(key_id.as_bytes())
             .rev()
@@ -430,7 +430,8 @@ impl KeyStore for SledStore {
         key: &KeyRecord,
         version: Option<&VersionRecord>,
     ) -> Result<(), StoreError> {
-        self.trees()?.insert_key(key, version)
+        let (_gate, trees) = self.trees_to_write().await?;
+        trees.insert_key(key, version)
     }
 
     async fn get_key(&self, instance: &str, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
@@ -444,8 +445,8 @@ impl KeyStore for SledStore {
         new_version: Option<&VersionRecord>,
         erase_material: bool,
     ) -> Result<(), StoreError> {
-        self.trees()?
-            .replace_key(previous, next, new_version, erase_material)
+        let (_gate, trees) = self.trees_to_write().await?;
+        trees.replace_key(previous, next, new_version, erase_material)
     }
 
     async fn get_version(

@@ -42,6 +42,7 @@ mod codec;
 mod flush;
 mod imports;
 mod keys;
+mod snapshot;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -90,6 +91,9 @@ pub struct SledStore {
     retired: Mutex<Option<Arc<Trees>>>,
     path: PathBuf,
     cache_bytes: u64,
+    /// Every write holds it shared; a snapshot holds it exclusively, so what it reads
+    /// is one moment's state (reads are not gated).
+    writes: Arc<tokio::sync::RwLock<()>>,
 }
 
 /// Every tree, shared with blocking threads.
@@ -128,6 +132,7 @@ impl SledStore {
             retired: Mutex::new(None),
             path: path.to_owned(),
             cache_bytes,
+            writes: Arc::new(tokio::sync::RwLock::new(())),
         })
     }
 
@@ -199,6 +204,14 @@ impl SledStore {
         }
         db.flush()?;
         Ok(trees)
+    }
+
+    /// The open database for a write: waits while a snapshot is being taken.
+    async fn trees_to_write(
+        &self,
+    ) -> Result<(tokio::sync::RwLockReadGuard<'_, ()>, Arc<Trees>), StoreError> {
+        let gate = self.writes.read().await;
+        Ok((gate, self.trees()?))
     }
 
     /// The open database; UNAVAILABLE while it is being reopened.
