@@ -221,6 +221,7 @@ async fn a_backup_taken_under_load_restores_into_a_working_service() {
                     id: key.clone(),
                     limit: Some(10),
                     offset: 0,
+                    ..Default::default()
                 },
             ))
             .await

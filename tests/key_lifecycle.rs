@@ -5,7 +5,7 @@ mod common;
 use common::{TestServer, TestToken, instance, req};
 use kms::proto::{
     CountKeysRequest, CreateKeyRequest, DeleteKeyRequest, GetKeyRequest, Key, KeyOrigin, KeyState,
-    ListKeysRequest,
+    ListKeyVersionsRequest, ListKeysRequest, RotateKeyRequest,
 };
 use tonic::Code;
 
@@ -612,5 +612,132 @@ async fn expired_keys_are_deactivated_in_counts_and_lists_without_being_used() {
             ("short-lived", KeyState::Deactivated as i32),
             ("long-lived", KeyState::Active as i32)
         ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_versions_page_by_token_newest_first() {
+    let token = TestToken::create();
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&token, dir.path()).await;
+    let mut keys = server.keys().await;
+    let tenant = instance();
+    let key = common::create_key(
+        &mut keys,
+        &tenant,
+        CreateKeyRequest {
+            name: "rotated".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    for _ in 0..6 {
+        keys.rotate_key(req(
+            &tenant,
+            RotateKeyRequest {
+                id: key.id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    }
+    let list = |request: ListKeyVersionsRequest, tenant: String| {
+        let mut keys = keys.clone();
+        async move { keys.list_key_versions(req(&tenant, request)).await }
+    };
+    let all = list(
+        ListKeyVersionsRequest {
+            id: key.id.clone(),
+            ..Default::default()
+        },
+        tenant.clone(),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!(all.total_count, 7);
+    assert!(all.next_page_token.is_empty(), "one page holds them all");
+    let newest_first: Vec<String> = all.versions.iter().map(|v| v.id.clone()).collect();
+
+    let mut seen = Vec::new();
+    let mut page_token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = list(
+            ListKeyVersionsRequest {
+                id: key.id.clone(),
+                limit: Some(3),
+                page_token: page_token.clone(),
+                ..Default::default()
+            },
+            tenant.clone(),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+        assert_eq!(page.total_count, 7);
+        seen.extend(page.versions.into_iter().map(|v| v.id));
+        pages += 1;
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!(seen, newest_first);
+    assert_eq!(pages, 3);
+
+    // A token of one key is refused for another key, another instance, or with an offset.
+    let other = common::create_key(
+        &mut keys.clone(),
+        &tenant,
+        CreateKeyRequest {
+            name: "other".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let first = list(
+        ListKeyVersionsRequest {
+            id: key.id.clone(),
+            limit: Some(3),
+            ..Default::default()
+        },
+        tenant.clone(),
+    )
+    .await
+    .unwrap()
+    .into_inner()
+    .next_page_token;
+    let other_key = list(
+        ListKeyVersionsRequest {
+            id: other.id.clone(),
+            page_token: first.clone(),
+            ..Default::default()
+        },
+        tenant.clone(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(other_key.code(), Code::InvalidArgument);
+    assert!(
+        other_key.message().starts_with("page_token"),
+        "{other_key:?}"
+    );
+    let with_offset = list(
+        ListKeyVersionsRequest {
+            id: key.id.clone(),
+            page_token: first,
+            offset: 1,
+            ..Default::default()
+        },
+        tenant.clone(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(with_offset.code(), Code::InvalidArgument);
+    assert!(
+        with_offset.message().starts_with("offset"),
+        "{with_offset:?}"
     );
 }

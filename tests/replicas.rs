@@ -265,6 +265,7 @@ async fn import_tokens_and_rotations_are_exact_across_replicas() {
                     id: key.id.clone(),
                     limit: Some(100),
                     offset: 0,
+                    ..Default::default()
                 },
             ))
             .await

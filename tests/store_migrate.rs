@@ -118,6 +118,7 @@ async fn a_sled_store_moves_to_postgres_and_old_ciphertexts_still_unwrap() {
                 id: key.id.clone(),
                 limit: Some(10),
                 offset: 0,
+                ..Default::default()
             },
         ))
         .await

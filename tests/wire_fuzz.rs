@@ -250,6 +250,7 @@ fn targets(keys: &Seeds) -> Vec<(&'static str, Vec<Vec<u8>>)> {
                     id: k(0),
                     limit: Some(5),
                     offset: 0,
+                    ..Default::default()
                 }
                 .encode_to_vec(),
             ],

@@ -369,9 +369,22 @@ impl KeyService for KeyApi {
                 |caller, request| async move {
                     let id = parse_key_id("id", &request.id)?;
                     let limit = convert::limit(request.limit)?;
-                    let (versions, total) = self
+                    let instance = &caller.ctx.instance;
+                    let start = match (request.page_token.as_str(), request.offset) {
+                        ("", offset) => PageStart::Offset(offset as usize),
+                        (token, 0) => {
+                            PageStart::After(page_token::decode_versions(instance, id, token)?)
+                        }
+                        (_, _) => {
+                            return Err(KmsError::invalid(
+                                "offset",
+                                "give offset or page_token, not both",
+                            ));
+                        }
+                    };
+                    let (versions, total, next) = self
                         .keys
-                        .list_key_versions(&caller.ctx, id, request.offset as usize, limit)
+                        .list_key_versions(&caller.ctx, id, start, limit)
                         .await?;
                     Ok(proto::ListKeyVersionsResponse {
                         versions: versions
@@ -382,6 +395,9 @@ impl KeyService for KeyApi {
                             })
                             .collect(),
                         total_count: total,
+                        next_page_token: next
+                            .map(|position| page_token::encode_versions(instance, id, position))
+                            .unwrap_or_default(),
                     })
                 },
             )

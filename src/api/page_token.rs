@@ -1,7 +1,9 @@
-//! ListKeys page tokens: where the next page starts, bound to the listing it came from.
+//! ListKeys and ListKeyVersions page tokens: where the next page starts, bound to the
+//! listing it came from.
 //!
-//! A token is the last key's position (creation time and id) and a fingerprint of the
-//! instance and filters, in hex. A token of another instance or other filters, or one
+//! A token is the last record's position (creation time and id) and a fingerprint of
+//! the listing (ListKeys: instance and filters; ListKeyVersions: instance and key), in
+//! hex. A token of another instance or other filters, or one
 //! altered, is refused naming `page_token`. It is not a secret and needs no key: it can
 //! only position a listing the caller may make anyway.
 
@@ -14,7 +16,7 @@ use crate::domain::{KeyPosition, KmsError};
 const VERSION: u8 = 1;
 const LEN: usize = 1 + 8 + 16 + 8;
 
-fn fingerprint(instance: &str, filter: &KeyFilter) -> [u8; 8] {
+fn keys_fingerprint(instance: &str, filter: &KeyFilter) -> [u8; 8] {
     let mut states: Vec<u8> = filter.states.iter().map(|s| s.code()).collect();
     states.sort_unstable();
     states.dedup();
@@ -27,18 +29,45 @@ fn fingerprint(instance: &str, filter: &KeyFilter) -> [u8; 8] {
     hash.finalize()[..8].try_into().expect("8 bytes")
 }
 
-/// The token for the page after `position`.
+fn versions_fingerprint(instance: &str, key_id: Uuid) -> [u8; 8] {
+    let mut hash = Sha256::new();
+    hash.update(b"kms.ListKeyVersions.v1\0");
+    hash.update(instance.as_bytes());
+    hash.update([0]);
+    hash.update(key_id.as_bytes());
+    hash.finalize()[..8].try_into().expect("8 bytes")
+}
+
+/// The ListKeys token for the page after `position`.
 pub fn encode(instance: &str, filter: &KeyFilter, position: KeyPosition) -> String {
+    encode_for(keys_fingerprint(instance, filter), position)
+}
+
+/// The position a ListKeys token names, if it is a token of this listing.
+pub fn decode(instance: &str, filter: &KeyFilter, token: &str) -> Result<KeyPosition, KmsError> {
+    decode_for(keys_fingerprint(instance, filter), token)
+}
+
+/// The ListKeyVersions token for the page after `position` (older versions).
+pub fn encode_versions(instance: &str, key_id: Uuid, position: KeyPosition) -> String {
+    encode_for(versions_fingerprint(instance, key_id), position)
+}
+
+/// The position a ListKeyVersions token names, if it is a token of this key's listing.
+pub fn decode_versions(instance: &str, key_id: Uuid, token: &str) -> Result<KeyPosition, KmsError> {
+    decode_for(versions_fingerprint(instance, key_id), token)
+}
+
+fn encode_for(fingerprint: [u8; 8], position: KeyPosition) -> String {
     let mut raw = Vec::with_capacity(LEN);
     raw.push(VERSION);
     raw.extend_from_slice(&position.created_at.to_be_bytes());
     raw.extend_from_slice(position.id.as_bytes());
-    raw.extend_from_slice(&fingerprint(instance, filter));
+    raw.extend_from_slice(&fingerprint);
     hex::encode(raw)
 }
 
-/// The position a token names, if it is a token of this listing.
-pub fn decode(instance: &str, filter: &KeyFilter, token: &str) -> Result<KeyPosition, KmsError> {
+fn decode_for(fingerprint: [u8; 8], token: &str) -> Result<KeyPosition, KmsError> {
     let refused = || {
         KmsError::invalid(
             "page_token",
@@ -48,7 +77,7 @@ pub fn decode(instance: &str, filter: &KeyFilter, token: &str) -> Result<KeyPosi
     };
     let mut raw = [0u8; LEN];
     hex::decode_to_slice(token, &mut raw).map_err(|_| refused())?;
-    if raw[0] != VERSION || raw[LEN - 8..] != fingerprint(instance, filter) {
+    if raw[0] != VERSION || raw[LEN - 8..] != fingerprint {
         return Err(refused());
     }
     Ok(KeyPosition {
@@ -93,5 +122,25 @@ mod tests {
         assert!(decode("a", &filter, "").is_err());
         assert!(decode("a", &filter, &token[..20]).is_err());
         assert!(decode("a", &filter, "zz").is_err());
+    }
+
+    #[test]
+    fn version_tokens_hold_only_for_their_key_and_instance() {
+        let (key, other) = (Uuid::new_v4(), Uuid::new_v4());
+        let position = KeyPosition {
+            created_at: 5,
+            id: Uuid::new_v4(),
+        };
+        let token = encode_versions("a", key, position);
+        assert_eq!(decode_versions("a", key, &token).unwrap(), position);
+        assert!(decode_versions("a", other, &token).is_err(), "another key");
+        assert!(
+            decode_versions("b", key, &token).is_err(),
+            "another instance"
+        );
+        assert!(
+            decode("a", &KeyFilter::default(), &token).is_err(),
+            "not a ListKeys token"
+        );
     }
 }

@@ -377,21 +377,26 @@ impl KeyManager {
         Ok(rotated)
     }
 
-    /// Versions of a key, newest first, one page, and their total.
+    /// Versions of a key, newest first, one page, their total, and where the next page
+    /// starts when this one is full.
     pub async fn list_key_versions(
         &self,
         ctx: &CallerContext,
         id: Uuid,
-        offset: usize,
+        start: PageStart,
         limit: usize,
-    ) -> Result<(Vec<VersionRecord>, u64), KmsError> {
+    ) -> Result<(Vec<VersionRecord>, u64, Option<KeyPosition>), KmsError> {
         self.current(ctx, id).await?;
-        let versions = self.store.list_versions(id).await?;
-        let total = versions.len() as u64;
-        Ok((
-            versions.into_iter().skip(offset).take(limit).collect(),
-            total,
-        ))
+        let (page, total) = self.store.list_versions_page(id, start, limit).await?;
+        let next = (page.len() == limit)
+            .then(|| {
+                page.last().map(|v| KeyPosition {
+                    created_at: v.created_at,
+                    id: v.id,
+                })
+            })
+            .flatten();
+        Ok((page, total, next))
     }
 
     /// Applies the expiry transition to keys whose expiration date has passed, so that

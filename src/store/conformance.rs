@@ -259,6 +259,64 @@ pub async fn versions(store: Arc<dyn Store>) {
     );
 }
 
+/// ListKeyVersions pages: newest first, by offset and after a position; every version
+/// once; versions sharing a creation time told apart by id; another key's never.
+pub async fn version_pages(store: Arc<dyn Store>) {
+    let mut current = key("v", 1, KeyState::Active, false);
+    let mut made = vec![version(current.id, 100)];
+    store.insert_key(&current, Some(&made[0])).await.unwrap();
+    for at in 1..11 {
+        let next_version = version(current.id, 100 + at / 2);
+        let next = changed(&current, |k| k.current_version = Some(next_version.id));
+        store
+            .replace_key(&current, &next, Some(&next_version), false)
+            .await
+            .unwrap();
+        current = next;
+        made.push(next_version);
+    }
+    let other = key("v", 2, KeyState::Active, false);
+    store
+        .insert_key(&other, Some(&version(other.id, 105)))
+        .await
+        .unwrap();
+    made.sort_by_key(|v| std::cmp::Reverse((v.created_at, *v.id.as_bytes())));
+    let expected: Vec<Uuid> = made.iter().map(|v| v.id).collect();
+    for limit in [1, 3, 11, 20] {
+        let mut seen = Vec::new();
+        let mut start = PageStart::Offset(0);
+        loop {
+            let (page, total) = store
+                .list_versions_page(current.id, start, limit)
+                .await
+                .unwrap();
+            assert_eq!(total, 11);
+            seen.extend(page.iter().map(|v| v.id));
+            match page.last() {
+                Some(last) if page.len() == limit => {
+                    start = PageStart::After(KeyPosition {
+                        created_at: last.created_at,
+                        id: last.id,
+                    });
+                }
+                _ => break,
+            }
+        }
+        assert_eq!(
+            seen, expected,
+            "limit {limit}: each version once, newest first"
+        );
+    }
+    let (by_offset, _) = store
+        .list_versions_page(current.id, PageStart::Offset(4), 3)
+        .await
+        .unwrap();
+    assert_eq!(
+        by_offset.iter().map(|v| v.id).collect::<Vec<_>>(),
+        expected[4..7]
+    );
+}
+
 /// ListKeys: creation order, offset and limit, filters, the total.
 pub async fn list_pages(store: Arc<dyn Store>) {
     let mut made = Vec::new();

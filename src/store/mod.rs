@@ -108,7 +108,8 @@ pub enum PageStart {
     After(KeyPosition),
 }
 
-/// A key's place in the listing order.
+/// A record's place in its listing order: a key's among its instance's keys, or a
+/// version's among its key's versions (creation time, then id).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KeyPosition {
     pub created_at: Millis,
@@ -164,6 +165,17 @@ pub trait KeyStore: Durability {
 
     /// Every version of a key, newest first.
     async fn list_versions(&self, key_id: Uuid) -> Result<Vec<VersionRecord>, StoreError>;
+
+    /// One page of a key's versions, newest first, and how many versions it has. From
+    /// an offset the store walks the versions before it; after a position (the last
+    /// version of the previous page) it seeks to the older ones, so every page costs
+    /// what the first does. The count reads the key's index entries, decoding none.
+    async fn list_versions_page(
+        &self,
+        key_id: Uuid,
+        start: PageStart,
+        limit: usize,
+    ) -> Result<(Vec<VersionRecord>, u64), StoreError>;
 
     /// One page of an instance's keys in creation order (then id), and the total
     /// number matching the filter. From an offset, the store walks every matching key

@@ -222,6 +222,59 @@ impl KeyStore for PostgresStore {
             .collect()
     }
 
+    async fn list_versions_page(
+        &self,
+        key_id: Uuid,
+        start: PageStart,
+        limit: usize,
+    ) -> Result<(Vec<VersionRecord>, u64), StoreError> {
+        let client = self.client().await?;
+        let total: i64 = client
+            .query_one(
+                "SELECT count(*) FROM kms_versions WHERE key_id = $1",
+                &[&key_id],
+            )
+            .await
+            .map_err(db_error)?
+            .get(0);
+        let rows = match start {
+            PageStart::Offset(offset) => {
+                let statement = client
+                    .prepare_cached(
+                        "SELECT record FROM kms_versions WHERE key_id = $1
+                         ORDER BY created_at DESC, id DESC LIMIT $2 OFFSET $3",
+                    )
+                    .await
+                    .map_err(db_error)?;
+                client
+                    .query(&statement, &[&key_id, &(limit as i64), &(offset as i64)])
+                    .await
+            }
+            PageStart::After(position) => {
+                let statement = client
+                    .prepare_cached(
+                        "SELECT record FROM kms_versions WHERE key_id = $1
+                         AND (created_at, id) < ($2, $3)
+                         ORDER BY created_at DESC, id DESC LIMIT $4",
+                    )
+                    .await
+                    .map_err(db_error)?;
+                client
+                    .query(
+                        &statement,
+                        &[&key_id, &position.created_at, &position.id, &(limit as i64)],
+                    )
+                    .await
+            }
+        }
+        .map_err(db_error)?;
+        let page = rows
+            .iter()
+            .map(|row| decode("version", row.get::<_, &[u8]>(0)))
+            .collect::<Result<_, _>>()?;
+        Ok((page, total as u64))
+    }
+
     async fn list_keys(
         &self,
         instance: &str,

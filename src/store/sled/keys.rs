@@ -315,6 +315,46 @@ impl Trees {
             .collect()
     }
 
+    fn list_versions_page(
+        &self,
+        key_id: Uuid,
+        start: PageStart,
+        limit: usize,
+    ) -> Result<(Vec<VersionRecord>, u64), StoreError> {
+        let prefix = key_id.as_bytes();
+        let mut total = 0u64;
+        for entry in self.versions.scan_prefix(prefix) {
+            entry?;
+            total += 1;
+        }
+        let decode = |entry: ::sled::Result<(IVec, IVec)>| {
+            let (k, v) = entry?;
+            decode_version_entry(&k, &v)
+        };
+        let page = match start {
+            PageStart::Offset(offset) => self
+                .versions
+                .scan_prefix(prefix)
+                .rev()
+                .skip(offset)
+                .take(limit)
+                .map(decode)
+                .collect::<Result<_, _>>()?,
+            PageStart::After(position) => {
+                let mut before = prefix.to_vec();
+                before.extend_from_slice(&(position.created_at as u64).to_be_bytes());
+                before.extend_from_slice(position.id.as_bytes());
+                self.versions
+                    .range(prefix.to_vec()..before)
+                    .rev()
+                    .take(limit)
+                    .map(decode)
+                    .collect::<Result<_, _>>()?
+            }
+        };
+        Ok((page, total))
+    }
+
     fn list_keys(
         &self,
         instance: &str,
@@ -459,6 +499,16 @@ impl KeyStore for SledStore {
 
     async fn list_versions(&self, key_id: Uuid) -> Result<Vec<VersionRecord>, StoreError> {
         self.trees()?.list_versions(key_id)
+    }
+
+    async fn list_versions_page(
+        &self,
+        key_id: Uuid,
+        start: PageStart,
+        limit: usize,
+    ) -> Result<(Vec<VersionRecord>, u64), StoreError> {
+        self.blocking(move |trees| trees.list_versions_page(key_id, start, limit))
+            .await
     }
 
     async fn list_keys(
