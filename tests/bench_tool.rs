@@ -82,6 +82,103 @@ async fn bench_measures_the_import_scenarios() {
     }
 }
 
+/// `--preload` fills an instance to the asked size (and a second run finds it full),
+/// and the at-size scenarios each report a row; CountKeys then says what was preloaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_preloads_an_instance_and_measures_it_at_size() {
+    let token = TestToken::create();
+    let data = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&token, data.path()).await;
+    let tenant = common::instance();
+    let args = [
+        "--instance",
+        &tenant,
+        "--preload",
+        "300",
+        "--scenarios",
+        "get,list-first,list-deep,count",
+        "--concurrency",
+        "2",
+        "--seconds",
+        "1",
+        "--warmup-seconds",
+        "0",
+        "--rounds",
+        "1",
+    ];
+    let stdout = run_bench(&server, &args).await;
+    for row in [
+        "| GetKey |",
+        "| ListKeys, first page |",
+        "| ListKeys, any page (token) |",
+        "| CountKeys |",
+    ] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(row))
+            .unwrap_or_else(|| panic!("no row {row} in:\n{stdout}"));
+        let ops: f64 = line
+            .split('|')
+            .map(str::trim)
+            .nth(2)
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(ops > 0.0, "{line}");
+    }
+    let count = server
+        .keys()
+        .await
+        .count_keys(common::req(
+            &tenant,
+            kms::proto::CountKeysRequest::default(),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .count;
+    assert_eq!(count, 300);
+    // A second run reuses the keys.
+    run_bench(&server, &args).await;
+    let again = server
+        .keys()
+        .await
+        .count_keys(common::req(
+            &tenant,
+            kms::proto::CountKeysRequest::default(),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .count;
+    assert_eq!(again, 300, "a filled instance is not filled again");
+
+    // `kms store stats` of the stopped server's sled store counts what is in it.
+    server.stop().await;
+    if !common::postgres::selected() {
+        let (ok, out) = common::run_kms(&[
+            "store".as_ref(),
+            "stats".as_ref(),
+            "--data-dir".as_ref(),
+            data.path().as_os_str(),
+        ]);
+        assert!(ok, "{out}");
+        let keys_row = out
+            .lines()
+            .find(|l| l.starts_with("| keys |"))
+            .unwrap_or_else(|| panic!("no keys row in:\n{out}"));
+        let entries: u64 = keys_row
+            .split('|')
+            .map(str::trim)
+            .nth(2)
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(entries, 300, "{keys_row}");
+        assert!(out.contains("size on disk: "), "{out}");
+    }
+}
+
 /// Runs `kms bench` against the server with `args`; returns its stdout, asserting success.
 async fn run_bench(server: &TestServer, args: &[&str]) -> String {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kms"));
