@@ -3,11 +3,11 @@
 //! PostgreSQL store's (online: replicas may keep appending; what was committed when the
 //! walk reached the end is checked).
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::audit::{VerifyFailure, VerifyReport, verify};
+use crate::cli::progress::Progress;
 use crate::config::{ConfigError, ProcessEnv, postgres_for_command};
 use crate::store::{PostgresStore, SledStore, Store, StoreError};
 
@@ -73,24 +73,22 @@ pub fn open_data_dir(dir: &std::path::Path) -> Result<SledStore, AuditCommandErr
     })
 }
 
-/// Verifies the target's trail. Progress goes to stderr every 100,000 records.
+/// Verifies the target's trail, showing progress on stderr.
 pub async fn verify_store(target: &StoreTarget) -> Result<VerifyReport, AuditCommandError> {
     let store = target.open().await?;
-    let terminal = std::io::stderr().is_terminal();
-    let mut next_report = 100_000;
+    // The records between the anchor and the chain's end, as far as they are known now.
+    let first = store.audit_anchor().await?.map_or(1, |anchor| anchor.seq + 1);
+    let total = store
+        .audit_chain_end()
+        .await?
+        .map(|end| (end.seq + 1).saturating_sub(first));
+    let progress = Progress::new("verified audit records", total);
+    let mut shown = 0;
     let outcome = verify(store.as_ref(), |checked| {
-        if checked >= next_report {
-            if terminal {
-                eprint!("\rverified {checked} records");
-            } else {
-                eprintln!("verified {checked} records");
-            }
-            next_report += 100_000;
-        }
+        progress.add(checked - shown);
+        shown = checked;
     })
     .await?;
-    if terminal && next_report > 100_000 {
-        eprintln!();
-    }
+    progress.finish();
     outcome.map_err(AuditCommandError::Broken)
 }
