@@ -56,6 +56,7 @@ conformance!(
     last_retrieval_goes_once,
     import_parameters_and_pairs,
     audit_chain,
+    snapshot_holds_everything,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -77,7 +77,10 @@ pub fn open_data_dir(dir: &std::path::Path) -> Result<SledStore, AuditCommandErr
 pub async fn verify_store(target: &StoreTarget) -> Result<VerifyReport, AuditCommandError> {
     let store = target.open().await?;
     // The records between the anchor and the chain's end, as far as they are known now.
-    let first = store.audit_anchor().await?.map_or(1, |anchor| anchor.seq + 1);
+    let first = store
+        .audit_anchor()
+        .await?
+        .map_or(1, |anchor| anchor.seq + 1);
     let total = store
         .audit_chain_end()
         .await?
