@@ -11,8 +11,9 @@
 //! - [`Repair::Check`] (a session died, a transient device error, a hung call): the
 //!   anchor must still be logged in and the token must answer;
 //! - [`Repair::Login`] (the token logged the application out, or the KEK's handle is
-//!   gone): a new anchor session if the old one died, C_Login again, the KEK found again
-//!   by its label;
+//!   gone): C_Login again, the KEK found again by its label; if the anchor session
+//!   died, every session of the application did, so a new link of the next generation
+//!   (a new anchor, logged in) replaces the current one without re-initialising;
 //! - [`Repair::Reinitialize`] (the token went away, or a lesser repair failed):
 //!   C_Finalize and C_Initialize of the module, the slot found again by the token's
 //!   label, a new link of the next generation. SoftHSM only discovers tokens in
@@ -242,19 +243,18 @@ impl Connection {
         Ok(())
     }
 
-    /// A new anchor session if the old one died, C_Login, the KEK found again.
+    /// C_Login again and the KEK found again; a link of the next generation if the
+    /// anchor session died.
     fn log_in_again(&self, link: &Link) -> Result<(), HsmError> {
-        let mut anchor = link.anchor.lock().unwrap_or_else(|e| e.into_inner());
+        let anchor = link.anchor.lock().unwrap_or_else(|e| e.into_inner());
         if anchor
             .as_ref()
             .is_none_or(|session| session.get_session_info().is_err())
         {
-            if let Some(dead) = anchor.take() {
-                let _ = dead.close();
-            }
-            *anchor = Some(self.ctx.open_rw_session_no_drop(link.slot)?);
+            drop(anchor);
+            return self.relink();
         }
-        let session = anchor.as_ref().expect("anchor just ensured");
+        let session = anchor.as_ref().expect("anchor checked");
         let pin = self.opener.pin.read()?;
         login(session, &pin)?;
         drop(pin);
@@ -262,6 +262,24 @@ impl Connection {
         *link.kek.lock().unwrap_or_else(|e| e.into_inner()) = kek;
         // Objects unwrapped before the logout may no longer be usable.
         self.cache.clear();
+        Ok(())
+    }
+
+    /// The anchor session died, and with it (the service never closes it) every session
+    /// of the application: C_CloseAllSessions, or the token reset them. A link of the
+    /// next generation, without re-initialising the module, so every worker drops its
+    /// dead session unclosed and opens a new one before its next job, instead of each
+    /// meeting its dead one with a caller's call (and none uses a handle the token may
+    /// have given a new session). The dead anchor is not closed either, for the same
+    /// reason.
+    fn relink(&self) -> Result<(), HsmError> {
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        let (link, _) = self.open_link(generation, false)?;
+        // Waits for running jobs, like a re-initialisation.
+        let old = self.write().replace(Arc::new(link));
+        self.cache.clear();
+        self.cache.set_generation(generation);
+        drop(old);
         Ok(())
     }
 
