@@ -97,8 +97,12 @@ pub(super) fn decode<T: DeserializeOwned>(what: &str, raw: &[u8]) -> Result<T, S
 /// bytes equal the remembered ones skips the decode (with JSON records it was the
 /// largest cost of a WrapKey/UnwrapKey outside the HSM); at most 4,096 records. sled stays the only source of truth: every read
 /// still fetches the stored bytes, so a changed record can never be served stale.
+///
+/// The bytes are a copy: an `IVec` from a read may share its buffer with the whole
+/// sled node it came from, and holding it would keep that node in memory after sled's
+/// own cache let it go.
 pub(super) struct DecodedKeys {
-    shards: Vec<Mutex<LruCache<Uuid, (IVec, KeyRecord)>>>,
+    shards: Vec<Mutex<LruCache<Uuid, (Box<[u8]>, KeyRecord)>>>,
 }
 
 impl DecodedKeys {
@@ -117,7 +121,7 @@ impl DecodedKeys {
     fn decode(&self, instance: &str, id: Uuid, raw: IVec) -> Result<KeyRecord, StoreError> {
         let shard = &self.shards[id.as_u128() as usize % Self::SHARDS];
         if let Some((bytes, record)) = shard.lock().unwrap_or_else(|e| e.into_inner()).get(&id)
-            && *bytes == raw
+            && **bytes == *raw
         {
             return Ok(record.clone());
         }
@@ -125,7 +129,7 @@ impl DecodedKeys {
         shard
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .put(id, (raw, record.clone()));
+            .put(id, (raw.as_ref().into(), record.clone()));
         Ok(record)
     }
 }
