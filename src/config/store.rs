@@ -11,9 +11,10 @@
 //! cache_ttl_ms = 250                # how stale another replica's change may be seen
 //! ```
 //!
-//! For sled, `cache_mib` (`KMS_STORE_CACHE_MIB`, default 64) sizes its page cache: what
-//! the embedded store keeps in memory whatever the number of keys. sled's own default
-//! (1 GiB) let a store of 100,000 keys hold 600 MB resident.
+//! For sled, `cache_mib` (`KMS_STORE_CACHE_MIB`, default 64) sizes its page cache. sled's
+//! own default (1 GiB) let a store of 100,000 keys hold 600 MB resident; sled counts
+//! the cache in compressed bytes and holds more besides, so it lowers but does not
+//! bound the store's memory (README, "At size").
 //!
 //! `KMS_STORE_URL` overrides `url` and implies `backend = "postgres"`. A password is
 //! never taken from the command line; one inside the URL works but then lives in the

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# The README's "At size" figures: a release server on a fresh store (sled, or a local
+# PostgreSQL from scripts/postgres.sh), one instance preloaded with KEYS generated root
+# keys by `kms bench --preload`, then
+#   - at 1 call in flight: GetKey, the first ListKeys page, ListKeys pages from every
+#     depth (by page token), CountKeys;
+#   - at 64 in flight: the health baseline, WrapKey, and durable CreateKey;
+#   - the server's resident memory after the preload and at the end (VmRSS, VmHWM), and
+#     the store's size on disk per key (sled: `du` of the database with the server
+#     stopped; PostgreSQL: pg_database_size after the preload less before it).
+#   - the time `kms backup` takes, and `kms restore` into a new store
+#     (KMS_AT_SIZE_RESTORE=0 skips the restore).
+# Usage: scripts/bench-at-size.sh KEYS [sled|postgres] [WORK_DIR]   (WORK_DIR is wiped)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+keys=${1:?usage: $0 KEYS [sled|postgres] [WORK_DIR]}
+backend=${2:-sled}
+work=${3:-/var/tmp/kms-at-size}
+port=${KMS_AT_SIZE_PORT:-50071}
+bash scripts/deps.sh >/dev/null
+cargo build --release --locked --bin kms >&2
+kms=target/release/kms
+
+rm -rf "$work/data"
+mkdir -p "$work"
+server_env=(KMS_DATA_DIR="$work/data" KMS_LISTEN="127.0.0.1:$port" KMS_IMPORT_RSA_POOL_SIZE=0)
+db_bytes() { :; }
+if [ "$backend" = postgres ]; then
+  eval "export $(scripts/postgres.sh start "$work/pg")"
+  socket="$work/pg"
+  psql -h "$socket" -U kms -d postgres -qc "DROP DATABASE IF EXISTS kms_at_size" >/dev/null
+  psql -h "$socket" -U kms -d postgres -qc "CREATE DATABASE kms_at_size" >/dev/null
+  server_env+=(KMS_STORE_URL="host=$socket port=5432 user=kms dbname=kms_at_size")
+  db_bytes() { psql -h "$socket" -U kms -d kms_at_size -qtAc "SELECT pg_database_size('kms_at_size')"; }
+fi
+
+pid=
+serve() {
+  env "${server_env[@]}" "$kms" serve >"$work/server-$1.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 300); do
+    grep -q "listening" "$work/server-$1.log" 2>/dev/null && break
+    sleep 0.2
+  done
+  client=(--addr "http://127.0.0.1:$port" --token-file "$work/data/admin.token" --server-pid "$pid")
+}
+stop() { kill "$pid"; wait "$pid" || true; }
+trap 'kill $pid 2>/dev/null || true' EXIT
+serve 1
+before=$(db_bytes)
+
+echo "== $keys keys on $backend ($(date -u +%FT%TZ), $(git rev-parse --short HEAD))"
+start=$(date +%s)
+"$kms" bench "${client[@]}" --instance big --preload "$keys" --scenarios count \
+  --rounds 1 --seconds 1 --warmup-seconds 0 --concurrency 1 >/dev/null
+echo "preload: $(( $(date +%s) - start )) s"
+echo "after preload: $(grep -E 'VmRSS' /proc/$pid/status | tr -s ' \t' ' ')"
+if [ "$backend" = postgres ]; then
+  after=$(db_bytes)
+  echo "database: $after bytes, $(( (after - before) / keys )) bytes per key"
+fi
+stop
+if [ "$backend" = sled ]; then
+  bytes=$(du -sb "$work/data/db" | cut -f1)
+  echo "sled on disk: $bytes bytes, $(( bytes / keys )) bytes per key (with its creation's audit record)"
+fi
+serve 2
+
+echo "-- 1 call in flight"
+"$kms" bench "${client[@]}" --instance big --scenarios get,list-first,list-deep,count \
+  --rounds 3 --seconds 3 --concurrency 1 | grep '^|'
+echo "-- 64 calls in flight"
+"$kms" bench "${client[@]}" --instance big --scenarios health,wrap,create \
+  --rounds 3 --seconds 3 --concurrency 64 | grep '^|'
+echo "at the end: $(grep -E 'VmRSS|VmHWM' /proc/$pid/status | tr -s ' \t' ' ' | tr '\n' ' ')"
+echo "-- kms backup"
+start=$(date +%s%N)
+"$kms" backup "${client[@]:0:4}" --out "$work/at-size.backup" 2>/dev/null
+echo "backup: $(( ($(date +%s%N) - start) / 1000000 )) ms, $(stat -c %s "$work/at-size.backup") bytes"
+echo "after the backup: $(grep -E 'VmRSS|VmHWM' /proc/$pid/status | tr -s ' \t' ' ' | tr '\n' ' ')"
+
+stop
+trap - EXIT
+if [ "${KMS_AT_SIZE_RESTORE:-1}" = 1 ]; then
+echo "-- kms restore (into a new data directory with a copy of the token)"
+rm -rf "$work/restored"
+mkdir -p "$work/restored"
+cp -a "$work/data/softhsm" "$work/restored/"
+restore_env=()
+if [ "$backend" = postgres ]; then
+  psql -h "$socket" -U kms -d postgres -qc "DROP DATABASE IF EXISTS kms_at_size_restored" >/dev/null
+  psql -h "$socket" -U kms -d postgres -qc "CREATE DATABASE kms_at_size_restored" >/dev/null
+  restore_env=(KMS_STORE_URL="host=$socket port=5432 user=kms dbname=kms_at_size_restored")
+fi
+start=$(date +%s%N)
+env "${restore_env[@]}" "$kms" restore --from "$work/at-size.backup" --data-dir "$work/restored" 2>/dev/null
+echo "restore: $(( ($(date +%s%N) - start) / 1000000 )) ms"
+fi
+if [ "$backend" = postgres ]; then
+  scripts/postgres.sh stop "$work/pg"
+fi
