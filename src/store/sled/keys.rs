@@ -102,8 +102,11 @@ pub(super) fn decode<T: DeserializeOwned>(what: &str, raw: &[u8]) -> Result<T, S
 /// sled node it came from, and holding it would keep that node in memory after sled's
 /// own cache let it go.
 pub(super) struct DecodedKeys {
-    shards: Vec<Mutex<LruCache<Uuid, (Box<[u8]>, KeyRecord)>>>,
+    shards: Vec<Mutex<LruCache<Uuid, Decoded>>>,
 }
+
+/// A record's stored bytes and what they decode to.
+type Decoded = (Box<[u8]>, KeyRecord);
 
 impl DecodedKeys {
     const SHARDS: usize = 16;
