@@ -119,8 +119,7 @@ fn transaction_error(e: TransactionError<()>) -> StoreError {
 #[async_trait]
 impl AuditStore for SledStore {
     async fn append_audit(&self, seal: Seal<'_>) -> Result<(), StoreError> {
-        let (_gate, trees) = self.trees_to_write().await?;
-        trees.append_audit(seal)
+        self.write(|trees| trees.append_audit(seal)).await
     }
 
     async fn audit_chain_end(&self) -> Result<Option<ChainEnd>, StoreError> {

@@ -116,8 +116,8 @@ impl ImportStore for SledStore {
         previous: Option<&ImportTokenRecord>,
         next: Option<&ImportTokenRecord>,
     ) -> Result<(), StoreError> {
-        let (_gate, trees) = self.trees_to_write().await?;
-        trees.swap_import_token(instance, previous, next)
+        self.write(|trees| trees.swap_import_token(instance, previous, next))
+            .await
     }
 
     async fn import_tokens(&self) -> Result<Vec<ImportTokenRecord>, StoreError> {
@@ -146,17 +146,21 @@ impl ImportStore for SledStore {
         &self,
         parameters: &ImportParametersRecord,
     ) -> Result<(), StoreError> {
-        let (_gate, trees) = self.trees_to_write().await?;
-        trees
-            .import_parameters
-            .insert(parameters.key_id.as_bytes(), encode(parameters))?;
-        Ok(())
+        self.write(|trees| {
+            trees
+                .import_parameters
+                .insert(parameters.key_id.as_bytes(), encode(parameters))?;
+            Ok(())
+        })
+        .await
     }
 
     async fn remove_import_parameters(&self, key_id: Uuid) -> Result<(), StoreError> {
-        let (_gate, trees) = self.trees_to_write().await?;
-        trees.import_parameters.remove(key_id.as_bytes())?;
-        Ok(())
+        self.write(|trees| {
+            trees.import_parameters.remove(key_id.as_bytes())?;
+            Ok(())
+        })
+        .await
     }
 
     async fn expired_import_parameters(&self, now: Millis) -> Result<Vec<Uuid>, StoreError> {
@@ -176,14 +180,15 @@ impl ImportStore for SledStore {
     async fn push_key_pair(&self, pair: &RsaKeyPair) -> Result<(), StoreError> {
         let mut k = pair.bits.to_be_bytes().to_vec();
         k.extend_from_slice(Uuid::new_v4().as_bytes());
-        let (_gate, trees) = self.trees_to_write().await?;
-        trees.rsa_pool.insert(k, encode(pair))?;
-        Ok(())
+        self.write(|trees| {
+            trees.rsa_pool.insert(k, encode(pair))?;
+            Ok(())
+        })
+        .await
     }
 
     async fn take_key_pair(&self, bits: u32) -> Result<Option<RsaKeyPair>, StoreError> {
-        let (_gate, trees) = self.trees_to_write().await?;
-        trees.take_key_pair(bits)
+        self.write(|trees| trees.take_key_pair(bits)).await
     }
 
     async fn count_key_pairs(&self, bits: u32) -> Result<usize, StoreError> {

@@ -477,8 +477,7 @@ impl KeyStore for SledStore {
         key: &KeyRecord,
         version: Option<&VersionRecord>,
     ) -> Result<(), StoreError> {
-        let (_gate, trees) = self.trees_to_write().await?;
-        trees.insert_key(key, version)
+        self.write(|trees| trees.insert_key(key, version)).await
     }
 
     async fn get_key(&self, instance: &str, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
@@ -492,8 +491,8 @@ impl KeyStore for SledStore {
         new_version: Option<&VersionRecord>,
         erase_material: bool,
     ) -> Result<(), StoreError> {
-        let (_gate, trees) = self.trees_to_write().await?;
-        trees.replace_key(previous, next, new_version, erase_material)
+        self.write(|trees| trees.replace_key(previous, next, new_version, erase_material))
+            .await
     }
 
     async fn get_version(

@@ -32,9 +32,10 @@
 //!
 //! A write error (a full disk, a read-only directory) poisons a sled database: every
 //! operation fails from then on. So the store reopens it: [`Store::ping`] (the health
-//! monitor's probe) finds the poisoned database, waits for operations in flight to let
-//! go of it, closes it and opens it again, retrying until the fault has cleared.
-//! Meanwhile every operation answers UNAVAILABLE. What was flushed before the fault is
+//! monitor's probe) finds the poisoned database (a flush or a write failed), waits for
+//! operations in flight to let go of it, closes it and opens it again, retrying until
+//! the fault has cleared. Meanwhile every operation answers UNAVAILABLE. What was
+//! flushed before the fault is
 //! there after it; writes that were never acknowledged may be gone.
 
 mod audit;
@@ -45,6 +46,7 @@ mod keys;
 mod snapshot;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -118,6 +120,8 @@ pub(super) struct Trees {
     /// Held while appending to the audit chain, so reading its end and writing after it
     /// is one step.
     audit_append: Mutex<()>,
+    /// A write failed in the database: [`Store::ping`] checks whether it must reopen.
+    write_failed: AtomicBool,
 }
 
 impl SledStore {
@@ -174,6 +178,7 @@ impl SledStore {
             decoded_keys: DecodedKeys::new(),
             flusher: GroupFlusher::start(db.clone()),
             audit_append: Mutex::new(()),
+            write_failed: AtomicBool::new(false),
             db: db.clone(),
         };
         let found = match meta.get(SCHEMA_KEY)? {
@@ -208,12 +213,21 @@ impl SledStore {
         Ok(trees)
     }
 
-    /// The open database for a write: waits while a snapshot is being taken.
-    async fn trees_to_write(
+    /// Runs a write on the open database, waiting while a snapshot is being taken. A
+    /// failure of the database itself (not a conflict) is remembered for the health
+    /// probe: once a write to its log failed, sled refuses every operation, and only a
+    /// reopen mends it, whether or not a flush has failed yet.
+    async fn write<T>(
         &self,
-    ) -> Result<(tokio::sync::RwLockReadGuard<'_, ()>, Arc<Trees>), StoreError> {
-        let gate = self.writes.read().await;
-        Ok((gate, self.trees()?))
+        work: impl FnOnce(&Trees) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let _gate = self.writes.read().await;
+        let trees = self.trees()?;
+        let result = work(&trees);
+        if let Err(StoreError::Unavailable { .. }) = &result {
+            trees.write_failed.store(true, Ordering::Release);
+        }
+        result
     }
 
     /// The open database; UNAVAILABLE while it is being reopened.
@@ -375,7 +389,10 @@ impl Store for SledStore {
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
         {
-            Some(trees) => !trees.flusher.failing() || trees.db.flush().is_ok(),
+            Some(trees) => {
+                !(trees.flusher.failing() || trees.write_failed.load(Ordering::Acquire))
+                    || trees.db.flush().is_ok()
+            }
             None => false,
         };
         if healthy {
