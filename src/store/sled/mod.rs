@@ -35,8 +35,8 @@
 //! monitor's probe) finds the poisoned database (a flush or a write failed), waits for
 //! operations in flight to let go of it, closes it and opens it again, retrying until
 //! the fault has cleared. Meanwhile every operation answers UNAVAILABLE. What was
-//! flushed before the fault is
-//! there after it; writes that were never acknowledged may be gone.
+//! flushed before the fault is there after it; writes that were never acknowledged may
+//! be gone.
 
 mod audit;
 mod codec;
