@@ -11,8 +11,8 @@ use crate::store::{ItemCounts, StoreItem};
 /// zstd's level for backups: fast enough to keep up with a snapshot's walk.
 const LEVEL: i32 = 3;
 
-/// Builds a backup file: the manifest, records, then the trailer. Each call hands back
-/// the compressed bytes produced so far, for the caller to send on.
+/// Builds a backup file: the manifest, records, then the trailer. The compressed bytes
+/// gather in the writer until the caller takes them to send on.
 pub struct BackupWriter {
     encoder: zstd::stream::write::Encoder<'static, Vec<u8>>,
     digest: Sha256,
@@ -20,8 +20,8 @@ pub struct BackupWriter {
 }
 
 impl BackupWriter {
-    /// Starts a file with `manifest`; returns the writer and the first bytes.
-    pub fn start(manifest: &Manifest) -> std::io::Result<(Self, Vec<u8>)> {
+    /// Starts a file with `manifest`.
+    pub fn start(manifest: &Manifest) -> std::io::Result<Self> {
         let mut encoder = zstd::stream::write::Encoder::new(MAGIC.to_vec(), LEVEL)?;
         encoder.include_checksum(true)?;
         let mut writer = Self {
@@ -30,18 +30,27 @@ impl BackupWriter {
             counts: ItemCounts::default(),
         };
         writer.line(&Line::Manifest(manifest.clone()))?;
-        let first = writer.take();
-        Ok((writer, first))
+        Ok(writer)
     }
 
-    /// Adds a record; returns compressed bytes ready to send (often none).
-    pub fn record(&mut self, item: StoreItem) -> std::io::Result<Vec<u8>> {
+    /// Adds a record.
+    pub fn record(&mut self, item: StoreItem) -> std::io::Result<()> {
         self.counts.add(&item);
-        self.line(&Line::Record(item))?;
-        Ok(self.take())
+        self.line(&Line::Record(item))
     }
 
-    /// Adds the trailer and ends the stream; returns the last bytes and the counts.
+    /// Compressed bytes not taken yet.
+    pub fn buffered(&self) -> usize {
+        self.encoder.get_ref().len()
+    }
+
+    /// The compressed bytes produced since the last call.
+    pub fn take(&mut self) -> Vec<u8> {
+        std::mem::take(self.encoder.get_mut())
+    }
+
+    /// Adds the trailer and ends the stream; returns the bytes not taken yet and the
+    /// counts.
     pub fn finish(mut self) -> std::io::Result<(Vec<u8>, ItemCounts)> {
         let trailer = Trailer {
             counts: self.counts.clone(),
@@ -58,10 +67,6 @@ impl BackupWriter {
         json.push(b'\n');
         self.digest.update(&json);
         self.encoder.write_all(&json)
-    }
-
-    fn take(&mut self) -> Vec<u8> {
-        std::mem::take(self.encoder.get_mut())
     }
 }
 
@@ -194,28 +199,29 @@ mod tests {
     }
 
     fn file(blocks: u64) -> Vec<u8> {
-        let (mut writer, mut out) = BackupWriter::start(&manifest()).unwrap();
-        out.extend(
-            writer
-                .record(StoreItem::AuditChain {
-                    end: Some(ChainEnd {
-                        seq: 9,
-                        hash: [1; 32],
-                    }),
-                    anchor: None,
-                })
-                .unwrap(),
-        );
+        let mut writer = BackupWriter::start(&manifest()).unwrap();
+        let mut out = writer.take();
+        writer
+            .record(StoreItem::AuditChain {
+                end: Some(ChainEnd {
+                    seq: 9,
+                    hash: [1; 32],
+                }),
+                anchor: None,
+            })
+            .unwrap();
         for seq in 0..blocks {
             let block = vec![seq as u8; 100];
-            out.extend(
-                writer
-                    .record(StoreItem::AuditBlock {
-                        first_seq: seq,
-                        block,
-                    })
-                    .unwrap(),
-            );
+            writer
+                .record(StoreItem::AuditBlock {
+                    first_seq: seq,
+                    block,
+                })
+                .unwrap();
+            // Taken part-way, as the server does.
+            if writer.buffered() > 1000 {
+                out.extend(writer.take());
+            }
         }
         let (last, counts) = writer.finish().unwrap();
         assert_eq!(counts.audit_blocks, blocks);

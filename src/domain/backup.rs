@@ -53,57 +53,45 @@ impl BackupExporter {
             kek_label: self.kek_label.clone(),
             kek_check: self.hsm.kek_check(None).await?,
         };
-        let (mut writer, first) = BackupWriter::start(&manifest).map_err(written)?;
+        let writer = BackupWriter::start(&manifest).map_err(written)?;
         let (chunks, received) = mpsc::channel(CHUNKS);
-        let (sink, mut records) = mpsc::channel(SNAPSHOT_CHANNEL);
         let store = Arc::clone(&self.store);
         tokio::spawn(async move {
-            let walk = tokio::spawn(async move { store.snapshot(sink).await });
-            let mut pending = first;
-            while let Some(item) = records.recv().await {
-                match writer.record(item) {
-                    Ok(bytes) => pending.extend(bytes),
-                    Err(e) => {
-                        let _ = chunks.send(Err(written(e))).await;
-                        return;
-                    }
-                }
-                if pending.len() >= CHUNK_BYTES
-                    && chunks.send(Ok(std::mem::take(&mut pending))).await.is_err()
-                {
-                    // The reader has gone: dropping `records` ends the walk.
-                    return;
-                }
-            }
-            match walk.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    let _ = chunks.send(Err(e.into())).await;
-                    return;
-                }
-                Err(e) => {
-                    let _ = chunks.send(Err(KmsError::Internal(e.to_string()))).await;
-                    return;
-                }
-            }
-            match writer.finish() {
-                Ok((last, counts)) => {
-                    pending.extend(last);
-                    tracing::info!(
-                        keys = counts.keys,
-                        versions = counts.versions,
-                        audit_blocks = counts.audit_blocks,
-                        "backup taken"
-                    );
-                    let _ = chunks.send(Ok(pending)).await;
-                }
-                Err(e) => {
-                    let _ = chunks.send(Err(written(e))).await;
-                }
+            if let Err(error) = write(store, writer, &chunks).await {
+                let _ = chunks.send(Err(error)).await;
             }
         });
         Ok(received)
     }
+}
+
+/// Walks the store's snapshot into `writer`, sending its bytes on `chunks` as they
+/// gather. Returns early, with `Ok`, if the reader has gone: dropping the records'
+/// receiver then ends the walk.
+async fn write(
+    store: Arc<dyn Store>,
+    mut writer: BackupWriter,
+    chunks: &mpsc::Sender<Result<Vec<u8>, KmsError>>,
+) -> Result<(), KmsError> {
+    let (sink, mut records) = mpsc::channel(SNAPSHOT_CHANNEL);
+    let walk = tokio::spawn(async move { store.snapshot(sink).await });
+    while let Some(item) = records.recv().await {
+        writer.record(item).map_err(written)?;
+        if writer.buffered() >= CHUNK_BYTES && chunks.send(Ok(writer.take())).await.is_err() {
+            return Ok(());
+        }
+    }
+    walk.await
+        .map_err(|e| KmsError::Internal(e.to_string()))??;
+    let (last, counts) = writer.finish().map_err(written)?;
+    tracing::info!(
+        keys = counts.keys,
+        versions = counts.versions,
+        audit_blocks = counts.audit_blocks,
+        "backup taken"
+    );
+    let _ = chunks.send(Ok(last)).await;
+    Ok(())
 }
 
 fn written(e: std::io::Error) -> KmsError {
