@@ -8,12 +8,12 @@
 //! a classic KCV it is a known-plaintext pair under the KEK, truncated; it says nothing
 //! about any stored key.
 
-use cryptoki::object::{Attribute, KeyType, ObjectClass};
+use cryptoki::object::{Attribute, KeyType};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::wrap::{WrapFormat, create_with_value, wrap_and_destroy};
-use super::{Hsm, HsmError};
+use super::{Hsm, HsmError, standard_key_template};
 use crate::secret::SecretBytes;
 
 /// A KEK check value and the wrap format it was computed with.
@@ -33,14 +33,9 @@ impl Hsm {
             None => self.preferred_wrap(),
         };
         self.run(move |session, kek| {
-            let template = vec![
-                Attribute::Class(ObjectClass::SECRET_KEY),
-                Attribute::KeyType(KeyType::GENERIC_SECRET),
-                Attribute::Token(false),
-                Attribute::Private(true),
-                Attribute::Sensitive(false),
-                Attribute::Extractable(true),
-            ];
+            // A standard key's attributes: a session object, not sensitive, extractable.
+            let mut template = standard_key_template();
+            template.push(Attribute::KeyType(KeyType::GENERIC_SECRET));
             let zeros = create_with_value(session, template, &SecretBytes::new(vec![0; 32]))?;
             let wrapped = wrap_and_destroy(session, wrap, kek, zeros)?;
             let digest = Sha256::digest(&wrapped.blob);
