@@ -28,7 +28,7 @@ use crate::hsm::{Hsm, HsmError};
 use crate::proto::ExportBackupRequest;
 use crate::proto::backup_service_client::BackupServiceClient;
 use crate::store::snapshot::{Loader, NotEmpty, ensure_empty};
-use crate::store::{ItemCounts, SledStore, Store, StoreConfig, StoreError};
+use crate::store::{ItemCounts, SledStore, Store, StoreConfig, StoreError, StoreItem};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
@@ -147,8 +147,7 @@ pub async fn restore(config: Config, from: PathBuf) -> Result<Outcome, BackupErr
         });
     }
 
-    let total = counts_total(&counts);
-    let progress = Progress::new("restored records", Some(total));
+    let progress = Progress::new("restored records", Some(counts.records()));
     let loaded = match &config.store {
         StoreConfig::Sled { path, cache_bytes } => {
             if path.exists() {
@@ -180,14 +179,6 @@ pub async fn restore(config: Config, from: PathBuf) -> Result<Outcome, BackupErr
     })
 }
 
-fn counts_total(counts: &ItemCounts) -> u64 {
-    counts.keys
-        + counts.import_tokens
-        + counts.import_parameters
-        + counts.key_pairs
-        + counts.audit_blocks
-}
-
 /// Loads the (already checked) file into the empty `store`.
 async fn load(
     store: &dyn Store,
@@ -199,8 +190,9 @@ async fn load(
         BackupReader::open(BufReader::new(File::open(from).map_err(file_error(from))?))?;
     let mut loader = Loader::new(store);
     while let Some(item) = records.next_record()? {
+        let counted = !matches!(item, StoreItem::AuditChain { .. });
         loader.load(item).await?;
-        progress.add(1);
+        progress.add(u64::from(counted));
     }
     Ok(loader.finish().await?)
 }

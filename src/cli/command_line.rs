@@ -289,18 +289,7 @@ fn restore(from: PathBuf, data_dir: Option<PathBuf>, config: Option<PathBuf>) ->
         "restore",
         &mut tokio::runtime::Builder::new_multi_thread(),
         crate::cli::backup::restore(config, from),
-        |done| {
-            println!(
-                "restored {} keys ({} versions), {} import tokens, {} import parameters, \
-                 {} pooled RSA pairs, {} audit blocks",
-                done.counts.keys,
-                done.counts.versions,
-                done.counts.import_tokens,
-                done.counts.import_parameters,
-                done.counts.key_pairs,
-                done.counts.audit_blocks
-            )
-        },
+        |done| println!("restored {}", done.counts),
     )
 }
 
@@ -359,18 +348,7 @@ pub fn run(command: Command) -> ExitCode {
             "store migrate",
             &mut tokio::runtime::Builder::new_multi_thread(),
             crate::cli::store::migrate(from, to),
-            |m| {
-                println!(
-                    "migrated {} keys ({} versions), {} import tokens, {} import parameters, \
-                     {} pooled RSA pairs, {} audit blocks",
-                    m.keys,
-                    m.versions,
-                    m.import_tokens,
-                    m.import_parameters,
-                    m.key_pairs,
-                    m.audit_blocks
-                )
-            },
+            |m| println!("migrated {m}"),
         ),
         Command::Bench {
             target,

@@ -87,6 +87,28 @@ impl ItemCounts {
             StoreItem::AuditBlock { .. } => self.audit_blocks += 1,
         }
     }
+
+    /// The records counted (a key's versions travel with it; the chain's end is not
+    /// counted).
+    pub fn records(&self) -> u64 {
+        self.keys + self.import_tokens + self.import_parameters + self.key_pairs + self.audit_blocks
+    }
+}
+
+impl std::fmt::Display for ItemCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} keys ({} versions), {} import tokens, {} import parameters, {} pooled RSA \
+             pairs, {} audit blocks",
+            self.keys,
+            self.versions,
+            self.import_tokens,
+            self.import_parameters,
+            self.key_pairs,
+            self.audit_blocks
+        )
+    }
 }
 
 /// Writes snapshot records into an empty store, one at a time.
