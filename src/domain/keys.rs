@@ -389,12 +389,7 @@ impl KeyManager {
         self.current(ctx, id).await?;
         let (page, total) = self.store.list_versions_page(id, start, limit).await?;
         let next = (page.len() == limit)
-            .then(|| {
-                page.last().map(|v| KeyPosition {
-                    created_at: v.created_at,
-                    id: v.id,
-                })
-            })
+            .then(|| page.last().map(KeyPosition::of_version))
             .flatten();
         Ok((page, total, next))
     }

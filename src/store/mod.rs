@@ -123,6 +123,14 @@ impl KeyPosition {
             id: key.id,
         }
     }
+
+    /// A version's place among its key's versions.
+    pub fn of_version(version: &VersionRecord) -> Self {
+        Self {
+            created_at: version.created_at,
+            id: version.id,
+        }
+    }
 }
 
 /// What the domain needs from storage for keys and their versions.

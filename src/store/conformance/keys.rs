@@ -204,10 +204,7 @@ pub async fn version_pages(store: Arc<dyn Store>) {
             seen.extend(page.iter().map(|v| v.id));
             match page.last() {
                 Some(last) if page.len() == limit => {
-                    start = PageStart::After(KeyPosition {
-                        created_at: last.created_at,
-                        id: last.id,
-                    });
+                    start = PageStart::After(KeyPosition::of_version(last));
                 }
                 _ => break,
             }
