@@ -169,8 +169,7 @@ impl AuditStore for SledStore {
     }
 
     async fn prune_audit_blocks(&self, upto: u64, anchor: ChainEnd) -> Result<usize, StoreError> {
-        let _gate = self.writes.read().await;
-        self.blocking(move |trees| trees.prune_audit_blocks(upto, anchor))
+        self.write_blocking(move |trees| trees.prune_audit_blocks(upto, anchor))
             .await
     }
 }

@@ -197,8 +197,7 @@ impl ImportStore for SledStore {
     }
 
     async fn clear_import_state(&self) -> Result<usize, StoreError> {
-        let _gate = self.writes.read().await;
-        self.blocking(|trees| {
+        self.write_blocking(|trees| {
             let dropped =
                 trees.import_tokens.len() + trees.import_parameters.len() + trees.rsa_pool.len();
             trees.import_tokens.clear()?;

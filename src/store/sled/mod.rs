@@ -224,10 +224,22 @@ impl SledStore {
         let _gate = self.writes.read().await;
         let trees = self.trees()?;
         let result = work(&trees);
-        if let Err(StoreError::Unavailable { .. }) = &result {
-            trees.write_failed.store(true, Ordering::Release);
-        }
+        trees.note_failure(&result);
         result
+    }
+
+    /// [`SledStore::write`] for bulk writes, on a blocking thread.
+    async fn write_blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Trees) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let _gate = self.writes.read().await;
+        self.blocking(move |trees| {
+            let result = work(trees);
+            trees.note_failure(&result);
+            result
+        })
+        .await
     }
 
     /// The open database; UNAVAILABLE while it is being reopened.
@@ -328,6 +340,13 @@ fn created_with(path: &Path) -> Option<(usize, bool)> {
 }
 
 impl Trees {
+    /// Remembers a failure of the database itself for [`Store::ping`].
+    fn note_failure<T>(&self, result: &Result<T, StoreError>) {
+        if let Err(StoreError::Unavailable { .. }) = result {
+            self.write_failed.store(true, Ordering::Release);
+        }
+    }
+
     /// Schema 1 -> 2: revision 0 (and, for tokens, the id) in front of each record. A
     /// record already prefixed (a migration interrupted after it) is left alone.
     fn migrate_to_revisions(&self) -> Result<(), StoreError> {
