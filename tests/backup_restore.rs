@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use common::{ServerSetup, TestServer, TestToken, admin_token_path, create_key, instance, req};
 use kms::proto::{
-    CountKeysRequest, CreateImportTokenRequest, CreateKeyRequest, GetImportTokenRequest,
-    ListKeyVersionsRequest, RotateKeyRequest, UnwrapKeyRequest, WrapKeyRequest,
+    CreateImportTokenRequest, CreateKeyRequest, GetImportTokenRequest, ListKeyVersionsRequest,
+    RotateKeyRequest, UnwrapKeyRequest, WrapKeyRequest,
 };
 
 /// Runs `kms` with the token's environment and, on PostgreSQL, `data_dir`'s database as
@@ -229,20 +229,14 @@ async fn a_backup_taken_under_load_restores_into_a_working_service() {
             .into_inner();
         assert_eq!(versions.total_count, 4);
     }
-    let count = |instance: String| {
-        let mut keys = keys.clone();
-        async move {
-            keys.count_keys(req(&instance, CountKeysRequest::default()))
-                .await
-                .unwrap()
-                .into_inner()
-                .count
-        }
-    };
-    assert_eq!(count(tenant.clone()).await, 5, "counters rebuilt");
+    assert_eq!(
+        common::count_keys(&server, &tenant).await,
+        5,
+        "counters rebuilt"
+    );
     // The busy instance holds what was created up to the snapshot: at least what had
     // been created when the backup started, at most what was created in all.
-    let busy_count = count(busy.clone()).await;
+    let busy_count = common::count_keys(&server, &busy).await;
     assert!(
         (20..=created.load(Ordering::Relaxed)).contains(&busy_count),
         "{busy_count}"

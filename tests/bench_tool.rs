@@ -126,32 +126,14 @@ async fn bench_preloads_an_instance_and_measures_it_at_size() {
             .unwrap();
         assert!(ops > 0.0, "{line}");
     }
-    let count = server
-        .keys()
-        .await
-        .count_keys(common::req(
-            &tenant,
-            kms::proto::CountKeysRequest::default(),
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .count;
-    assert_eq!(count, 300);
+    assert_eq!(common::count_keys(&server, &tenant).await, 300);
     // A second run reuses the keys.
     run_bench(&server, &args).await;
-    let again = server
-        .keys()
-        .await
-        .count_keys(common::req(
-            &tenant,
-            kms::proto::CountKeysRequest::default(),
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .count;
-    assert_eq!(again, 300, "a filled instance is not filled again");
+    assert_eq!(
+        common::count_keys(&server, &tenant).await,
+        300,
+        "a filled instance is not filled again"
+    );
 
     // `kms store stats` of the stopped server's sled store counts what is in it.
     server.stop().await;

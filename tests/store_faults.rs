@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{TestServer, TestToken, create_key, instance, req};
-use kms::proto::{CountKeysRequest, CreateKeyRequest, GetKeyRequest, WrapKeyRequest};
+use kms::proto::{CreateKeyRequest, GetKeyRequest, WrapKeyRequest};
 use tonic::Code;
 
 const STORE_UNAVAILABLE: [&str; 2] = [
@@ -70,17 +70,6 @@ async fn create(server: &TestServer, tenant: &str, name: &str) -> Result<String,
         .map(|r| r.into_inner().key.unwrap().id)
 }
 
-async fn count(server: &TestServer, tenant: &str) -> u64 {
-    server
-        .keys()
-        .await
-        .count_keys(req(tenant, CountKeysRequest::default()))
-        .await
-        .unwrap()
-        .into_inner()
-        .count
-}
-
 /// Creates until one succeeds (at most 20 s); every failure must be the generic
 /// UNAVAILABLE.
 async fn create_once_writable(server: &TestServer, tenant: &str) -> String {
@@ -123,7 +112,7 @@ async fn refused_then_resumed(
     break_store: impl AsyncFnOnce(),
     mend_store: impl AsyncFnOnce(),
 ) {
-    let before = count(server, tenant).await;
+    let before = common::count_keys(server, tenant).await;
     break_store().await;
     let mut refused = 0;
     for i in 0..5 {
@@ -158,7 +147,7 @@ async fn refused_then_resumed(
     create_once_writable(server, tenant).await;
     // A refused create may still have been written (UNAVAILABLE promises no outcome,
     // as for any call cut off); the one acknowledged is there.
-    let after = count(server, tenant).await;
+    let after = common::count_keys(server, tenant).await;
     assert!(after > before && after <= before + 6, "{before} -> {after}");
 }
 

@@ -530,6 +530,18 @@ pub async fn create_key(
         .unwrap()
 }
 
+/// CountKeys in `tenant` (every state), as the server's admin.
+pub async fn count_keys(server: &TestServer, tenant: &str) -> u64 {
+    server
+        .keys()
+        .await
+        .count_keys(req(tenant, kms::proto::CountKeysRequest::default()))
+        .await
+        .unwrap()
+        .into_inner()
+        .count
+}
+
 /// Wraps a message with the instance header.
 pub fn req<T>(instance: &str, message: T) -> Request<T> {
     let mut request = Request::new(message);
