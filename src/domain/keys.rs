@@ -351,24 +351,27 @@ impl KeyManager {
             .await?
             .first()
             .map_or(0, |v| v.created_at);
-        let version = VersionRecord {
-            schema: RECORD_SCHEMA,
-            key_id: id,
-            id: Uuid::new_v4(),
-            // Strictly after the previous version, so "newest first" is well defined.
-            created_at: now_millis().max(latest + 1),
-            wrapped: Some(wrapped),
-        };
+        let version_id = Uuid::new_v4();
         let rotated = self
             .update(ctx, id, |key| {
                 require_state(key, "RotateKey", &[KeyState::Active])?;
+                // Strictly after the previous version and after the key's last change,
+                // which a rotation on another replica moved (a conflict re-reads it),
+                // so "newest first" is the order the rotations took effect in.
+                let created_at = now_millis().max(latest + 1).max(key.updated_at + 1);
                 Ok(Change {
                     next: KeyRecord {
-                        current_version: Some(version.id),
-                        updated_at: now_millis(),
+                        current_version: Some(version_id),
+                        updated_at: created_at,
                         ..key.clone()
                     },
-                    new_version: Some(version.clone()),
+                    new_version: Some(VersionRecord {
+                        schema: RECORD_SCHEMA,
+                        key_id: id,
+                        id: version_id,
+                        created_at,
+                        wrapped: Some(wrapped.clone()),
+                    }),
                     erase_material: false,
                 })
             })
