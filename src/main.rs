@@ -56,7 +56,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(kms::server::serve(config, shutdown_signal())) {
+    let shutdown = match install_shutdown_signal(&runtime) {
+        Ok(shutdown) => shutdown,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM and SIGINT");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(kms::server::serve(config, shutdown)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "kms stopped");
@@ -86,18 +93,20 @@ fn init_tracing(config: &Config) -> tracing_appender::non_blocking::WorkerGuard 
     guard
 }
 
-async fn shutdown_signal() {
+/// SIGTERM and SIGINT handlers, installed before the server starts. Registering them
+/// inside the shutdown future would leave a window after "kms listening" is printed in
+/// which a SIGTERM still kills the process with the default action (no clean stop).
+fn install_shutdown_signal(
+    runtime: &tokio::runtime::Runtime,
+) -> std::io::Result<impl std::future::Future<Output = ()> + use<>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM");
-            std::future::pending::<()>().await;
-            return;
+    let _context = runtime.enter();
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = interrupt.recv() => tracing::info!("SIGINT received"),
         }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-    }
+    })
 }
