@@ -16,6 +16,7 @@
 //! - The HSM layer never sees a store: the domain reads blobs and hands them over.
 
 pub mod conformance;
+pub(crate) mod kv;
 pub mod postgres;
 pub mod sled;
 pub mod snapshot;

@@ -3,41 +3,11 @@
 use async_trait::async_trait;
 use uuid::Uuid;
 
-use super::keys::{decode, encode};
 use super::{SledStore, Trees};
 use crate::domain::model::{ImportParametersRecord, ImportTokenRecord, Millis};
 use crate::hsm::RsaKeyPair;
-use crate::store::{ImportStore, Revision, StoreError};
-
-/// A token's stored value: revision, token id, then its JSON.
-pub(super) fn encode_token(token: &ImportTokenRecord) -> Vec<u8> {
-    let json = encode(token);
-    let mut value = Vec::with_capacity(24 + json.len());
-    value.extend_from_slice(&token.revision.to_be_bytes());
-    value.extend_from_slice(token.id.as_bytes());
-    value.extend_from_slice(&json);
-    value
-}
-
-pub(super) fn decode_token(raw: &[u8]) -> Result<ImportTokenRecord, StoreError> {
-    if raw.len() < 24 {
-        return Err(StoreError::corrupt(
-            "import token",
-            "shorter than its header",
-        ));
-    }
-    let mut token: ImportTokenRecord = decode("import token", &raw[24..])?;
-    token.revision = Revision::from_be_bytes(raw[..8].try_into().expect("8 bytes"));
-    Ok(token)
-}
-
-/// The part of a token's stored value a compare-and-swap compares.
-fn token_identity(token: &ImportTokenRecord) -> [u8; 24] {
-    let mut identity = [0u8; 24];
-    identity[..8].copy_from_slice(&token.revision.to_be_bytes());
-    identity[8..].copy_from_slice(token.id.as_bytes());
-    identity
-}
+use crate::store::kv::{decode, decode_token, encode, encode_token, token_identity};
+use crate::store::{ImportStore, StoreError};
 
 impl Trees {
     fn swap_import_token(

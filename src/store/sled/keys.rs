@@ -1,141 +1,17 @@
 //! Keys, versions, counters and the expiry index in sled (layout in the module above).
 
-use std::num::NonZeroUsize;
-use std::sync::Mutex;
-
 use ::sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use ::sled::{IVec, Transactional, Tree};
 use async_trait::async_trait;
-use lru::LruCache;
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
-use super::codec;
 use super::{SledStore, Trees};
 use crate::domain::model::{KeyFilter, KeyRecord, KeyState, Millis, VersionRecord};
-use crate::store::{KeyStore, PageStart, Revision, StoreError};
-
-fn instance_prefix(instance: &str) -> Vec<u8> {
-    let mut prefix = Vec::with_capacity(instance.len() + 1);
-    prefix.extend_from_slice(instance.as_bytes());
-    prefix.push(0);
-    prefix
-}
-
-fn key_key(instance: &str, id: Uuid) -> Vec<u8> {
-    let mut k = instance_prefix(instance);
-    k.extend_from_slice(id.as_bytes());
-    k
-}
-
-fn order_key(key: &KeyRecord) -> Vec<u8> {
-    let mut k = instance_prefix(&key.instance);
-    k.extend_from_slice(&(key.created_at as u64).to_be_bytes());
-    k.extend_from_slice(key.id.as_bytes());
-    k
-}
-
-fn order_value(key: &KeyRecord) -> [u8; 2] {
-    [key.state.code(), key.extractable as u8]
-}
-
-fn counter_key(instance: &str, state: KeyState, extractable: bool) -> Vec<u8> {
-    let mut k = instance_prefix(instance);
-    k.push(state.code());
-    k.push(extractable as u8);
-    k
-}
-
-/// The expiry-index entry of a key, if it should have one.
-fn expiry_key(key: &KeyRecord) -> Option<Vec<u8>> {
-    let at = key.next_transition_at()?;
-    let mut k = (at.max(0) as u64).to_be_bytes().to_vec();
-    k.extend_from_slice(&key_key(&key.instance, key.id));
-    Some(k)
-}
-
-fn version_key(version: &VersionRecord) -> Vec<u8> {
-    let mut k = version.key_id.as_bytes().to_vec();
-    k.extend_from_slice(&(version.created_at as u64).to_be_bytes());
-    k.extend_from_slice(version.id.as_bytes());
-    k
-}
-
-/// A `versions` entry: its tree key holds the key id, creation time and version id.
-pub(super) fn decode_version_entry(k: &[u8], v: &[u8]) -> Result<VersionRecord, StoreError> {
-    if k.len() != 16 + 8 + 16 {
-        return Err(StoreError::corrupt("versions index", "malformed entry"));
-    }
-    let key_id = Uuid::from_bytes(k[..16].try_into().expect("16 bytes"));
-    let created_at = u64::from_be_bytes(k[16..24].try_into().expect("8 bytes")) as Millis;
-    let id = Uuid::from_bytes(k[24..].try_into().expect("16 bytes"));
-    codec::decode_version(key_id, created_at, id, v)
-}
-
-/// A `keys` tree key: the instance and the key id.
-pub(super) fn parse_key_key(k: &[u8]) -> Result<(String, Uuid), StoreError> {
-    let corrupt = || StoreError::corrupt("keys index", "malformed entry");
-    if k.len() < 1 + 16 {
-        return Err(corrupt());
-    }
-    let (instance, id) = k.split_at(k.len() - 16);
-    let instance = instance.strip_suffix(&[0]).ok_or_else(corrupt)?;
-    let instance = String::from_utf8(instance.to_vec()).map_err(|_| corrupt())?;
-    Ok((instance, Uuid::from_bytes(id.try_into().expect("16 bytes"))))
-}
-
-pub(super) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    serde_json::to_vec(value).expect("records always serialize")
-}
-
-pub(super) fn decode<T: DeserializeOwned>(what: &str, raw: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(raw).map_err(|e| StoreError::corrupt(what, e.to_string()))
-}
-
-/// Decoded key records, each with the exact bytes it was decoded from. A read whose
-/// bytes equal the remembered ones skips the decode (with JSON records it was the
-/// largest cost of a WrapKey/UnwrapKey outside the HSM); at most 4,096 records. sled stays the only source of truth: every read
-/// still fetches the stored bytes, so a changed record can never be served stale.
-///
-/// The bytes are a copy: an `IVec` from a read may share its buffer with the whole
-/// sled node it came from, and holding it would keep that node in memory after sled's
-/// own cache let it go.
-pub(super) struct DecodedKeys {
-    shards: Vec<Mutex<LruCache<Uuid, Decoded>>>,
-}
-
-/// A record's stored bytes and what they decode to.
-type Decoded = (Box<[u8]>, KeyRecord);
-
-impl DecodedKeys {
-    const SHARDS: usize = 16;
-    const PER_SHARD: usize = 256;
-
-    pub(super) fn new() -> Self {
-        let per_shard = NonZeroUsize::new(Self::PER_SHARD).expect("non-zero");
-        Self {
-            shards: (0..Self::SHARDS)
-                .map(|_| Mutex::new(LruCache::new(per_shard)))
-                .collect(),
-        }
-    }
-
-    fn decode(&self, instance: &str, id: Uuid, raw: IVec) -> Result<KeyRecord, StoreError> {
-        let shard = &self.shards[id.as_u128() as usize % Self::SHARDS];
-        if let Some((bytes, record)) = shard.lock().unwrap_or_else(|e| e.into_inner()).get(&id)
-            && **bytes == *raw
-        {
-            return Ok(record.clone());
-        }
-        let record = decode_key_value(instance, id, &raw)?;
-        shard
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .put(id, (raw.as_ref().into(), record.clone()));
-        Ok(record)
-    }
-}
+use crate::store::kv::{
+    codec, counter_key, decode_expiry_entry, decode_version_entry, expiry_key, instance_prefix,
+    key_key, key_value, order_key, order_value, stored_revision, version_key,
+};
+use crate::store::{KeyStore, PageStart, StoreError};
 
 type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
 
@@ -155,36 +31,6 @@ fn unpack<T>(result: Result<T, TransactionError<StoreError>>) -> Result<T, Store
         TransactionError::Abort(e) => e,
         TransactionError::Storage(e) => e.into(),
     })
-}
-
-/// A key record's stored value: its revision, then the record ([`codec`]; JSON in
-/// schema 2).
-pub(super) fn encode_key_value(revision: Revision, record: &[u8]) -> Vec<u8> {
-    let mut value = Vec::with_capacity(8 + record.len());
-    value.extend_from_slice(&revision.to_be_bytes());
-    value.extend_from_slice(record);
-    value
-}
-
-fn stored_revision(id: Uuid, raw: &[u8]) -> Result<Revision, StoreError> {
-    raw.get(..8)
-        .map(|r| Revision::from_be_bytes(r.try_into().expect("8 bytes")))
-        .ok_or_else(|| StoreError::corrupt(format!("key {id}"), "shorter than its revision"))
-}
-
-pub(super) fn decode_key_value(
-    instance: &str,
-    id: Uuid,
-    raw: &[u8],
-) -> Result<KeyRecord, StoreError> {
-    let revision = stored_revision(id, raw)?;
-    let mut record = codec::decode_key(instance, id, &raw[8..])?;
-    record.revision = revision;
-    Ok(record)
-}
-
-pub(super) fn key_value(key: &KeyRecord) -> Vec<u8> {
-    encode_key_value(key.revision, &codec::encode_key(key))
 }
 
 impl Trees {
@@ -233,7 +79,7 @@ impl Trees {
 
     fn get_key(&self, instance: &str, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
         match self.keys.get(key_key(instance, id))? {
-            Some(raw) => self.decoded_keys.decode(instance, id, raw).map(Some),
+            Some(raw) => self.decoded_keys.decode(instance, id, &raw).map(Some),
             None => Ok(None),
         }
     }
@@ -448,21 +294,6 @@ impl Trees {
         }
         Ok(total)
     }
-}
-
-fn decode_expiry_entry(entry: &[u8]) -> Result<(String, Uuid), StoreError> {
-    let corrupt = || StoreError::corrupt("expiry index", "malformed entry");
-    if entry.len() < 8 + 1 + 16 {
-        return Err(corrupt());
-    }
-    let rest = &entry[8..];
-    let (instance, id) = rest.split_at(rest.len() - 16);
-    let instance = instance.strip_suffix(&[0]).ok_or_else(corrupt)?;
-    let instance = String::from_utf8(instance.to_vec()).map_err(|_| corrupt())?;
-    Ok((
-        instance,
-        Uuid::from_bytes(id.try_into().map_err(|_| corrupt())?),
-    ))
 }
 
 /// Point reads and single-key transactions inline; scans on a blocking thread.

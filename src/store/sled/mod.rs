@@ -3,12 +3,12 @@
 //!
 //! Trees and their keys (instance ids never contain NUL, so `instance 0x00` is a safe
 //! prefix):
-//! - `keys`:     instance 0x00 key-uuid                      -> revision (BE u64) || KeyRecord ([`codec`])
+//! - `keys`:     instance 0x00 key-uuid                      -> revision (BE u64) || KeyRecord ([`codec`](crate::store::kv::codec))
 //! - `order`:    instance 0x00 created-ms(BE u64) key-uuid   -> [state, extractable]
 //!   (the ListKeys index: creation order then id, filterable without reading records)
 //! - `counters`: instance 0x00 state extractable             -> count (BE u64)
 //!   (CountKeys sums at most ten counters; updated in the same transaction as records)
-//! - `versions`: key-uuid created-ms(BE u64) version-uuid    -> VersionRecord ([`codec`])
+//! - `versions`: key-uuid created-ms(BE u64) version-uuid    -> VersionRecord ([`codec`](crate::store::kv::codec))
 //! - `expiry`:   due-ms(BE u64) instance 0x00 key-uuid       -> ()
 //!   (keys with a time-driven transition due, for the expiry sweep)
 //! - `import_tokens`:     instance      -> revision (BE u64) || token id || ImportTokenRecord (JSON)
@@ -19,7 +19,7 @@
 //!
 //! Schema history: 1 had no revisions (compare-and-swap compared whole records); 2
 //! prefixes key and import-token records with their revision (and the token's id); 3
-//! stores key and version records in a compact binary form ([`codec`]) instead of
+//! stores key and version records in a compact binary form ([`codec`](crate::store::kv::codec)) instead of
 //! JSON. An older database is rewritten in place when it opens (a record already in the
 //! newer form, from a migration interrupted after it, is left alone).
 //!
@@ -39,7 +39,6 @@
 //! be gone.
 
 mod audit;
-mod codec;
 mod flush;
 mod imports;
 mod keys;
@@ -54,8 +53,8 @@ use ::sled::Tree;
 use async_trait::async_trait;
 
 use super::{Durability, STORE_SCHEMA, Store, StoreError};
+use crate::store::kv::{self, DecodedKeys, codec};
 use flush::GroupFlusher;
-use keys::DecodedKeys;
 
 const SCHEMA_KEY: &[u8] = b"schema_version";
 /// sled writes what is not yet flushed at least this often (its default, made explicit).
@@ -353,16 +352,15 @@ impl Trees {
         for entry in self.keys.iter() {
             let (k, v) = entry?;
             if v.first() == Some(&b'{') {
-                self.keys.insert(k, keys::encode_key_value(0, &v))?;
+                self.keys.insert(k, kv::encode_key_value(0, &v))?;
             }
         }
         for entry in self.import_tokens.iter() {
             let (k, v) = entry?;
             if v.first() == Some(&b'{') {
                 let token: crate::domain::model::ImportTokenRecord =
-                    keys::decode("import token", &v)?;
-                self.import_tokens
-                    .insert(k, imports::encode_token(&token))?;
+                    kv::decode("import token", &v)?;
+                self.import_tokens.insert(k, kv::encode_token(&token))?;
             }
         }
         Ok(())
@@ -375,15 +373,15 @@ impl Trees {
         for entry in self.keys.iter() {
             let (k, v) = entry?;
             if v.len() > 8 && codec::is_json(&v[8..]) {
-                let (instance, id) = keys::parse_key_key(&k)?;
-                let record = keys::decode_key_value(&instance, id, &v)?;
-                self.keys.insert(k, keys::key_value(&record))?;
+                let (instance, id) = kv::parse_key_key(&k)?;
+                let record = kv::decode_key_value(&instance, id, &v)?;
+                self.keys.insert(k, kv::key_value(&record))?;
             }
         }
         for entry in self.versions.iter() {
             let (k, v) = entry?;
             if codec::is_json(&v) {
-                let version = keys::decode_version_entry(&k, &v)?;
+                let version = kv::decode_version_entry(&k, &v)?;
                 self.versions.insert(k, codec::encode_version(&version))?;
             }
         }
@@ -448,8 +446,8 @@ impl SledStore {
                 .iter()
                 .map(|entry| {
                     let (k, v) = entry?;
-                    let (instance, id) = keys::parse_key_key(&k)?;
-                    keys::decode_key_value(&instance, id, &v)
+                    let (instance, id) = kv::parse_key_key(&k)?;
+                    kv::decode_key_value(&instance, id, &v)
                 })
                 .collect()
         })
@@ -481,7 +479,7 @@ impl SledStore {
             trees
                 .rsa_pool
                 .iter()
-                .map(|entry| keys::decode("RSA key pair", &entry?.1))
+                .map(|entry| kv::decode("RSA key pair", &entry?.1))
                 .collect()
         })
         .await
@@ -563,7 +561,7 @@ mod tests {
             store.insert_key(&key, Some(&version)).await.unwrap();
             // Back to what schema 2 wrote.
             let kk = [b"inst".as_slice(), &[0], key.id.as_bytes()].concat();
-            let json = keys::encode_key_value(3, &serde_json::to_vec(&key).unwrap());
+            let json = kv::encode_key_value(3, &serde_json::to_vec(&key).unwrap());
             trees.keys.insert(&kk, json).unwrap();
             let (vk, _) = trees.versions.iter().next().unwrap().unwrap();
             trees

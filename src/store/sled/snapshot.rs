@@ -5,8 +5,8 @@
 use async_trait::async_trait;
 
 use super::audit::block_entry;
-use super::keys::{decode, decode_key_value, parse_key_key};
 use super::{BACKEND, SledStore, Trees};
+use crate::store::kv::{decode, decode_key_value, decode_token, parse_key_key};
 use crate::store::{Snapshot, SnapshotSink, StoreError, StoreItem};
 
 #[async_trait]
@@ -44,7 +44,7 @@ fn walk(trees: &Trees, sink: &SnapshotSink) -> Result<(), StoreError> {
         }
     }
     for entry in trees.import_tokens.iter() {
-        let token = super::imports::decode_token(&entry?.1)?;
+        let token = decode_token(&entry?.1)?;
         if !send(StoreItem::ImportToken(token)) {
             return Ok(());
         }

@@ -104,7 +104,7 @@ fn format_from(code: u8) -> Option<WrapFormat> {
 }
 
 /// A key record's value (without its revision prefix).
-pub(super) fn encode_key(key: &KeyRecord) -> Vec<u8> {
+pub(crate) fn encode_key(key: &KeyRecord) -> Vec<u8> {
     let stored = StoredKey {
         name: Cow::Borrowed(&key.name),
         description: Cow::Borrowed(&key.description),
@@ -128,7 +128,7 @@ pub(super) fn encode_key(key: &KeyRecord) -> Vec<u8> {
 }
 
 /// Decodes a key record's value, of either form, for the key `id` of `instance`.
-pub(super) fn decode_key(instance: &str, id: Uuid, raw: &[u8]) -> Result<KeyRecord, StoreError> {
+pub(crate) fn decode_key(instance: &str, id: Uuid, raw: &[u8]) -> Result<KeyRecord, StoreError> {
     let corrupt = |reason: String| StoreError::corrupt(format!("key {id}"), reason);
     match raw.first() {
         Some(b'{') => serde_json::from_slice(raw).map_err(|e| corrupt(e.to_string())),
@@ -168,7 +168,7 @@ pub(super) fn decode_key(instance: &str, id: Uuid, raw: &[u8]) -> Result<KeyReco
 }
 
 /// A version record's value.
-pub(super) fn encode_version(version: &VersionRecord) -> Vec<u8> {
+pub(crate) fn encode_version(version: &VersionRecord) -> Vec<u8> {
     let stored = StoredVersion {
         wrapped: version
             .wrapped
@@ -182,7 +182,7 @@ pub(super) fn encode_version(version: &VersionRecord) -> Vec<u8> {
 
 /// Decodes a version record's value, of either form; `key_id`, `created_at` and `id`
 /// come from its tree key.
-pub(super) fn decode_version(
+pub(crate) fn decode_version(
     key_id: Uuid,
     created_at: Millis,
     id: Uuid,
@@ -216,7 +216,7 @@ pub(super) fn decode_version(
 }
 
 /// True when a stored value is in the old JSON form.
-pub(super) fn is_json(raw: &[u8]) -> bool {
+pub(crate) fn is_json(raw: &[u8]) -> bool {
     raw.first() == Some(&b'{')
 }
 

@@ -1,0 +1,219 @@
+//! What the ordered key-value backends (sled, redb) share: how records and index
+//! entries are laid out as bytes. Both keep the same tables under the same keys (the
+//! layout is in [`crate::store::sled`]'s module doc), so a record means the same thing
+//! in either.
+
+pub(crate) mod codec;
+
+use std::num::NonZeroUsize;
+use std::sync::Mutex;
+
+use lru::LruCache;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use uuid::Uuid;
+
+use crate::domain::model::{ImportTokenRecord, KeyRecord, KeyState, Millis, VersionRecord};
+use crate::store::{Revision, StoreError};
+
+pub(crate) fn instance_prefix(instance: &str) -> Vec<u8> {
+    let mut prefix = Vec::with_capacity(instance.len() + 1);
+    prefix.extend_from_slice(instance.as_bytes());
+    prefix.push(0);
+    prefix
+}
+
+pub(crate) fn key_key(instance: &str, id: Uuid) -> Vec<u8> {
+    let mut k = instance_prefix(instance);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+pub(crate) fn order_key(key: &KeyRecord) -> Vec<u8> {
+    let mut k = instance_prefix(&key.instance);
+    k.extend_from_slice(&(key.created_at as u64).to_be_bytes());
+    k.extend_from_slice(key.id.as_bytes());
+    k
+}
+
+pub(crate) fn order_value(key: &KeyRecord) -> [u8; 2] {
+    [key.state.code(), key.extractable as u8]
+}
+
+pub(crate) fn counter_key(instance: &str, state: KeyState, extractable: bool) -> Vec<u8> {
+    let mut k = instance_prefix(instance);
+    k.push(state.code());
+    k.push(extractable as u8);
+    k
+}
+
+/// The expiry-index entry of a key, if it should have one.
+pub(crate) fn expiry_key(key: &KeyRecord) -> Option<Vec<u8>> {
+    let at = key.next_transition_at()?;
+    let mut k = (at.max(0) as u64).to_be_bytes().to_vec();
+    k.extend_from_slice(&key_key(&key.instance, key.id));
+    Some(k)
+}
+
+pub(crate) fn version_key(version: &VersionRecord) -> Vec<u8> {
+    let mut k = version.key_id.as_bytes().to_vec();
+    k.extend_from_slice(&(version.created_at as u64).to_be_bytes());
+    k.extend_from_slice(version.id.as_bytes());
+    k
+}
+
+/// A `versions` entry: its tree key holds the key id, creation time and version id.
+pub(crate) fn decode_version_entry(k: &[u8], v: &[u8]) -> Result<VersionRecord, StoreError> {
+    if k.len() != 16 + 8 + 16 {
+        return Err(StoreError::corrupt("versions index", "malformed entry"));
+    }
+    let key_id = Uuid::from_bytes(k[..16].try_into().expect("16 bytes"));
+    let created_at = u64::from_be_bytes(k[16..24].try_into().expect("8 bytes")) as Millis;
+    let id = Uuid::from_bytes(k[24..].try_into().expect("16 bytes"));
+    codec::decode_version(key_id, created_at, id, v)
+}
+
+/// A `keys` tree key: the instance and the key id.
+pub(crate) fn parse_key_key(k: &[u8]) -> Result<(String, Uuid), StoreError> {
+    let corrupt = || StoreError::corrupt("keys index", "malformed entry");
+    if k.len() < 1 + 16 {
+        return Err(corrupt());
+    }
+    let (instance, id) = k.split_at(k.len() - 16);
+    let instance = instance.strip_suffix(&[0]).ok_or_else(corrupt)?;
+    let instance = String::from_utf8(instance.to_vec()).map_err(|_| corrupt())?;
+    Ok((instance, Uuid::from_bytes(id.try_into().expect("16 bytes"))))
+}
+
+pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("records always serialize")
+}
+
+pub(crate) fn decode<T: DeserializeOwned>(what: &str, raw: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(raw).map_err(|e| StoreError::corrupt(what, e.to_string()))
+}
+
+/// Decoded key records, each with the exact bytes it was decoded from. A read whose
+/// bytes equal the remembered ones skips the decode (with JSON records it was the
+/// largest cost of a WrapKey/UnwrapKey outside the HSM); at most 4,096 records. The
+/// database stays the only source of truth: every read still fetches the stored bytes,
+/// so a changed record can never be served stale.
+///
+/// The bytes are a copy: a buffer from a read (sled's `IVec`) may share its memory with
+/// the whole node it came from, and holding it would keep that node in memory after the
+/// database's own cache let it go.
+pub(crate) struct DecodedKeys {
+    shards: Vec<Mutex<LruCache<Uuid, Decoded>>>,
+}
+
+/// A record's stored bytes and what they decode to.
+type Decoded = (Box<[u8]>, KeyRecord);
+
+impl DecodedKeys {
+    const SHARDS: usize = 16;
+    const PER_SHARD: usize = 256;
+
+    pub(crate) fn new() -> Self {
+        let per_shard = NonZeroUsize::new(Self::PER_SHARD).expect("non-zero");
+        Self {
+            shards: (0..Self::SHARDS)
+                .map(|_| Mutex::new(LruCache::new(per_shard)))
+                .collect(),
+        }
+    }
+
+    pub(crate) fn decode(
+        &self,
+        instance: &str,
+        id: Uuid,
+        raw: &[u8],
+    ) -> Result<KeyRecord, StoreError> {
+        let shard = &self.shards[id.as_u128() as usize % Self::SHARDS];
+        if let Some((bytes, record)) = shard.lock().unwrap_or_else(|e| e.into_inner()).get(&id)
+            && **bytes == *raw
+        {
+            return Ok(record.clone());
+        }
+        let record = decode_key_value(instance, id, raw)?;
+        shard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .put(id, (raw.into(), record.clone()));
+        Ok(record)
+    }
+}
+
+/// A key record's stored value: its revision, then the record ([`codec`]; JSON in
+/// schema 2).
+pub(crate) fn encode_key_value(revision: Revision, record: &[u8]) -> Vec<u8> {
+    let mut value = Vec::with_capacity(8 + record.len());
+    value.extend_from_slice(&revision.to_be_bytes());
+    value.extend_from_slice(record);
+    value
+}
+
+pub(crate) fn stored_revision(id: Uuid, raw: &[u8]) -> Result<Revision, StoreError> {
+    raw.get(..8)
+        .map(|r| Revision::from_be_bytes(r.try_into().expect("8 bytes")))
+        .ok_or_else(|| StoreError::corrupt(format!("key {id}"), "shorter than its revision"))
+}
+
+pub(crate) fn decode_key_value(
+    instance: &str,
+    id: Uuid,
+    raw: &[u8],
+) -> Result<KeyRecord, StoreError> {
+    let revision = stored_revision(id, raw)?;
+    let mut record = codec::decode_key(instance, id, &raw[8..])?;
+    record.revision = revision;
+    Ok(record)
+}
+
+pub(crate) fn key_value(key: &KeyRecord) -> Vec<u8> {
+    encode_key_value(key.revision, &codec::encode_key(key))
+}
+
+pub(crate) fn decode_expiry_entry(entry: &[u8]) -> Result<(String, Uuid), StoreError> {
+    let corrupt = || StoreError::corrupt("expiry index", "malformed entry");
+    if entry.len() < 8 + 1 + 16 {
+        return Err(corrupt());
+    }
+    let rest = &entry[8..];
+    let (instance, id) = rest.split_at(rest.len() - 16);
+    let instance = instance.strip_suffix(&[0]).ok_or_else(corrupt)?;
+    let instance = String::from_utf8(instance.to_vec()).map_err(|_| corrupt())?;
+    Ok((
+        instance,
+        Uuid::from_bytes(id.try_into().map_err(|_| corrupt())?),
+    ))
+}
+
+/// A token's stored value: revision, token id, then its JSON.
+pub(crate) fn encode_token(token: &ImportTokenRecord) -> Vec<u8> {
+    let json = encode(token);
+    let mut value = Vec::with_capacity(24 + json.len());
+    value.extend_from_slice(&token.revision.to_be_bytes());
+    value.extend_from_slice(token.id.as_bytes());
+    value.extend_from_slice(&json);
+    value
+}
+
+pub(crate) fn decode_token(raw: &[u8]) -> Result<ImportTokenRecord, StoreError> {
+    if raw.len() < 24 {
+        return Err(StoreError::corrupt(
+            "import token",
+            "shorter than its header",
+        ));
+    }
+    let mut token: ImportTokenRecord = decode("import token", &raw[24..])?;
+    token.revision = Revision::from_be_bytes(raw[..8].try_into().expect("8 bytes"));
+    Ok(token)
+}
+
+/// The part of a token's stored value a compare-and-swap compares.
+pub(crate) fn token_identity(token: &ImportTokenRecord) -> [u8; 24] {
+    let mut identity = [0u8; 24];
+    identity[..8].copy_from_slice(&token.revision.to_be_bytes());
+    identity[8..].copy_from_slice(token.id.as_bytes());
+    identity
+}
