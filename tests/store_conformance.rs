@@ -1,5 +1,5 @@
 //! The store conformance suite (`kms::store::conformance`), run against every backend:
-//! sled in a temporary directory and PostgreSQL in a throwaway cluster.
+//! sled and redb in a temporary directory, PostgreSQL in a throwaway cluster.
 
 mod common;
 
@@ -7,7 +7,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use common::postgres::TempPostgres;
-use kms::store::{PostgresConfig, PostgresStore, SledStore, Store, conformance};
+use kms::store::{PostgresConfig, PostgresStore, RedbStore, SledStore, Store, conformance};
 
 async fn sled_store() -> (tempfile::TempDir, Arc<dyn Store>) {
     let dir = tempfile::tempdir().unwrap();
@@ -20,12 +20,20 @@ fn postgres_config(pg: &TempPostgres) -> PostgresConfig {
     PostgresConfig::new(pg.database(&name))
 }
 
-async fn on_both<F, Fut>(check: F)
+fn redb_store() -> (tempfile::TempDir, Arc<dyn Store>) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(&dir.path().join("kms.redb"), 16 << 20).unwrap();
+    (dir, Arc::new(store))
+}
+
+async fn on_each<F, Fut>(check: F)
 where
     F: Fn(Arc<dyn Store>) -> Fut,
     Fut: Future<Output = ()>,
 {
     let (_dir, store) = sled_store().await;
+    check(store).await;
+    let (_dir, store) = redb_store();
     check(store).await;
     let pg = common::postgres::shared();
     let store = PostgresStore::connect(&postgres_config(pg)).await.unwrap();
@@ -37,7 +45,7 @@ macro_rules! conformance {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn $name() {
-                on_both(conformance::$name).await;
+                on_each(conformance::$name).await;
             }
         )*
     };
@@ -75,6 +83,30 @@ async fn newer_schema_is_refused_by_sled() {
             );
             store
                 .force_schema_version(kms::store::STORE_SCHEMA + 1)
+                .unwrap();
+        },
+        kms::store::STORE_SCHEMA,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn newer_schema_is_refused_by_redb() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kms.redb");
+    let open = || async { RedbStore::open(&path, 16 << 20).map(|s| Arc::new(s) as Arc<dyn Store>) };
+    conformance::newer_schema_is_refused(
+        open,
+        |store| async {
+            drop(store);
+            let store = RedbStore::open(&path, 16 << 20).unwrap();
+            assert_eq!(
+                store.schema_version().unwrap(),
+                Some(kms::store::STORE_SCHEMA)
+            );
+            store
+                .force_schema_version(kms::store::STORE_SCHEMA + 1)
+                .await
                 .unwrap();
         },
         kms::store::STORE_SCHEMA,

@@ -18,6 +18,7 @@
 pub mod conformance;
 pub(crate) mod kv;
 pub mod postgres;
+pub mod redb;
 pub mod sled;
 pub mod snapshot;
 
@@ -27,6 +28,7 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 pub use self::postgres::{PostgresConfig, PostgresStore};
+pub use self::redb::RedbStore;
 pub use self::sled::{DEFAULT_SLED_CACHE_BYTES, SledStore};
 pub use self::snapshot::{ItemCounts, Loader, Snapshot, SnapshotSink, StoreItem};
 use crate::domain::model::{

@@ -14,7 +14,7 @@ use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
 use crate::domain::model::{ImportTokenRecord, KeyRecord, KeyState, Millis, VersionRecord};
-use crate::store::{Revision, StoreError};
+use crate::store::{ChainEnd, Revision, StoreError};
 
 pub(crate) fn instance_prefix(instance: &str) -> Vec<u8> {
     let mut prefix = Vec::with_capacity(instance.len() + 1);
@@ -216,4 +216,33 @@ pub(crate) fn token_identity(token: &ImportTokenRecord) -> [u8; 24] {
     identity[..8].copy_from_slice(&token.revision.to_be_bytes());
     identity[8..].copy_from_slice(token.id.as_bytes());
     identity
+}
+
+/// `audit_meta` keys: the anchor retention left, and the chain's newest record.
+pub(crate) const ANCHOR_KEY: &[u8] = b"anchor";
+pub(crate) const END_KEY: &[u8] = b"end";
+
+pub(crate) fn seq_of(key: &[u8]) -> Result<u64, StoreError> {
+    Ok(u64::from_be_bytes(key.try_into().map_err(|_| {
+        StoreError::corrupt("audit record key", format!("{} bytes, not 8", key.len()))
+    })?))
+}
+
+pub(crate) fn encode_end(end: &ChainEnd) -> Vec<u8> {
+    let mut raw = end.seq.to_be_bytes().to_vec();
+    raw.extend_from_slice(&end.hash);
+    raw
+}
+
+pub(crate) fn decode_end(what: &str, raw: &[u8]) -> Result<ChainEnd, StoreError> {
+    if raw.len() != 40 {
+        return Err(StoreError::corrupt(
+            what,
+            format!("{} bytes, not 40", raw.len()),
+        ));
+    }
+    Ok(ChainEnd {
+        seq: seq_of(&raw[..8])?,
+        hash: raw[8..].try_into().expect("32 bytes"),
+    })
 }

@@ -13,41 +13,14 @@ use ::sled::transaction::{ConflictableTransactionError, TransactionError};
 use async_trait::async_trait;
 
 use super::{SledStore, Trees};
+use crate::store::kv::{ANCHOR_KEY, END_KEY, decode_end, encode_end, seq_of};
 use crate::store::{AuditStore, ChainEnd, Seal, StoreError};
-
-const ANCHOR_KEY: &[u8] = b"anchor";
-const END_KEY: &[u8] = b"end";
-
-fn seq_of(key: &[u8]) -> Result<u64, StoreError> {
-    Ok(u64::from_be_bytes(key.try_into().map_err(|_| {
-        StoreError::corrupt("audit record key", format!("{} bytes, not 8", key.len()))
-    })?))
-}
 
 pub(super) fn block_entry(
     item: ::sled::Result<(::sled::IVec, ::sled::IVec)>,
 ) -> Result<(u64, Vec<u8>), StoreError> {
     let (key, value) = item?;
     Ok((seq_of(&key)?, value.to_vec()))
-}
-
-fn encode_end(end: &ChainEnd) -> Vec<u8> {
-    let mut raw = end.seq.to_be_bytes().to_vec();
-    raw.extend_from_slice(&end.hash);
-    raw
-}
-
-fn decode_end(what: &str, raw: &[u8]) -> Result<ChainEnd, StoreError> {
-    if raw.len() != 40 {
-        return Err(StoreError::corrupt(
-            what,
-            format!("{} bytes, not 40", raw.len()),
-        ));
-    }
-    Ok(ChainEnd {
-        seq: seq_of(&raw[..8])?,
-        hash: raw[8..].try_into().expect("32 bytes"),
-    })
 }
 
 impl Trees {

@@ -1,0 +1,378 @@
+//! Keys, versions, counters and the expiry index in redb: the same entries as sled's
+//! trees, read from a snapshot, changed in the writer's transaction.
+
+use async_trait::async_trait;
+use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
+use uuid::Uuid;
+
+use super::{
+    Bytes, COUNTERS, EXPIRY, KEYS, ORDER, Open, RedbStore, VERSIONS, prefix_end, with_prefix,
+};
+use crate::domain::model::{KeyFilter, KeyRecord, KeyState, Millis, VersionRecord};
+use crate::store::kv::{
+    codec, counter_key, decode_expiry_entry, decode_version_entry, expiry_key, instance_prefix,
+    key_key, key_value, order_key, order_value, stored_revision, version_key,
+};
+use crate::store::{KeyStore, PageStart, StoreError};
+
+fn add_to_counter(txn: &WriteTransaction, key: &KeyRecord, delta: i64) -> Result<(), StoreError> {
+    let mut counters = txn.open_table(COUNTERS)?;
+    let ck = counter_key(&key.instance, key.state, key.extractable);
+    let current = counters
+        .get(ck.as_slice())?
+        .map(|raw| u64::from_be_bytes(raw.value().try_into().unwrap_or([0; 8])))
+        .unwrap_or(0);
+    let next = (current as i64 + delta).max(0) as u64;
+    counters.insert(ck.as_slice(), next.to_be_bytes().as_slice())?;
+    Ok(())
+}
+
+fn get_key(
+    open: &Open,
+    keys: &impl ReadableTable<Bytes, Bytes>,
+    instance: &str,
+    id: Uuid,
+) -> Result<Option<KeyRecord>, StoreError> {
+    match keys.get(key_key(instance, id).as_slice())? {
+        Some(raw) => open
+            .decoded_keys
+            .decode(instance, id, raw.value())
+            .map(Some),
+        None => Ok(None),
+    }
+}
+
+/// A key's versions, oldest first.
+pub(super) fn versions_of(
+    versions: &impl ReadableTable<Bytes, Bytes>,
+    key_id: Uuid,
+) -> Result<Vec<VersionRecord>, StoreError> {
+    with_prefix(versions, key_id.as_bytes())?
+        .map(|entry| {
+            let (k, v) = entry?;
+            decode_version_entry(k.value(), v.value())
+        })
+        .collect()
+}
+
+fn insert_key(
+    txn: &WriteTransaction,
+    key: &KeyRecord,
+    version: Option<&VersionRecord>,
+) -> Result<(), StoreError> {
+    let kk = key_key(&key.instance, key.id);
+    {
+        let mut keys = txn.open_table(KEYS)?;
+        if keys.get(kk.as_slice())?.is_some() {
+            return Err(StoreError::Conflict);
+        }
+        let record = key_value(&KeyRecord {
+            revision: 0,
+            ..key.clone()
+        });
+        keys.insert(kk.as_slice(), record.as_slice())?;
+    }
+    txn.open_table(ORDER)?
+        .insert(order_key(key).as_slice(), order_value(key).as_slice())?;
+    add_to_counter(txn, key, 1)?;
+    if let Some(entry) = expiry_key(key) {
+        txn.open_table(EXPIRY)?
+            .insert(entry.as_slice(), [].as_slice())?;
+    }
+    if let Some(version) = version {
+        txn.open_table(VERSIONS)?.insert(
+            version_key(version).as_slice(),
+            codec::encode_version(version).as_slice(),
+        )?;
+    }
+    Ok(())
+}
+
+fn replace_key(
+    txn: &WriteTransaction,
+    previous: &KeyRecord,
+    next: &KeyRecord,
+    new_version: Option<&VersionRecord>,
+    erase_material: bool,
+) -> Result<(), StoreError> {
+    if next.revision != previous.revision + 1 {
+        return Err(StoreError::Conflict);
+    }
+    let kk = key_key(&previous.instance, previous.id);
+    {
+        let mut keys = txn.open_table(KEYS)?;
+        match keys.get(kk.as_slice())? {
+            Some(current)
+                if stored_revision(previous.id, current.value())? == previous.revision => {}
+            _ => return Err(StoreError::Conflict),
+        }
+        keys.insert(kk.as_slice(), key_value(next).as_slice())?;
+    }
+    {
+        let mut order = txn.open_table(ORDER)?;
+        order.insert(order_key(next).as_slice(), order_value(next).as_slice())?;
+    }
+    add_to_counter(txn, previous, -1)?;
+    add_to_counter(txn, next, 1)?;
+    {
+        let mut versions = txn.open_table(VERSIONS)?;
+        if erase_material {
+            for version in versions_of(&versions, previous.id)? {
+                let erased = VersionRecord {
+                    wrapped: None,
+                    ..version
+                };
+                versions.insert(
+                    version_key(&erased).as_slice(),
+                    codec::encode_version(&erased).as_slice(),
+                )?;
+            }
+        }
+        if let Some(version) = new_version {
+            versions.insert(
+                version_key(version).as_slice(),
+                codec::encode_version(version).as_slice(),
+            )?;
+        }
+    }
+    let (old_expiry, new_expiry) = (expiry_key(previous), expiry_key(next));
+    if old_expiry != new_expiry {
+        let mut expiry = txn.open_table(EXPIRY)?;
+        if let Some(entry) = &old_expiry {
+            expiry.remove(entry.as_slice())?;
+        }
+        if let Some(entry) = &new_expiry {
+            expiry.insert(entry.as_slice(), [].as_slice())?;
+        }
+    }
+    Ok(())
+}
+
+fn count_keys(
+    counters: &impl ReadableTable<Bytes, Bytes>,
+    instance: &str,
+    filter: &KeyFilter,
+) -> Result<u64, StoreError> {
+    let mut total = 0u64;
+    for state in KeyState::ALL {
+        for extractable in [false, true] {
+            if !filter.matches(state, extractable) {
+                continue;
+            }
+            if let Some(raw) = counters.get(counter_key(instance, state, extractable).as_slice())? {
+                total += u64::from_be_bytes(
+                    raw.value()
+                        .try_into()
+                        .map_err(|_| StoreError::corrupt("counter", "not 8 bytes"))?,
+                );
+            }
+        }
+    }
+    Ok(total)
+}
+
+fn list_keys(
+    open: &Open,
+    txn: &redb::ReadTransaction,
+    instance: &str,
+    filter: &KeyFilter,
+    start: PageStart,
+    limit: usize,
+) -> Result<(Vec<KeyRecord>, u64), StoreError> {
+    let total = count_keys(&txn.open_table(COUNTERS)?, instance, filter)?;
+    let (order, keys) = (txn.open_table(ORDER)?, txn.open_table(KEYS)?);
+    let prefix = instance_prefix(instance);
+    let mut page = Vec::with_capacity(limit.min(total as usize));
+    let (offset, entries) = match start {
+        PageStart::Offset(offset) => (offset, with_prefix(&order, &prefix)?),
+        PageStart::After(after) => {
+            let mut from = prefix.clone();
+            from.extend_from_slice(&(after.created_at.max(0) as u64).to_be_bytes());
+            from.extend_from_slice(after.id.as_bytes());
+            // Exclusive of the position itself: the key after it, byte-wise.
+            from.push(0);
+            let end = prefix_end(&prefix).expect("the prefix ends in 0x00");
+            (0, order.range::<&[u8]>(from.as_slice()..end.as_slice())?)
+        }
+    };
+    let mut skipped = 0usize;
+    for entry in entries {
+        if page.len() >= limit {
+            break;
+        }
+        let (k, v) = entry?;
+        let (k, v) = (k.value(), v.value());
+        let Some(state) = v.first().and_then(|c| KeyState::from_code(*c)) else {
+            return Err(StoreError::corrupt("order index", "bad state byte"));
+        };
+        let extractable = v.get(1).is_some_and(|e| *e == 1);
+        if !filter.matches(state, extractable) {
+            continue;
+        }
+        if skipped < offset {
+            skipped += 1;
+            continue;
+        }
+        if k.len() < 16 {
+            return Err(StoreError::corrupt("order index", "malformed entry"));
+        }
+        let id = Uuid::from_bytes(k[k.len() - 16..].try_into().expect("16 bytes"));
+        match get_key(open, &keys, instance, id)? {
+            Some(record) => page.push(record),
+            None => {
+                return Err(StoreError::corrupt(
+                    format!("order index entry for {id}"),
+                    "no key record",
+                ));
+            }
+        }
+    }
+    Ok((page, total))
+}
+
+fn list_versions_page(
+    versions: &impl ReadableTable<Bytes, Bytes>,
+    key_id: Uuid,
+    start: PageStart,
+    limit: usize,
+) -> Result<(Vec<VersionRecord>, u64), StoreError> {
+    let prefix = key_id.as_bytes();
+    let mut total = 0u64;
+    for entry in with_prefix(versions, prefix)? {
+        entry?;
+        total += 1;
+    }
+    let decode = |entry: Result<
+        (redb::AccessGuard<'_, Bytes>, redb::AccessGuard<'_, Bytes>),
+        redb::StorageError,
+    >| {
+        let (k, v) = entry?;
+        decode_version_entry(k.value(), v.value())
+    };
+    let page = match start {
+        PageStart::Offset(offset) => with_prefix(versions, prefix)?
+            .rev()
+            .skip(offset)
+            .take(limit)
+            .map(decode)
+            .collect::<Result<_, _>>()?,
+        PageStart::After(position) => {
+            let mut before = prefix.to_vec();
+            before.extend_from_slice(&(position.created_at as u64).to_be_bytes());
+            before.extend_from_slice(position.id.as_bytes());
+            versions
+                .range::<&[u8]>(prefix.as_slice()..before.as_slice())?
+                .rev()
+                .take(limit)
+                .map(decode)
+                .collect::<Result<_, _>>()?
+        }
+    };
+    Ok((page, total))
+}
+
+/// Point reads inline, scans on a blocking thread, writes on the writer thread.
+#[async_trait]
+impl KeyStore for RedbStore {
+    async fn has_keys(&self) -> Result<bool, StoreError> {
+        let (_, txn) = self.read()?;
+        Ok(!txn.open_table(KEYS)?.is_empty()?)
+    }
+
+    async fn insert_key(
+        &self,
+        key: &KeyRecord,
+        version: Option<&VersionRecord>,
+    ) -> Result<(), StoreError> {
+        let (key, version) = (key.clone(), version.cloned());
+        self.write(move |_, txn| insert_key(txn, &key, version.as_ref()))
+            .await
+    }
+
+    async fn get_key(&self, instance: &str, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
+        let (open, txn) = self.read()?;
+        get_key(&open, &txn.open_table(KEYS)?, instance, id)
+    }
+
+    async fn replace_key(
+        &self,
+        previous: &KeyRecord,
+        next: &KeyRecord,
+        new_version: Option<&VersionRecord>,
+        erase_material: bool,
+    ) -> Result<(), StoreError> {
+        let (previous, next, new_version) = (previous.clone(), next.clone(), new_version.cloned());
+        self.write(move |_, txn| {
+            replace_key(txn, &previous, &next, new_version.as_ref(), erase_material)
+        })
+        .await
+    }
+
+    async fn get_version(
+        &self,
+        key_id: Uuid,
+        version_id: Uuid,
+    ) -> Result<Option<VersionRecord>, StoreError> {
+        let (_, txn) = self.read()?;
+        let versions = txn.open_table(VERSIONS)?;
+        for entry in with_prefix(&versions, key_id.as_bytes())? {
+            let (k, v) = entry?;
+            if k.value().ends_with(version_id.as_bytes()) {
+                return Ok(Some(decode_version_entry(k.value(), v.value())?));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn list_versions(&self, key_id: Uuid) -> Result<Vec<VersionRecord>, StoreError> {
+        let (_, txn) = self.read()?;
+        let mut versions = versions_of(&txn.open_table(VERSIONS)?, key_id)?;
+        versions.reverse();
+        Ok(versions)
+    }
+
+    async fn list_versions_page(
+        &self,
+        key_id: Uuid,
+        start: PageStart,
+        limit: usize,
+    ) -> Result<(Vec<VersionRecord>, u64), StoreError> {
+        self.scan(move |_, txn| {
+            list_versions_page(&txn.open_table(VERSIONS)?, key_id, start, limit)
+        })
+        .await
+    }
+
+    async fn list_keys(
+        &self,
+        instance: &str,
+        filter: &KeyFilter,
+        start: PageStart,
+        limit: usize,
+    ) -> Result<(Vec<KeyRecord>, u64), StoreError> {
+        let (instance, filter) = (instance.to_owned(), filter.clone());
+        self.scan(move |open, txn| list_keys(open, txn, &instance, &filter, start, limit))
+            .await
+    }
+
+    async fn count_keys(&self, instance: &str, filter: &KeyFilter) -> Result<u64, StoreError> {
+        let (_, txn) = self.read()?;
+        count_keys(&txn.open_table(COUNTERS)?, instance, filter)
+    }
+
+    async fn due_for_expiry(
+        &self,
+        now: Millis,
+        limit: usize,
+    ) -> Result<Vec<(String, Uuid)>, StoreError> {
+        self.scan(move |_, txn| {
+            let end = ((now.max(0) as u64) + 1).to_be_bytes();
+            txn.open_table(EXPIRY)?
+                .range::<&[u8]>(..end.as_slice())?
+                .take(limit)
+                .map(|entry| decode_expiry_entry(entry?.0.value()))
+                .collect()
+        })
+        .await
+    }
+}

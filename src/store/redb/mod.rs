@@ -1,0 +1,371 @@
+//! The redb backend: an embedded store in one file, one process at a time (redb locks
+//! it), with the same tables, keys and record forms as sled's trees
+//! ([`crate::store::sled`] documents the layout; [`crate::store::kv`] holds it).
+//!
+//! Why a second embedded backend (decision, measured with a million keys: README, "At
+//! size"): sled's memory is not bounded by its cache setting and it grows with what is
+//! read; redb reads through a page cache of a set size (`store.cache_mib`) and its
+//! commits are durable when they return. It is a copy-on-write B-tree: readers see a
+//! snapshot and never wait for the writer, so a backup is one read transaction.
+//!
+//! Where the work runs: point reads inline on the caller's task (a read transaction and
+//! a lookup in the page cache or one `pread`); scans on a blocking thread; every write
+//! on the single writer thread ([`writer`]), batched into shared transactions, with
+//! group commit for durability.
+//!
+//! A failed commit (a full disk) leaves redb refusing writes until the file is opened
+//! again: [`Store::ping`] (the health probe) then closes and reopens it, as for sled.
+//! What was durable before the fault is there after it.
+
+mod audit;
+mod imports;
+mod keys;
+mod snapshot;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redb::{
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition, TableHandle, WriteTransaction,
+};
+
+use super::kv::DecodedKeys;
+use super::{Durability, STORE_SCHEMA, Store, StoreError};
+use writer::Writer;
+
+const BACKEND: &str = "redb";
+
+type Bytes = &'static [u8];
+type Table = TableDefinition<'static, Bytes, Bytes>;
+
+const KEYS: Table = TableDefinition::new("keys");
+const ORDER: Table = TableDefinition::new("order");
+const COUNTERS: Table = TableDefinition::new("counters");
+const VERSIONS: Table = TableDefinition::new("versions");
+const EXPIRY: Table = TableDefinition::new("expiry");
+const IMPORT_TOKENS: Table = TableDefinition::new("import_tokens");
+const IMPORT_PARAMETERS: Table = TableDefinition::new("import_parameters");
+const RSA_POOL: Table = TableDefinition::new("rsa_pool");
+const AUDIT: Table = TableDefinition::new("audit");
+const AUDIT_META: Table = TableDefinition::new("audit_meta");
+const META: Table = TableDefinition::new("meta");
+const TABLES: [Table; 11] = [
+    KEYS,
+    ORDER,
+    COUNTERS,
+    VERSIONS,
+    EXPIRY,
+    IMPORT_TOKENS,
+    IMPORT_PARAMETERS,
+    RSA_POOL,
+    AUDIT,
+    AUDIT_META,
+    META,
+];
+const SCHEMA_KEY: &[u8] = b"schema_version";
+
+/// redb's own errors: a corrupt file is corrupt; anything else may pass.
+fn redb_error(error: impl Into<redb::Error>) -> StoreError {
+    match error.into() {
+        redb::Error::Corrupted(reason) => StoreError::corrupt("redb database", reason),
+        other => StoreError::unavailable(BACKEND, other),
+    }
+}
+
+macro_rules! from_redb {
+    ($($error:ty),*) => {
+        $(impl From<$error> for StoreError {
+            fn from(error: $error) -> Self {
+                redb_error(error)
+            }
+        })*
+    };
+}
+from_redb!(
+    redb::Error,
+    redb::StorageError,
+    redb::TableError,
+    redb::TransactionError,
+    redb::CommitError,
+    redb::DatabaseError
+);
+
+pub struct RedbStore {
+    /// The open database, or none while it is being reopened.
+    current: RwLock<Option<Arc<Open>>>,
+    path: PathBuf,
+    cache_bytes: u64,
+    /// Appenders to the audit chain take turns (see [`audit`]).
+    audit_append: tokio::sync::Mutex<()>,
+}
+
+/// An open database and what lives as long as it does.
+struct Open {
+    /// Declared first: dropped (its thread joined) before the database it holds.
+    writer: Writer,
+    db: Arc<Database>,
+    decoded_keys: DecodedKeys,
+}
+
+impl RedbStore {
+    /// Opens (creating if absent) the database file, refusing a newer schema. `cache_bytes`
+    /// is redb's page cache: what it keeps of the file in memory.
+    pub fn open(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        Ok(Self {
+            current: RwLock::new(Some(Arc::new(Self::open_file(path, cache_bytes)?))),
+            path: path.to_owned(),
+            cache_bytes,
+            audit_append: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn open_file(path: &Path, cache_bytes: u64) -> Result<Open, StoreError> {
+        let db = Database::builder()
+            .set_cache_size(usize::try_from(cache_bytes).unwrap_or(usize::MAX))
+            .create(path)?;
+        let txn = db.begin_write()?;
+        for table in TABLES {
+            txn.open_table(table)?;
+        }
+        let found = {
+            let mut meta = txn.open_table(META)?;
+            let found = match meta.get(SCHEMA_KEY)? {
+                Some(raw) => {
+                    Some(u32::from_be_bytes(raw.value().try_into().map_err(
+                        |_| StoreError::corrupt("schema_version", "not 4 bytes"),
+                    )?))
+                }
+                None => None,
+            };
+            if found.is_none() {
+                meta.insert(SCHEMA_KEY, STORE_SCHEMA.to_be_bytes().as_slice())?;
+            }
+            found
+        };
+        match found {
+            Some(found) if found > STORE_SCHEMA => {
+                return Err(StoreError::SchemaTooNew {
+                    location: path.display().to_string(),
+                    found,
+                    known: STORE_SCHEMA,
+                });
+            }
+            // The first redb layout is the store's schema 3: there is nothing older.
+            Some(found) if found < STORE_SCHEMA => {
+                return Err(StoreError::corrupt(
+                    "schema_version",
+                    format!("{found}, older than any redb store"),
+                ));
+            }
+            _ => {}
+        }
+        txn.commit()?;
+        let db = Arc::new(db);
+        Ok(Open {
+            writer: Writer::start(Arc::clone(&db)),
+            db,
+            decoded_keys: DecodedKeys::new(),
+        })
+    }
+
+    /// The open database; UNAVAILABLE while it is being reopened.
+    fn open_db(&self) -> Result<Arc<Open>, StoreError> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| {
+                StoreError::unavailable(BACKEND, "reopening the database after a write failure")
+            })
+    }
+
+    /// A read transaction: a snapshot of the last commit.
+    fn read(&self) -> Result<(Arc<Open>, ReadTransaction), StoreError> {
+        let open = self.open_db()?;
+        let txn = open.db.begin_read()?;
+        Ok((open, txn))
+    }
+
+    /// Runs `work` on a blocking thread over a read transaction: for scans.
+    async fn scan<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Open, &ReadTransaction) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (open, txn) = self.read()?;
+        tokio::task::spawn_blocking(move || work(&open, &txn))
+            .await
+            .map_err(|e| StoreError::unavailable(BACKEND, e))?
+    }
+
+    /// Runs `work` in the writer's next transaction.
+    async fn write<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Open, &WriteTransaction) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let open = self.open_db()?;
+        let held = Arc::clone(&open);
+        open.writer.write(move |txn| work(&held, txn)).await
+    }
+
+    /// Closes the database and opens it again (redb refuses writes after a failed
+    /// commit until then). Blocking.
+    fn reopen(&self) -> Result<(), StoreError> {
+        let taken = self
+            .current
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(mut open) = taken {
+            // Calls in flight hold it for microseconds; a scan may hold it longer.
+            let mut waited = 0;
+            loop {
+                match Arc::try_unwrap(open) {
+                    Ok(closed) => {
+                        drop(closed);
+                        break;
+                    }
+                    Err(shared) if waited < 50 => {
+                        open = shared;
+                        waited += 1;
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    Err(shared) => {
+                        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(shared);
+                        return Err(StoreError::unavailable(
+                            BACKEND,
+                            "the failed database is still in use",
+                        ));
+                    }
+                }
+            }
+        }
+        let open = Self::open_file(&self.path, self.cache_bytes)?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(open));
+        Ok(())
+    }
+
+    /// The schema version written in the database.
+    pub fn schema_version(&self) -> Result<Option<u32>, StoreError> {
+        let (_, txn) = self.read()?;
+        let meta = txn.open_table(META)?;
+        Ok(meta
+            .get(SCHEMA_KEY)?
+            .and_then(|raw| raw.value().try_into().ok().map(u32::from_be_bytes)))
+    }
+
+    /// Overwrites the schema version: for tests of the refusal of newer schemas.
+    #[doc(hidden)]
+    pub async fn force_schema_version(&self, version: u32) -> Result<(), StoreError> {
+        self.write(move |_, txn| {
+            txn.open_table(META)?
+                .insert(SCHEMA_KEY, version.to_be_bytes().as_slice())?;
+            Ok(())
+        })
+        .await?;
+        self.sync().await
+    }
+
+    /// Per table: its name, entries, and bytes of keys plus values; then the file's
+    /// size. For `kms store stats`.
+    pub async fn table_sizes(&self) -> Result<(Vec<(String, u64, u64)>, u64), StoreError> {
+        let path = self.path.clone();
+        self.scan(move |_, txn| {
+            let mut sizes = Vec::new();
+            for table in TABLES {
+                let opened = txn.open_table(table)?;
+                let mut bytes = 0u64;
+                for entry in opened.iter()? {
+                    let (k, v) = entry?;
+                    bytes += (k.value().len() + v.value().len()) as u64;
+                }
+                sizes.push((table.name().to_owned(), opened.len()?, bytes));
+            }
+            let on_disk = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            Ok((sizes, on_disk))
+        })
+        .await
+    }
+}
+
+/// The first key after every key that begins with `prefix` (`None`: there is none).
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// Every entry of `table` whose key begins with `prefix`, in key order.
+fn with_prefix<'t, T: ReadableTable<Bytes, Bytes>>(
+    table: &'t T,
+    prefix: &[u8],
+) -> Result<redb::Range<'t, Bytes, Bytes>, StoreError> {
+    Ok(match prefix_end(prefix) {
+        Some(end) => table.range::<&[u8]>(prefix..end.as_slice())?,
+        None => table.range::<&[u8]>(prefix..)?,
+    })
+}
+
+#[async_trait]
+impl Durability for RedbStore {
+    async fn sync(&self) -> Result<(), StoreError> {
+        self.open_db()?.writer.sync().await
+    }
+}
+
+#[async_trait]
+impl Store for RedbStore {
+    /// No connection to lose; after a failed commit the file is reopened here.
+    async fn ping(&self) -> Result<(), StoreError> {
+        let healthy = match self
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            Some(open) => !open.writer.failing(),
+            None => false,
+        };
+        if healthy {
+            return Ok(());
+        }
+        let outcome = match tokio::runtime::Handle::current().runtime_flavor() {
+            tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| self.reopen())
+            }
+            _ => self.reopen(),
+        };
+        match &outcome {
+            Ok(()) => {
+                tracing::warn!(path = %self.path.display(), "the store reopened after a write failure")
+            }
+            Err(error) => tracing::debug!(error = %error, "reopening the store"),
+        }
+        outcome
+    }
+
+    fn describe(&self) -> String {
+        format!("redb at {}", self.path.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn prefix_end_is_the_first_key_past_the_prefix() {
+        assert_eq!(prefix_end(b"ab\0"), Some(b"ab\x01".to_vec()));
+        assert_eq!(prefix_end(&[1, 0xff, 0xff]), Some(vec![2]));
+        assert_eq!(prefix_end(&[0xff, 0xff]), None);
+        assert_eq!(prefix_end(&[]), None);
+    }
+}
