@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
-# The README's "At size" figures: a release server on a fresh store (sled, or a local
-# PostgreSQL from scripts/postgres.sh), one instance preloaded with KEYS generated root
+# The README's "At size" figures: a release server on a fresh store (sled, redb, or a
+# local PostgreSQL from scripts/postgres.sh), one instance preloaded with KEYS generated root
 # keys by `kms bench --preload`, then
 #   - at 1 call in flight: GetKey, the first ListKeys page, ListKeys pages from every
 #     depth (by page token), CountKeys;
 #   - at 64 in flight: the health baseline, WrapKey, and durable CreateKey;
 #   - the server's resident memory after the preload and at the end (VmRSS, VmHWM), and
-#     the store's size on disk per key (sled: `du` of the database with the server
+#     the store's size on disk per key (sled, redb: `du` of the database with the server
 #     stopped; PostgreSQL: pg_database_size after the preload less before it).
 #   - the time `kms backup` takes, and `kms restore` into a new store
 #     (KMS_AT_SIZE_RESTORE=0 skips the restore).
-# Usage: scripts/bench-at-size.sh KEYS [sled|postgres] [WORK_DIR]   (WORK_DIR is wiped)
+# Usage: scripts/bench-at-size.sh KEYS [sled|redb|postgres] [WORK_DIR]   (WORK_DIR is wiped)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-keys=${1:?usage: $0 KEYS [sled|postgres] [WORK_DIR]}
+keys=${1:?usage: $0 KEYS [sled|redb|postgres] [WORK_DIR]}
 backend=${2:-sled}
 work=${3:-/var/tmp/kms-at-size}
 port=${KMS_AT_SIZE_PORT:-50071}
@@ -25,6 +25,9 @@ rm -rf "$work/data"
 mkdir -p "$work"
 server_env=(KMS_DATA_DIR="$work/data" KMS_LISTEN="127.0.0.1:$port" KMS_IMPORT_RSA_POOL_SIZE=0)
 db_bytes() { :; }
+if [ "$backend" = redb ]; then
+  server_env+=(KMS_STORE_BACKEND=redb)
+fi
 if [ "$backend" = postgres ]; then
   eval "export $(scripts/postgres.sh start "$work/pg")"
   socket="$work/pg"
@@ -60,9 +63,11 @@ if [ "$backend" = postgres ]; then
   echo "database: $after bytes, $(( (after - before) / keys )) bytes per key"
 fi
 stop
-if [ "$backend" = sled ]; then
-  bytes=$(du -sb "$work/data/db" | cut -f1)
-  echo "sled on disk: $bytes bytes, $(( bytes / keys )) bytes per key (with its creation's audit record)"
+if [ "$backend" = sled ] || [ "$backend" = redb ]; then
+  store_path=$work/data/db
+  [ "$backend" = redb ] && store_path=$work/data/kms.redb
+  bytes=$(du -sb "$store_path" | cut -f1)
+  echo "$backend on disk: $bytes bytes, $(( bytes / keys )) bytes per key (with its creation's audit record)"
 fi
 serve 2
 
@@ -87,6 +92,9 @@ rm -rf "$work/restored"
 mkdir -p "$work/restored"
 cp -a "$work/data/softhsm" "$work/restored/"
 restore_env=()
+if [ "$backend" = redb ]; then
+  restore_env=(KMS_STORE_BACKEND=redb)
+fi
 if [ "$backend" = postgres ]; then
   psql -h "$socket" -U kms -d postgres -qc "DROP DATABASE IF EXISTS kms_at_size_restored" >/dev/null
   psql -h "$socket" -U kms -d postgres -qc "CREATE DATABASE kms_at_size_restored" >/dev/null

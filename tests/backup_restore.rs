@@ -24,6 +24,8 @@ fn kms_for(token: &TestToken, data_dir: &Path, args: &[&str]) -> (bool, String) 
     command.args(args).env_remove("KMS_STORE_URL");
     if common::postgres::selected() {
         command.env("KMS_STORE_URL", common::store_url(data_dir));
+    } else if common::redb_selected() {
+        command.env("KMS_STORE_BACKEND", "redb");
     }
     for (name, value) in &token.env {
         command.env(name, value);
@@ -307,7 +309,8 @@ async fn assert_nothing_restored(data_dir: &Path) {
         let store = common::open_store(data_dir).await;
         assert!(!store.has_keys().await.unwrap());
     } else {
-        assert!(!data_dir.join("db").exists());
-        assert!(!data_dir.join("db.restoring").exists());
+        for name in ["db", "db.restoring", "kms.redb", "kms.redb.restoring"] {
+            assert!(!data_dir.join(name).exists(), "{name}");
+        }
     }
 }

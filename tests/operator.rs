@@ -294,6 +294,8 @@ async fn no_secret_reaches_the_log_at_debug_or_the_store() {
     // On PostgreSQL: every file of the cluster (tables, WAL) the suite's servers use.
     let mut stack = if common::postgres::selected() {
         vec![common::postgres::shared().socket_dir().join("data")]
+    } else if common::redb_selected() {
+        vec![data.path().join("kms.redb")]
     } else {
         vec![data.path().join("db")]
     };

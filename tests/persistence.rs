@@ -304,9 +304,10 @@ async fn embedded_default_creates_token_and_database_under_the_data_dir() {
         .mode();
     assert_eq!(mode & 0o077, 0, "the PIN file is owner-only");
     // With a store URL the data directory holds the token and no database.
+    assert_eq!(data.path().join("db").exists(), common::sled_selected());
     assert_eq!(
-        data.path().join("db").exists(),
-        !common::postgres::selected()
+        data.path().join("kms.redb").exists(),
+        common::redb_selected()
     );
 
     let mut keys = server.keys().await;

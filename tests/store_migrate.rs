@@ -1,6 +1,6 @@
-//! `kms store migrate`: an embedded-default style sled data directory moves to a
-//! throwaway PostgreSQL with one command, and the same token then unwraps, from the
-//! database, what was wrapped before the move.
+//! `kms store migrate`: an embedded store's data directory (sled, or redb when the suite
+//! runs on it) moves to a throwaway PostgreSQL, and a sled one to redb, with one command;
+//! the same token then unwraps, from the new store, what was wrapped before the move.
 
 mod common;
 
@@ -16,12 +16,31 @@ fn kms(args: &[&str]) -> (bool, String) {
     common::run_kms(&args)
 }
 
+/// Where the test moves the store.
+enum Target {
+    Postgres,
+    Redb,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sled_store_moves_to_postgres_and_old_ciphertexts_still_unwrap() {
+async fn an_embedded_store_moves_to_postgres_and_old_ciphertexts_still_unwrap() {
     if common::postgres::selected() {
+        eprintln!("skipped: the source must be an embedded store");
+        return;
+    }
+    moves_and_old_ciphertexts_still_unwrap(Target::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sled_store_moves_to_redb_and_old_ciphertexts_still_unwrap() {
+    if !common::sled_selected() {
         eprintln!("skipped: the source must be a sled store");
         return;
     }
+    moves_and_old_ciphertexts_still_unwrap(Target::Redb).await;
+}
+
+async fn moves_and_old_ciphertexts_still_unwrap(target: Target) {
     let token = TestToken::create();
     let data = tempfile::tempdir().unwrap();
     let tenant = instance();
@@ -75,25 +94,64 @@ async fn a_sled_store_moves_to_postgres_and_old_ciphertexts_still_unwrap() {
         .unwrap();
     server.stop().await;
 
-    let pg = TempPostgres::start();
-    let url = pg.database("migrated");
+    let source = if common::redb_selected() {
+        "kms.redb"
+    } else {
+        "db"
+    };
     let from = data.path().to_str().unwrap();
-    let (ok, out) = kms(&["store", "migrate", "--from", from, "--to", &url]);
+    // The target's data directory: a new one, or the PostgreSQL database.
+    let moved = tempfile::tempdir().unwrap();
+    let _pg;
+    let (to, verify, extra_env) = match target {
+        Target::Postgres => {
+            _pg = TempPostgres::start();
+            let url = _pg.database("migrated");
+            let env = vec![
+                ("KMS_STORE_BACKEND".to_owned(), "postgres".to_owned()),
+                ("KMS_STORE_URL".to_owned(), url.clone()),
+            ];
+            (
+                ["--to".to_owned(), url.clone()],
+                ["--store-url".to_owned(), url],
+                env,
+            )
+        }
+        Target::Redb => {
+            let file = moved.path().join("kms.redb");
+            let dir = moved.path().to_str().unwrap().to_owned();
+            let env = vec![
+                ("KMS_STORE_BACKEND".to_owned(), "redb".to_owned()),
+                (
+                    "KMS_STORE_PATH".to_owned(),
+                    file.to_str().unwrap().to_owned(),
+                ),
+            ];
+            (
+                ["--to-redb".to_owned(), file.to_str().unwrap().to_owned()],
+                ["--data-dir".to_owned(), dir],
+                env,
+            )
+        }
+    };
+    let migrate = ["store", "migrate", "--from", from, &to[0], &to[1]];
+    let (ok, out) = kms(&migrate);
     assert!(ok, "{out}");
     assert!(
         out.contains("migrated 1 keys (4 versions), 1 import tokens"),
         "{out}"
     );
     // Never into a store that already holds keys.
-    let (ok, out) = kms(&["store", "migrate", "--from", from, "--to", &url]);
+    let (ok, out) = kms(&migrate);
     assert!(!ok && out.contains("not empty"), "{out}");
-    // The copied chain verifies in the database.
-    let (ok, out) = kms(&["audit", "verify", "--store-url", &url]);
+    // The copied chain verifies in the target.
+    let (ok, out) = kms(&["audit", "verify", &verify[0], &verify[1]]);
     assert!(ok && out.contains("audit trail intact"), "{out}");
 
-    std::fs::rename(data.path().join("db"), data.path().join("db.migrated")).unwrap();
+    let set_aside = format!("{source}.migrated");
+    std::fs::rename(data.path().join(source), data.path().join(set_aside)).unwrap();
     let mut setup = ServerSetup::new(Some(&token), data.path());
-    setup.extra_env = vec![("KMS_STORE_URL".into(), url.clone())];
+    setup.extra_env = extra_env;
     let server = TestServer::try_start(setup).await.unwrap();
     let mut keys = server.keys().await;
     for (plaintext, ciphertext) in &wrapped {
@@ -144,6 +202,6 @@ async fn a_sled_store_moves_to_postgres_and_old_ciphertexts_still_unwrap() {
         "the token moved with its retrieval count (3, one used now)"
     );
     server.stop().await;
-    let (ok, out) = kms(&["audit", "verify", "--store-url", &url]);
+    let (ok, out) = kms(&["audit", "verify", &verify[0], &verify[1]]);
     assert!(ok, "the chain continued after the move verifies: {out}");
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use crate::audit::{VerifyFailure, VerifyReport, verify};
 use crate::cli::progress::Progress;
 use crate::config::{ConfigError, ProcessEnv, postgres_for_command};
-use crate::store::{PostgresStore, SledStore, Store, StoreError};
+use crate::store::{PostgresStore, RedbStore, SledStore, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditCommandError {
@@ -26,7 +26,7 @@ pub enum AuditCommandError {
     Store(#[from] StoreError),
     #[error("the audit trail is broken at {0}")]
     Broken(VerifyFailure),
-    #[error("give --data-dir (sled) or --store-url / KMS_STORE_URL (PostgreSQL)")]
+    #[error("give --data-dir (sled or redb) or --store-url / KMS_STORE_URL (PostgreSQL)")]
     NoTarget,
 }
 
@@ -51,7 +51,7 @@ impl StoreTarget {
     /// Opens the store: a data directory's existing sled database, or PostgreSQL.
     pub async fn open(&self) -> Result<Arc<dyn Store>, AuditCommandError> {
         match self {
-            StoreTarget::DataDir(dir) => Ok(Arc::new(open_data_dir(dir)?)),
+            StoreTarget::DataDir(dir) => Ok(open_data_dir(dir)?.into_store()),
             StoreTarget::Url(url) => {
                 let config = postgres_for_command(url.clone(), &ProcessEnv)?;
                 Ok(Arc::new(PostgresStore::connect(&config).await?))
@@ -60,17 +60,52 @@ impl StoreTarget {
     }
 }
 
-/// Opens a data directory's existing sled database (its server must be stopped: sled
-/// holds a lock on it).
-pub fn open_data_dir(dir: &std::path::Path) -> Result<SledStore, AuditCommandError> {
+/// A stopped server's embedded store, as found in its data directory.
+pub enum EmbeddedStore {
+    Sled(SledStore),
+    Redb(RedbStore),
+}
+
+impl EmbeddedStore {
+    pub fn into_store(self) -> Arc<dyn Store> {
+        match self {
+            EmbeddedStore::Sled(store) => Arc::new(store),
+            EmbeddedStore::Redb(store) => Arc::new(store),
+        }
+    }
+
+    pub fn store(&self) -> &dyn Store {
+        match self {
+            EmbeddedStore::Sled(store) => store,
+            EmbeddedStore::Redb(store) => store,
+        }
+    }
+}
+
+/// Opens a data directory's existing embedded store: redb's `kms.redb` if there is one,
+/// else sled's `db`. Its server must be stopped: both hold a lock on their files.
+pub fn open_data_dir(dir: &std::path::Path) -> Result<EmbeddedStore, AuditCommandError> {
+    let open_error = |path: &std::path::Path| {
+        let path = path.display().to_string();
+        move |source| AuditCommandError::Open { path, source }
+    };
+    let redb = dir.join("kms.redb");
+    if redb.is_file() {
+        return RedbStore::open(&redb, crate::store::DEFAULT_CACHE_BYTES)
+            .map(EmbeddedStore::Redb)
+            .map_err(open_error(&redb));
+    }
     let db = dir.join("db");
     if !db.exists() {
-        return Err(AuditCommandError::NoDatabase(db.display().to_string()));
+        return Err(AuditCommandError::NoDatabase(format!(
+            "{} or {}",
+            redb.display(),
+            db.display()
+        )));
     }
-    SledStore::open(&db).map_err(|source| AuditCommandError::Open {
-        path: db.display().to_string(),
-        source,
-    })
+    SledStore::open(&db)
+        .map(EmbeddedStore::Sled)
+        .map_err(open_error(&db))
 }
 
 /// Verifies the target's trail, showing progress on stderr.

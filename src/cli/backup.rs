@@ -28,7 +28,7 @@ use crate::hsm::{Hsm, HsmError};
 use crate::proto::ExportBackupRequest;
 use crate::proto::backup_service_client::BackupServiceClient;
 use crate::store::snapshot::{Loader, NotEmpty, ensure_empty};
-use crate::store::{ItemCounts, SledStore, Store, StoreConfig, StoreError, StoreItem};
+use crate::store::{ItemCounts, RedbStore, SledStore, Store, StoreConfig, StoreError, StoreItem};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
@@ -163,6 +163,20 @@ pub async fn restore(config: Config, from: PathBuf) -> Result<Outcome, BackupErr
             if path.exists() {
                 std::fs::remove_dir_all(path).map_err(file_error(path))?;
             }
+            std::fs::rename(&staging, path).map_err(file_error(path))?;
+            loaded
+        }
+        StoreConfig::Redb { path, cache_bytes } => {
+            if path.exists() {
+                ensure_empty(&RedbStore::open(path, *cache_bytes)?).await?;
+            }
+            let staging = PathBuf::from(format!("{}.restoring", path.display()));
+            if staging.exists() {
+                std::fs::remove_file(&staging).map_err(file_error(&staging))?;
+            }
+            let store = RedbStore::open(&staging, *cache_bytes)?;
+            let loaded = load(&store, &from, &progress).await?;
+            drop(store);
             std::fs::rename(&staging, path).map_err(file_error(path))?;
             loaded
         }

@@ -146,21 +146,30 @@ pub enum Command {
 
 #[derive(Subcommand)]
 pub enum StoreCommand {
-    /// Copy a stopped embedded default's sled store into an empty PostgreSQL database,
-    /// to serve the same token from there (set KMS_STORE_URL afterwards).
+    /// Copy a stopped server's embedded store into an empty PostgreSQL database or redb
+    /// file, to serve the same token from there (then set KMS_STORE_URL, or
+    /// KMS_STORE_BACKEND=redb with the file at <data dir>/kms.redb).
     Migrate {
-        /// The data directory whose `db` is copied.
+        /// The data directory whose store (`kms.redb`, else `db`) is copied.
         #[arg(long, value_name = "DIR")]
         from: PathBuf,
         /// postgres:// URL or key=value string; the password from KMS_STORE_PASSWORD or
         /// KMS_STORE_PASSWORD_FILE.
-        #[arg(long, value_name = "URL")]
-        to: String,
+        #[arg(
+            long,
+            value_name = "URL",
+            required_unless_present = "to_redb",
+            conflicts_with = "to_redb"
+        )]
+        to: Option<String>,
+        /// A new redb database file.
+        #[arg(long, value_name = "FILE")]
+        to_redb: Option<PathBuf>,
     },
     /// Sizes of a stopped embedded default's store: entries and bytes per tree, and
     /// the database's size on disk.
     Stats {
-        /// The data directory whose `db` is measured.
+        /// The data directory whose store (`kms.redb`, else `db`) is measured.
         #[arg(long, value_name = "DIR")]
         data_dir: PathBuf,
     },
@@ -343,11 +352,18 @@ pub fn run(command: Command) -> ExitCode {
             |report| print!("{report}"),
         ),
         Command::Store {
-            command: StoreCommand::Migrate { from, to },
+            command: StoreCommand::Migrate { from, to, to_redb },
         } => run_client(
             "store migrate",
             &mut tokio::runtime::Builder::new_multi_thread(),
-            crate::cli::store::migrate(from, to),
+            crate::cli::store::migrate(
+                from,
+                match (to, to_redb) {
+                    (_, Some(file)) => crate::cli::store::MigrateTarget::Redb(file),
+                    (Some(url), None) => crate::cli::store::MigrateTarget::Postgres(url),
+                    (None, None) => unreachable!("clap requires --to or --to-redb"),
+                },
+            ),
             |m| println!("migrated {m}"),
         ),
         Command::Bench {

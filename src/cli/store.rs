@@ -1,8 +1,9 @@
-//! `kms store migrate --from <sled data dir> --to <postgres url>`: moves an embedded
-//! default's store to PostgreSQL, so the same token serves it from there.
+//! `kms store migrate --from <data dir> (--to <postgres url> | --to-redb <file>)`: moves
+//! an embedded store (sled or redb) to PostgreSQL, or a sled store to redb, so the same
+//! token serves it from there.
 //!
 //! Decisions: the target must hold no keys and no audit records (a migration never
-//! merges); the source server must be stopped (sled's lock says so). Every record is
+//! merges); the source server must be stopped (the embedded stores' locks say so). Every record is
 //! copied through the store traits, so the target's own invariants (counters, indexes)
 //! are built by the target: keys with their versions oldest first, import tokens,
 //! import parameters, pooled RSA pairs, then the audit trail's blocks as stored (the
@@ -11,11 +12,13 @@
 
 use std::path::PathBuf;
 
-use crate::cli::audit::{AuditCommandError, open_data_dir};
+use crate::cli::audit::{AuditCommandError, EmbeddedStore, open_data_dir};
 use crate::cli::progress::Progress;
 use crate::config::{ProcessEnv, postgres_for_command};
 use crate::store::snapshot::{NotEmpty, copy, ensure_empty};
-use crate::store::{ItemCounts, PostgresStore, StoreError, StoreItem};
+use crate::store::{
+    DEFAULT_CACHE_BYTES, ItemCounts, PostgresStore, RedbStore, Store, StoreError, StoreItem,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
@@ -29,20 +32,37 @@ pub enum MigrateError {
     NotEmpty(#[from] NotEmpty),
 }
 
-pub async fn migrate(from: PathBuf, to: String) -> Result<ItemCounts, MigrateError> {
-    let sled = open_data_dir(&from)?;
-    let target = PostgresStore::connect(&postgres_for_command(to, &ProcessEnv)?).await?;
-    ensure_empty(&target).await?;
+/// Where a migration writes.
+pub enum MigrateTarget {
+    Postgres(String),
+    Redb(PathBuf),
+}
+
+pub async fn migrate(from: PathBuf, to: MigrateTarget) -> Result<ItemCounts, MigrateError> {
+    let source = open_data_dir(&from)?;
+    let target: Box<dyn Store> = match to {
+        MigrateTarget::Postgres(url) => {
+            Box::new(PostgresStore::connect(&postgres_for_command(url, &ProcessEnv)?).await?)
+        }
+        MigrateTarget::Redb(path) => Box::new(RedbStore::open(&path, DEFAULT_CACHE_BYTES)?),
+    };
+    ensure_empty(target.as_ref()).await?;
     let progress = Progress::new("migrated records", None);
-    let copied = copy(&sled, &target, &|_: &StoreItem| progress.add(1)).await?;
+    let copied = copy(source.store(), target.as_ref(), &|_: &StoreItem| {
+        progress.add(1)
+    })
+    .await?;
     progress.finish();
     Ok(copied)
 }
 
-/// `kms store stats`: a table of the sled trees and the size on disk.
+/// `kms store stats`: a table of the embedded store's trees (tables) and its size on
+/// disk.
 pub async fn stats(data_dir: PathBuf) -> Result<String, MigrateError> {
-    let sled = open_data_dir(&data_dir)?;
-    let (trees, on_disk) = sled.tree_sizes().await?;
+    let (trees, on_disk) = match open_data_dir(&data_dir)? {
+        EmbeddedStore::Sled(sled) => sled.tree_sizes().await?,
+        EmbeddedStore::Redb(redb) => redb.table_sizes().await?,
+    };
     let mut out = String::from("| tree | entries | bytes (keys + values) |\n|---|---:|---:|\n");
     for (name, entries, bytes) in trees {
         out.push_str(&format!("| {name} | {entries} | {bytes} |\n"));

@@ -3,7 +3,7 @@
 //!
 //! ```toml
 //! [store]
-//! backend = "postgres"              # or "sled" (the default)
+//! backend = "postgres"              # or "redb", or "sled" (the default)
 //! url = "postgres://kms@db.internal/kms"  # or "host=/run/postgresql dbname=kms user=kms"
 //! password_file = "/etc/kms/db.password"  # or KMS_STORE_PASSWORD in the environment
 //! ca_file = "/etc/kms/db-ca.pem"    # TLS to the database, verified against this CA
@@ -11,10 +11,12 @@
 //! cache_ttl_ms = 250                # how stale another replica's change may be seen
 //! ```
 //!
-//! For sled, `cache_mib` (`KMS_STORE_CACHE_MIB`, default 64) sizes its page cache. sled's
-//! own default (1 GiB) let a store of 100,000 keys hold 600 MB resident; sled counts
-//! the cache in compressed bytes and holds more besides, so it lowers but does not
-//! bound the store's memory (README, "At size").
+//! The embedded backends keep their files in the data directory unless `path`
+//! (`KMS_STORE_PATH`) says otherwise: sled a directory `db`, redb one file `kms.redb`. `cache_mib`
+//! (`KMS_STORE_CACHE_MIB`, default 64) sizes their page cache. redb holds its cache to
+//! that size. sled's own default (1 GiB) let a store of 100,000 keys hold 600 MB
+//! resident; sled counts the cache in compressed bytes and holds more besides, so it
+//! lowers but does not bound the store's memory (README, "At size").
 //!
 //! `KMS_STORE_URL` overrides `url` and implies `backend = "postgres"`. A password is
 //! never taken from the command line; one inside the URL works but then lives in the
@@ -37,6 +39,7 @@ pub const STORE_PASSWORD_ENV: &str = "KMS_STORE_PASSWORD";
 pub enum Backend {
     #[default]
     Sled,
+    Redb,
     Postgres,
 }
 
@@ -44,14 +47,15 @@ pub enum Backend {
 #[serde(deny_unknown_fields)]
 pub(super) struct StoreSection {
     backend: Option<Backend>,
-    /// sled: the database directory (default `<data dir>/db`).
+    /// sled: the database directory (default `<data dir>/db`); redb: the database file
+    /// (default `<data dir>/kms.redb`).
     path: Option<PathBuf>,
     url: Option<String>,
     password_file: Option<PathBuf>,
     ca_file: Option<PathBuf>,
     pool_size: Option<usize>,
     cache_ttl_ms: Option<u64>,
-    /// sled: page cache size in MiB.
+    /// sled, redb: page cache size in MiB.
     cache_mib: Option<u64>,
 }
 
@@ -71,30 +75,42 @@ pub(super) fn resolve(
     let url = env.var("KMS_STORE_URL").or(section.url);
     let backend = match env.var("KMS_STORE_BACKEND").as_deref() {
         Some("sled") => Backend::Sled,
+        Some("redb") => Backend::Redb,
         Some("postgres") => Backend::Postgres,
         Some(other) => {
             return Err(invalid(
                 "KMS_STORE_BACKEND",
-                format!("{other:?} is not sled or postgres"),
+                format!("{other:?} is not sled, redb or postgres"),
             ));
         }
         None if url.is_some() && env.var("KMS_STORE_URL").is_some() => Backend::Postgres,
         None => section.backend.unwrap_or_default(),
     };
-    if backend == Backend::Sled {
-        let path = section.path.unwrap_or_else(|| data_dir.join("db"));
+    if backend != Backend::Postgres {
+        let path = env
+            .var("KMS_STORE_PATH")
+            .map(PathBuf::from)
+            .or(section.path);
         let cache_mib = parsed_var(env, "KMS_STORE_CACHE_MIB", "a number of MiB")?
             .or(section.cache_mib)
-            .unwrap_or(crate::store::DEFAULT_SLED_CACHE_BYTES >> 20);
+            .unwrap_or(crate::store::DEFAULT_CACHE_BYTES >> 20);
         if cache_mib == 0 {
             return Err(invalid(
                 "store.cache_mib (KMS_STORE_CACHE_MIB)",
                 "must be at least 1",
             ));
         }
-        return Ok(StoreConfig::Sled {
-            path,
-            cache_bytes: cache_mib << 20,
+        let cache_bytes = cache_mib << 20;
+        return Ok(if backend == Backend::Redb {
+            StoreConfig::Redb {
+                path: path.unwrap_or_else(|| data_dir.join("kms.redb")),
+                cache_bytes,
+            }
+        } else {
+            StoreConfig::Sled {
+                path: path.unwrap_or_else(|| data_dir.join("db")),
+                cache_bytes,
+            }
         });
     }
     let url = url.ok_or_else(|| {
@@ -177,7 +193,9 @@ pub fn postgres_for_command(url: String, env: &dyn Env) -> Result<PostgresConfig
     }
     match resolve(Some(section), &Except(env, url), Path::new("."))? {
         StoreConfig::Postgres(config) => Ok(config),
-        StoreConfig::Sled { .. } => Err(invalid("store URL", "not a PostgreSQL store")),
+        StoreConfig::Sled { .. } | StoreConfig::Redb { .. } => {
+            Err(invalid("store URL", "not a PostgreSQL store"))
+        }
     }
 }
 
@@ -206,7 +224,7 @@ mod tests {
     fn postgres(config: StoreConfig) -> PostgresConfig {
         match config {
             StoreConfig::Postgres(config) => config,
-            StoreConfig::Sled { .. } => panic!("expected PostgreSQL"),
+            other => panic!("expected PostgreSQL, not {other:?}"),
         }
     }
 

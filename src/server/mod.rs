@@ -93,7 +93,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
         path: config.data_dir.display().to_string(),
         source,
     })?;
-    if let StoreConfig::Sled { path, .. } = &config.store
+    if let StoreConfig::Sled { path, .. } | StoreConfig::Redb { path, .. } = &config.store
         && let Some(parent) = path.parent()
     {
         std::fs::create_dir_all(parent).map_err(|source| ServeError::DataDir {
@@ -219,10 +219,7 @@ async fn serve_with_hsm(
         Arc::clone(&hsm),
         Arc::clone(&store),
         config.hsm.kek_label.clone(),
-        match config.store {
-            StoreConfig::Sled { .. } => "sled",
-            StoreConfig::Postgres(_) => "postgres",
-        },
+        config.store.backend(),
     ));
     let gate = Arc::new(CallGate::new(
         Arc::clone(&auth),

@@ -254,6 +254,8 @@ impl TestServer {
             .env("KMS_IMPORT_RSA_POOL_SIZE", "0");
         if postgres::selected() {
             command.env("KMS_STORE_URL", store_url(setup.data_dir));
+        } else if redb_selected() {
+            command.env("KMS_STORE_BACKEND", "redb");
         }
         if setup.token.is_some() {
             ensure_admin(setup.data_dir);
@@ -274,6 +276,10 @@ impl TestServer {
             }
         }
         for (k, v) in &setup.extra_env {
+            // A test that names its own PostgreSQL means that store, whatever the suite's.
+            if k == "KMS_STORE_URL" {
+                command.env_remove("KMS_STORE_BACKEND");
+            }
             command.env(k, v);
         }
         let log = std::fs::File::create(&log_file).unwrap();
@@ -638,18 +644,33 @@ pub fn store_url(data_dir: &Path) -> String {
     postgres::shared().database(&format!("kms_{:016x}", hasher.finish()))
 }
 
-/// The store a (stopped) server of `data_dir` used: its sled database, or its
-/// PostgreSQL database when the suite runs on PostgreSQL.
+/// The store a (stopped) server of `data_dir` used: its sled database, its redb file, or
+/// its PostgreSQL database, as the suite's store is chosen.
 pub async fn open_store(data_dir: &Path) -> std::sync::Arc<dyn kms::store::Store> {
     let config = if postgres::selected() {
         kms::store::StoreConfig::Postgres(kms::store::PostgresConfig::new(store_url(data_dir)))
+    } else if redb_selected() {
+        kms::store::StoreConfig::Redb {
+            path: data_dir.join("kms.redb"),
+            cache_bytes: kms::store::DEFAULT_CACHE_BYTES,
+        }
     } else {
         kms::store::StoreConfig::Sled {
             path: data_dir.join("db"),
-            cache_bytes: kms::store::DEFAULT_SLED_CACHE_BYTES,
+            cache_bytes: kms::store::DEFAULT_CACHE_BYTES,
         }
     };
     kms::store::open(&config).await.expect("open the store")
+}
+
+/// True when the suite runs against the redb backend (`KMS_TEST_STORE=redb`).
+pub fn redb_selected() -> bool {
+    std::env::var("KMS_TEST_STORE").is_ok_and(|s| s == "redb")
+}
+
+/// True when the suite runs against sled, the embedded default (no `KMS_TEST_STORE`).
+pub fn sled_selected() -> bool {
+    !postgres::selected() && !redb_selected()
 }
 
 /// A small deterministic generator (xorshift64) for tests that draw at random: seeded and

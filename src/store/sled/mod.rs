@@ -52,18 +52,13 @@ use std::time::Duration;
 use ::sled::Tree;
 use async_trait::async_trait;
 
-use super::{Durability, STORE_SCHEMA, Store, StoreError};
+use super::{DEFAULT_CACHE_BYTES, Durability, STORE_SCHEMA, Store, StoreError};
 use crate::store::kv::{self, DecodedKeys, codec};
 use flush::GroupFlusher;
 
 const SCHEMA_KEY: &[u8] = b"schema_version";
 /// sled writes what is not yet flushed at least this often (its default, made explicit).
 pub const PERIODIC_FLUSH_MS: u64 = 500;
-/// sled's page cache unless configured (`store.cache_mib`; sled's own default is 1 GiB,
-/// which let 100,000 keys hold 600 MB resident). sled counts it in compressed bytes on
-/// disk, not memory, and keeps more than its cache: at a million keys the server still
-/// held about 570 MB (README, "At size").
-pub const DEFAULT_SLED_CACHE_BYTES: u64 = 64 << 20;
 /// sled's log segment. With zstd compression of what it writes, 2 MiB segments held
 /// 100,000 generated keys (and their creation's audit records) in about 620 bytes a
 /// key; sled's defaults (512 KiB, uncompressed) took 1,840, compression alone 975,
@@ -127,7 +122,7 @@ impl SledStore {
     /// Opens (creating if absent) the database, migrating an older schema and refusing
     /// a newer one.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        Self::open_with_cache(path, DEFAULT_SLED_CACHE_BYTES)
+        Self::open_with_cache(path, DEFAULT_CACHE_BYTES)
     }
 
     /// [`SledStore::open`] with a page cache of `cache_bytes`.
@@ -145,7 +140,7 @@ impl SledStore {
     /// created with and no migration: for tools and tests that inspect or edit a
     /// stopped data directory below the store's API.
     pub fn open_database(path: &Path) -> Result<::sled::Db, StoreError> {
-        Ok(Self::database_config(path, DEFAULT_SLED_CACHE_BYTES).open()?)
+        Ok(Self::database_config(path, DEFAULT_CACHE_BYTES).open()?)
     }
 
     fn database_config(path: &Path, cache_bytes: u64) -> ::sled::Config {
