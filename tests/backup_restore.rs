@@ -24,8 +24,8 @@ fn kms_for(token: &TestToken, data_dir: &Path, args: &[&str]) -> (bool, String) 
     command.args(args).env_remove("KMS_STORE_URL");
     if common::postgres::selected() {
         command.env("KMS_STORE_URL", common::store_url(data_dir));
-    } else if common::redb_selected() {
-        command.env("KMS_STORE_BACKEND", "redb");
+    } else if common::sled_selected() {
+        command.env("KMS_STORE_BACKEND", "sled");
     }
     for (name, value) in &token.env {
         command.env(name, value);

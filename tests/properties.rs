@@ -10,7 +10,7 @@ use kms::audit::{AuditRecord, GENESIS_HASH, decode_block, encode_block};
 use kms::auth::{BearerToken, parse_tokens_file};
 use kms::config::{Config, Env};
 use kms::domain::ciphertext::{additional_data, decode, encode};
-use kms::store::{KeyStore, SledStore, StoreError};
+use kms::store::{KeyStore, RedbStore, SledStore, StoreError};
 use proptest::collection::vec;
 use proptest::prelude::*;
 use uuid::Uuid;
@@ -186,4 +186,59 @@ fn retry_while_locked<T>(mut open: impl FnMut() -> Result<T, String>) -> T {
 
 fn open_when_released(path: &Path) -> SledStore {
     retry_while_locked(|| SledStore::open(path).map_err(|e| e.to_string()))
+}
+
+/// The same for redb, where a key's record sits in `order` under its creation time and
+/// `keys` holds that time: garbage in either place is `Corrupt` naming the key.
+#[test]
+fn corrupt_redb_key_records_are_clean_errors_naming_the_key() {
+    const KEYS: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("keys");
+    const ORDER: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("order");
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(64));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kms.redb");
+    drop(RedbStore::open(&path, 1 << 20).unwrap());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runner
+        .run(
+            &(vec(any::<u8>(), 0..200), any::<bool>()),
+            |(garbage, in_index)| {
+                let id = Uuid::new_v4();
+                {
+                    let db = redb::Database::open(&path).unwrap();
+                    let txn = db.begin_write().unwrap();
+                    {
+                        let mut key = b"inst\0".to_vec();
+                        key.extend_from_slice(id.as_bytes());
+                        let created = 5u64.to_be_bytes();
+                        let mut keys = txn.open_table(KEYS).unwrap();
+                        if in_index {
+                            keys.insert(key.as_slice(), garbage.as_slice()).unwrap();
+                        } else {
+                            keys.insert(key.as_slice(), created.as_slice()).unwrap();
+                            let mut at = b"inst\0".to_vec();
+                            at.extend_from_slice(&created);
+                            at.extend_from_slice(id.as_bytes());
+                            txn.open_table(ORDER)
+                                .unwrap()
+                                .insert(at.as_slice(), garbage.as_slice())
+                                .unwrap();
+                        }
+                    }
+                    txn.commit().unwrap();
+                }
+                let store = RedbStore::open(&path, 1 << 20).unwrap();
+                match runtime.block_on(store.get_key("inst", id)) {
+                    Err(StoreError::Corrupt { what, .. }) => {
+                        prop_assert_eq!(what, format!("key {id}"))
+                    }
+                    other => prop_assert!(false, "{other:?}"),
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
 }

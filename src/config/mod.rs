@@ -448,15 +448,17 @@ mod tests {
 
     #[test]
     fn no_file_means_embedded_default_under_the_data_dir() {
-        let env = MapEnv(HashMap::from([("KMS_DATA_DIR", "/tmp/x")]));
+        let dir = tempfile::tempdir().unwrap();
+        let data: &'static str = dir.path().to_str().unwrap().to_owned().leak();
+        let env = MapEnv(HashMap::from([("KMS_DATA_DIR", data)]));
         let config = Config::resolve(FileConfig::default(), &env).unwrap();
         assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
         assert!(matches!(
             &config.store,
-            crate::store::StoreConfig::Sled { path, .. } if path == &PathBuf::from("/tmp/x/db")
+            crate::store::StoreConfig::Redb { path, .. } if path == &dir.path().join("kms.redb")
         ));
         let embedded = config.embedded.expect("embedded");
-        assert!(embedded.softhsm_conf.starts_with("/tmp/x"));
+        assert!(embedded.softhsm_conf.starts_with(data));
     }
 
     #[test]

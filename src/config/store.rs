@@ -3,7 +3,7 @@
 //!
 //! ```toml
 //! [store]
-//! backend = "postgres"              # or "redb", or "sled" (the default)
+//! backend = "postgres"              # or "redb" (the default), or "sled"
 //! url = "postgres://kms@db.internal/kms"  # or "host=/run/postgresql dbname=kms user=kms"
 //! password_file = "/etc/kms/db.password"  # or KMS_STORE_PASSWORD in the environment
 //! ca_file = "/etc/kms/db-ca.pem"    # TLS to the database, verified against this CA
@@ -11,8 +11,11 @@
 //! cache_ttl_ms = 250                # how stale another replica's change may be seen
 //! ```
 //!
-//! The embedded backends keep their files in the data directory unless `path`
-//! (`KMS_STORE_PATH`) says otherwise: sled a directory `db`, redb one file `kms.redb`. `cache_mib`
+//! With no backend configured, the store is embedded: redb, unless the data directory
+//! already holds an earlier build's sled database (`db`), which is then opened as it
+//! is (`kms store migrate --to-redb` moves it). The embedded backends keep their files
+//! in the data directory unless `path` (`KMS_STORE_PATH`) says otherwise: sled a
+//! directory `db`, redb one file `kms.redb`. `cache_mib`
 //! (`KMS_STORE_CACHE_MIB`, default 64) sizes their page cache. redb holds its cache to
 //! that size. sled's own default (1 GiB) let a store of 100,000 keys hold 600 MB
 //! resident; sled counts the cache in compressed bytes and holds more besides, so it
@@ -34,13 +37,25 @@ use crate::store::{PostgresConfig, StoreConfig};
 
 pub const STORE_PASSWORD_ENV: &str = "KMS_STORE_PASSWORD";
 
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
-    #[default]
     Sled,
     Redb,
     Postgres,
+}
+
+impl Backend {
+    /// The embedded store when none is configured: the one a data directory already
+    /// holds (an earlier build's sled `db` is kept, never silently replaced by an empty
+    /// store), else redb.
+    fn embedded_default(data_dir: &Path) -> Backend {
+        if data_dir.join("db").exists() && !data_dir.join("kms.redb").exists() {
+            Backend::Sled
+        } else {
+            Backend::Redb
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -84,7 +99,9 @@ pub(super) fn resolve(
             ));
         }
         None if url.is_some() && env.var("KMS_STORE_URL").is_some() => Backend::Postgres,
-        None => section.backend.unwrap_or_default(),
+        None => section
+            .backend
+            .unwrap_or_else(|| Backend::embedded_default(data_dir)),
     };
     if backend != Backend::Postgres {
         let path = env
@@ -205,6 +222,26 @@ mod tests {
 
     use super::*;
 
+    /// An earlier build's sled database stays in use; a new data directory gets redb.
+    #[test]
+    fn an_existing_sled_database_is_kept_as_the_embedded_store() {
+        let data = tempfile::tempdir().unwrap();
+        assert_eq!(Backend::embedded_default(data.path()), Backend::Redb);
+        std::fs::create_dir(data.path().join("db")).unwrap();
+        assert!(matches!(
+            resolve(None, &env(&[]), data.path()).unwrap(),
+            StoreConfig::Sled { path, .. } if path == data.path().join("db")
+        ));
+        // Once migrated (the file exists beside it), redb is the store.
+        std::fs::write(data.path().join("kms.redb"), b"").unwrap();
+        assert_eq!(Backend::embedded_default(data.path()), Backend::Redb);
+        // Asked for by name, either is used.
+        assert!(matches!(
+            resolve(None, &env(&[("KMS_STORE_BACKEND", "sled")]), data.path()).unwrap(),
+            StoreConfig::Sled { .. }
+        ));
+    }
+
     struct MapEnv(HashMap<&'static str, String>);
 
     impl Env for MapEnv {
@@ -229,11 +266,11 @@ mod tests {
     }
 
     #[test]
-    fn sled_by_default_and_a_store_url_means_postgres() {
+    fn redb_by_default_and_a_store_url_means_postgres() {
         let dir = Path::new("/srv/kms");
         assert!(matches!(
             resolve(None, &env(&[]), dir).unwrap(),
-            StoreConfig::Sled { path, cache_bytes } if path == dir.join("db") && cache_bytes == 64 << 20
+            StoreConfig::Redb { path, cache_bytes } if path == dir.join("kms.redb") && cache_bytes == 64 << 20
         ));
         let config = postgres(
             resolve(

@@ -254,8 +254,8 @@ impl TestServer {
             .env("KMS_IMPORT_RSA_POOL_SIZE", "0");
         if postgres::selected() {
             command.env("KMS_STORE_URL", store_url(setup.data_dir));
-        } else if redb_selected() {
-            command.env("KMS_STORE_BACKEND", "redb");
+        } else if sled_selected() {
+            command.env("KMS_STORE_BACKEND", "sled");
         }
         if setup.token.is_some() {
             ensure_admin(setup.data_dir);
@@ -663,14 +663,15 @@ pub async fn open_store(data_dir: &Path) -> std::sync::Arc<dyn kms::store::Store
     kms::store::open(&config).await.expect("open the store")
 }
 
-/// True when the suite runs against the redb backend (`KMS_TEST_STORE=redb`).
+/// True when the suite runs against redb, the embedded default (no `KMS_TEST_STORE`, or
+/// `KMS_TEST_STORE=redb`).
 pub fn redb_selected() -> bool {
-    std::env::var("KMS_TEST_STORE").is_ok_and(|s| s == "redb")
+    std::env::var("KMS_TEST_STORE").map_or(true, |s| s == "redb")
 }
 
-/// True when the suite runs against sled, the embedded default (no `KMS_TEST_STORE`).
+/// True when the suite runs against sled (`KMS_TEST_STORE=sled`).
 pub fn sled_selected() -> bool {
-    !postgres::selected() && !redb_selected()
+    std::env::var("KMS_TEST_STORE").is_ok_and(|s| s == "sled")
 }
 
 /// A small deterministic generator (xorshift64) for tests that draw at random: seeded and

@@ -30,10 +30,29 @@ pub(crate) fn key_key(instance: &str, id: Uuid) -> Vec<u8> {
 }
 
 pub(crate) fn order_key(key: &KeyRecord) -> Vec<u8> {
-    let mut k = instance_prefix(&key.instance);
-    k.extend_from_slice(&(key.created_at as u64).to_be_bytes());
-    k.extend_from_slice(key.id.as_bytes());
+    order_key_at(&key.instance, key.created_at, key.id)
+}
+
+/// A key's place in listing order: instance 0x00 created-ms(BE u64) key-uuid.
+pub(crate) fn order_key_at(instance: &str, created_at: Millis, id: Uuid) -> Vec<u8> {
+    let mut k = instance_prefix(instance);
+    k.extend_from_slice(&(created_at as u64).to_be_bytes());
+    k.extend_from_slice(id.as_bytes());
     k
+}
+
+/// An `order` tree key: the instance and the key id (its last 16 bytes).
+pub(crate) fn parse_order_key(k: &[u8]) -> Result<(String, Uuid), StoreError> {
+    let corrupt = || StoreError::corrupt("order index", "malformed entry");
+    if k.len() < 1 + 8 + 16 {
+        return Err(corrupt());
+    }
+    let (rest, id) = k.split_at(k.len() - 16);
+    let instance = rest[..rest.len() - 8]
+        .strip_suffix(&[0])
+        .ok_or_else(corrupt)?;
+    let instance = String::from_utf8(instance.to_vec()).map_err(|_| corrupt())?;
+    Ok((instance, Uuid::from_bytes(id.try_into().expect("16 bytes"))))
 }
 
 pub(crate) fn order_value(key: &KeyRecord) -> [u8; 2] {

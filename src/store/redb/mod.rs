@@ -1,6 +1,11 @@
 //! The redb backend: an embedded store in one file, one process at a time (redb locks
-//! it), with the same tables, keys and record forms as sled's trees
-//! ([`crate::store::sled`] documents the layout; [`crate::store::kv`] holds it).
+//! it). Its tables are sled's trees ([`crate::store::sled`] documents them) with the
+//! same keys and record forms ([`crate::store::kv`]), but for two:
+//! - `keys`:  instance 0x00 key-uuid                    -> created-ms (BE u64)
+//! - `order`: instance 0x00 created-ms(BE u64) key-uuid -> revision (BE u64) || KeyRecord
+//!
+//! (records in listing order: [`keys`] says why), and audit blocks are zstd frames
+//! ([`audit`]).
 //!
 //! Why a second embedded backend (decision, measured with a million keys: README, "At
 //! size"): sled's memory is not bounded by its cache setting and it grows with what is

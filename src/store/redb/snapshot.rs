@@ -7,9 +7,9 @@ use redb::{ReadTransaction, ReadableTable};
 
 use super::audit::{block_entry, meta_entry};
 use super::keys::versions_of;
-use super::{AUDIT, IMPORT_PARAMETERS, IMPORT_TOKENS, KEYS, RSA_POOL, RedbStore, VERSIONS};
+use super::{AUDIT, IMPORT_PARAMETERS, IMPORT_TOKENS, ORDER, RSA_POOL, RedbStore, VERSIONS};
 use crate::store::kv::{
-    ANCHOR_KEY, END_KEY, decode, decode_key_value, decode_token, parse_key_key,
+    ANCHOR_KEY, END_KEY, decode, decode_key_value, decode_token, parse_order_key,
 };
 use crate::store::{Snapshot, SnapshotSink, StoreError, StoreItem};
 
@@ -31,9 +31,9 @@ fn walk(txn: &ReadTransaction, sink: &SnapshotSink) -> Result<(), StoreError> {
         return Ok(());
     }
     let versions = txn.open_table(VERSIONS)?;
-    for entry in txn.open_table(KEYS)?.iter()? {
+    for entry in txn.open_table(ORDER)?.iter()? {
         let (k, v) = entry?;
-        let (instance, id) = parse_key_key(k.value())?;
+        let (instance, id) = parse_order_key(k.value())?;
         let key = decode_key_value(&instance, id, v.value())?;
         let versions = versions_of(&versions, id)?;
         if !send(StoreItem::Key { key, versions }) {
