@@ -10,11 +10,11 @@
 #     stopped; PostgreSQL: pg_database_size after the preload less before it).
 #   - the time `kms backup` takes, and `kms restore` into a new store
 #     (KMS_AT_SIZE_RESTORE=0 skips the restore).
-# Usage: scripts/bench-at-size.sh KEYS [sled|redb|postgres] [WORK_DIR]   (WORK_DIR is wiped)
+# Usage: scripts/bench-at-size.sh KEYS [redb|sled|postgres] [WORK_DIR]   (WORK_DIR is wiped; redb by default)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 keys=${1:?usage: $0 KEYS [sled|redb|postgres] [WORK_DIR]}
-backend=${2:-sled}
+backend=${2:-redb}
 work=${3:-/var/tmp/kms-at-size}
 port=${KMS_AT_SIZE_PORT:-50071}
 bash scripts/deps.sh >/dev/null
@@ -25,8 +25,8 @@ rm -rf "$work/data"
 mkdir -p "$work"
 server_env=(KMS_DATA_DIR="$work/data" KMS_LISTEN="127.0.0.1:$port" KMS_IMPORT_RSA_POOL_SIZE=0)
 db_bytes() { :; }
-if [ "$backend" = redb ]; then
-  server_env+=(KMS_STORE_BACKEND=redb)
+if [ "$backend" = redb ] || [ "$backend" = sled ]; then
+  server_env+=(KMS_STORE_BACKEND="$backend")
 fi
 if [ "$backend" = postgres ]; then
   eval "export $(scripts/postgres.sh start "$work/pg")"
@@ -92,8 +92,8 @@ rm -rf "$work/restored"
 mkdir -p "$work/restored"
 cp -a "$work/data/softhsm" "$work/restored/"
 restore_env=()
-if [ "$backend" = redb ]; then
-  restore_env=(KMS_STORE_BACKEND=redb)
+if [ "$backend" = redb ] || [ "$backend" = sled ]; then
+  restore_env=(KMS_STORE_BACKEND="$backend")
 fi
 if [ "$backend" = postgres ]; then
   psql -h "$socket" -U kms -d postgres -qc "DROP DATABASE IF EXISTS kms_at_size_restored" >/dev/null

@@ -1,5 +1,6 @@
-//! An HSM-backed key management service: gRPC in front, PKCS#11 behind, sled for
-//! metadata, KEK-wrapped blobs and the audit trail.
+//! An HSM-backed key management service: gRPC in front, PKCS#11 behind, an embedded
+//! store (redb; or sled) or PostgreSQL for metadata, KEK-wrapped blobs and the audit
+//! trail.
 
 pub mod api;
 pub mod audit;

@@ -365,7 +365,11 @@ async fn retention_bounds_the_trail_and_what_remains_verifies() {
             break;
         }
     }
-    assert!(held < 100, "{held} of over 150 records held");
+    assert!(
+        held < 100,
+        "{held} of over 150 records held; server log:\n{}",
+        server.log()
+    );
     assert!(server.stop().await.success());
     let (ok, text) = verify(data.path());
     assert!(ok, "{text}");

@@ -7,13 +7,13 @@
 //!   puts the record in the trail's pending list, in memory, before the call is
 //!   answered. [`AuditTrail::commit`] numbers and hashes the pending records onto the
 //!   chain's end *as stored* and writes them in blocks, in one store step that no other
-//!   process can interleave with (sled: one process; PostgreSQL: a transaction holding the
+//!   process can interleave with (redb, sled: one process; PostgreSQL: a transaction holding the
 //!   lock on the chain's row). So sequence numbers follow commit order across replicas, and a
 //!   record's time is when its call was answered (replicas' clocks may differ a little).
 //! - Blocks, not single records: a store insert costs several microseconds, too much per
 //!   call at 25k calls/s. A mutating call waits for [`AuditTrail::persist`] (commit, then
-//!   the store's durability point) before answering; on sled the record and the change
-//!   become durable in the same group flush; on PostgreSQL the change's transaction
+//!   the store's durability point) before answering; on redb and sled the record and the
+//!   change become durable in the same group commit; on PostgreSQL the change's transaction
 //!   commits first, then the record's, and the answer waits for both. Read calls'
 //!   records are committed by a background task every [`BACKGROUND_COMMIT`], or like
 //!   mutating calls with `audit.sync_reads = true`.

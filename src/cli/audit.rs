@@ -1,5 +1,5 @@
-//! `kms audit verify`: checks the whole hash chain of an audit trail: a sled data
-//! directory's (offline: the server must be stopped, or run it on a copy) or a
+//! `kms audit verify`: checks the whole hash chain of an audit trail: an embedded data
+//! directory's (redb or sled) (offline: the server must be stopped, or run it on a copy) or a
 //! PostgreSQL store's (online: replicas may keep appending; what was committed when the
 //! walk reached the end is checked).
 
@@ -48,7 +48,7 @@ impl StoreTarget {
         }
     }
 
-    /// Opens the store: a data directory's existing sled database, or PostgreSQL.
+    /// Opens the store: a data directory's existing redb or sled database, or PostgreSQL.
     pub async fn open(&self) -> Result<Arc<dyn Store>, AuditCommandError> {
         match self {
             StoreTarget::DataDir(dir) => Ok(open_data_dir(dir)?.into_store()),

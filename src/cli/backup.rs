@@ -8,8 +8,8 @@
 //!   damaged file changes nothing. It then opens the HSM the configuration names and
 //!   refuses unless the master KEK's check value matches the manifest's: a backup
 //!   restored onto the wrong token would hold keys nobody can unwrap.
-//! - The target must be empty (a restore never merges). On sled the records are loaded
-//!   into `<db>.restoring` and renamed to `<db>` at the end, so an interrupted restore
+//! - The target must be empty (a restore never merges). On redb and sled the records are
+//!   loaded into `<path>.restoring` and renamed to `<path>` at the end, so an interrupted restore
 //!   leaves no half-filled store where the server looks; on PostgreSQL the loader
 //!   writes into the database itself (empty it again before a retry).
 

@@ -248,7 +248,7 @@ pub enum TokenCommand {
 pub enum AuditCommand {
     /// Check the whole hash chain of a stopped server's audit trail (or of a copy).
     ///
-    /// Either a data directory (sled) or a PostgreSQL store.
+    /// Either a data directory (redb or sled) or a PostgreSQL store.
     Verify {
         #[arg(long, value_name = "DIR")]
         data_dir: Option<PathBuf>,

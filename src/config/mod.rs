@@ -1,7 +1,7 @@
 //! Configuration: one optional TOML file, then environment overrides.
 //!
 //! With no file (or a file without an `[hsm]` section) the service runs on the embedded
-//! default: a SoftHSM token, its PINs and the sled database under the data directory.
+//! default: a SoftHSM token, its PINs and the redb database under the data directory.
 //! The PIN is read from a file or an environment variable, never from the command line.
 //! What faces callers (tokens file, TLS, connection limits, audit) is in [`frontend`].
 

@@ -3,9 +3,9 @@
 //! are made of.
 //!
 //! Decisions:
-//! - A snapshot is consistent: sled holds its write gate for the whole walk (reads go
-//!   on, writes wait); PostgreSQL reads in one REPEATABLE READ transaction (nothing
-//!   waits). Records are sent through a bounded channel, so memory stays bounded
+//! - A snapshot is consistent: redb reads in one read transaction and PostgreSQL in one
+//!   REPEATABLE READ transaction (nothing waits); sled holds its write gate for the
+//!   whole walk (reads go on, writes wait). Records are sent through a bounded channel, so memory stays bounded
 //!   whatever the store's size and the walk runs at the reader's pace.
 //! - The audit chain's end and anchor come first, then keys (each with its versions,
 //!   oldest first), import tokens, import parameters, pooled RSA pairs, and the audit

@@ -43,10 +43,23 @@ pub async fn audit_chain(store: Arc<dyn Store>) {
     );
     let end = store.audit_chain_end().await.unwrap().unwrap();
     assert_eq!(end.seq, 24);
-    assert_eq!(
-        store.last_audit_block().await.unwrap().map(|(seq, _)| seq),
-        Some(22)
-    );
+    // Every read gives back a block's bytes exactly as they were appended.
+    for (seq, block) in &blocks {
+        assert!(
+            block.len() == 3 && block.iter().all(|b| *b == block[0]),
+            "block {seq}"
+        );
+    }
+    let last = store.last_audit_block().await.unwrap();
+    assert_eq!(last.as_ref().map(|(seq, _)| *seq), Some(22));
+    assert_eq!(last.as_ref(), blocks.last());
+    for (seq, block) in &blocks {
+        assert_eq!(
+            store.audit_blocks_from(*seq, 1).await.unwrap()[0].1,
+            *block,
+            "block {seq}"
+        );
+    }
     let newest_two = store.audit_blocks_before(Some(22), 2).await.unwrap();
     assert_eq!(
         newest_two.iter().map(|(s, _)| *s).collect::<Vec<_>>(),

@@ -99,13 +99,10 @@ impl AuditStore for RedbStore {
     async fn last_audit_block(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
         let (_, txn) = self.read()?;
         let audit = txn.open_table(AUDIT)?;
-        audit
-            .last()
-            .map_err(StoreError::from)
-            .and_then(|last| match last {
-                Some((key, value)) => Ok(Some((seq_of(key.value())?, value.value().to_vec()))),
-                None => Ok(None),
-            })
+        match audit.last()? {
+            Some(entry) => block_entry(Ok(entry)).map(Some),
+            None => Ok(None),
+        }
     }
 
     async fn audit_blocks_before(
