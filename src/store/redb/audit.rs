@@ -69,7 +69,7 @@ impl AuditStore for RedbStore {
                 .map(|(first_seq, block)| (*first_seq, pack(block)))
                 .collect();
             let written = self
-                .write(move |_, txn| {
+                .write(move |txn| {
                     let mut meta = txn.open_table(AUDIT_META)?;
                     if meta.get(END_KEY)?.map(|raw| raw.value().to_vec()) != expected {
                         return Err(StoreError::Conflict);
@@ -143,7 +143,7 @@ impl AuditStore for RedbStore {
 
     /// The anchor only moves forward: an older cut arriving late changes nothing.
     async fn prune_audit_blocks(&self, upto: u64, anchor: ChainEnd) -> Result<usize, StoreError> {
-        self.write(move |_, txn| {
+        self.write(move |txn| {
             let mut meta = txn.open_table(AUDIT_META)?;
             let current = meta
                 .get(ANCHOR_KEY)?

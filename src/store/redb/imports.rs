@@ -37,7 +37,7 @@ impl ImportStore for RedbStore {
         let expected = previous.map(token_identity);
         let value = next.map(encode_token);
         let instance = instance.to_owned();
-        self.write(move |_, txn| {
+        self.write(move |txn| {
             let mut tokens = txn.open_table(IMPORT_TOKENS)?;
             let matches = {
                 let current = tokens.get(instance.as_bytes())?;
@@ -92,7 +92,7 @@ impl ImportStore for RedbStore {
         parameters: &ImportParametersRecord,
     ) -> Result<(), StoreError> {
         let (key, value) = (parameters.key_id, encode(parameters));
-        self.write(move |_, txn| {
+        self.write(move |txn| {
             txn.open_table(IMPORT_PARAMETERS)?
                 .insert(key.as_bytes().as_slice(), value.as_slice())?;
             Ok(())
@@ -101,7 +101,7 @@ impl ImportStore for RedbStore {
     }
 
     async fn remove_import_parameters(&self, key_id: Uuid) -> Result<(), StoreError> {
-        self.write(move |_, txn| {
+        self.write(move |txn| {
             txn.open_table(IMPORT_PARAMETERS)?
                 .remove(key_id.as_bytes().as_slice())?;
             Ok(())
@@ -127,7 +127,7 @@ impl ImportStore for RedbStore {
         let mut k = pair.bits.to_be_bytes().to_vec();
         k.extend_from_slice(Uuid::new_v4().as_bytes());
         let value = encode(pair);
-        self.write(move |_, txn| {
+        self.write(move |txn| {
             txn.open_table(RSA_POOL)?
                 .insert(k.as_slice(), value.as_slice())?;
             Ok(())
@@ -137,7 +137,7 @@ impl ImportStore for RedbStore {
 
     /// One writer: the pair read and removed here cannot be taken by anyone else.
     async fn take_key_pair(&self, bits: u32) -> Result<Option<RsaKeyPair>, StoreError> {
-        self.write(move |_, txn| {
+        self.write(move |txn| {
             let mut pool = txn.open_table(RSA_POOL)?;
             let first = match with_prefix(&pool, &bits.to_be_bytes())?.next() {
                 Some(entry) => {
@@ -165,7 +165,7 @@ impl ImportStore for RedbStore {
 
     async fn clear_import_state(&self) -> Result<usize, StoreError> {
         let dropped = self
-            .write(|_, txn| {
+            .write(|txn| {
                 let mut dropped = 0;
                 for table in [IMPORT_TOKENS, IMPORT_PARAMETERS, RSA_POOL] {
                     let mut opened = txn.open_table(table)?;

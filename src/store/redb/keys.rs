@@ -311,7 +311,7 @@ impl KeyStore for RedbStore {
         version: Option<&VersionRecord>,
     ) -> Result<(), StoreError> {
         let (key, version) = (key.clone(), version.cloned());
-        self.write(move |_, txn| insert_key(txn, &key, version.as_ref()))
+        self.write(move |txn| insert_key(txn, &key, version.as_ref()))
             .await
     }
 
@@ -334,7 +334,7 @@ impl KeyStore for RedbStore {
         erase_material: bool,
     ) -> Result<(), StoreError> {
         let (previous, next, new_version) = (previous.clone(), next.clone(), new_version.cloned());
-        self.write(move |_, txn| {
+        self.write(move |txn| {
             replace_key(txn, &previous, &next, new_version.as_ref(), erase_material)
         })
         .await

@@ -206,14 +206,14 @@ impl RedbStore {
             .map_err(|e| StoreError::unavailable(BACKEND, e))?
     }
 
-    /// Runs `work` in the writer's next transaction.
+    /// Runs `work` in the writer's next transaction. A job holds nothing of the store:
+    /// the last handle of a database must never be dropped on its own writer thread
+    /// (that thread would wait to join itself).
     async fn write<T: Send + 'static>(
         &self,
-        work: impl FnOnce(&Open, &WriteTransaction) -> Result<T, StoreError> + Send + 'static,
+        work: impl FnOnce(&WriteTransaction) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let open = self.open_db()?;
-        let held = Arc::clone(&open);
-        open.writer.write(move |txn| work(&held, txn)).await
+        self.open_db()?.writer.write(work).await
     }
 
     /// Closes the database and opens it again (redb refuses writes after a failed
@@ -265,7 +265,7 @@ impl RedbStore {
     /// Overwrites the schema version: for tests of the refusal of newer schemas.
     #[doc(hidden)]
     pub async fn force_schema_version(&self, version: u32) -> Result<(), StoreError> {
-        self.write(move |_, txn| {
+        self.write(move |txn| {
             txn.open_table(META)?
                 .insert(SCHEMA_KEY, version.to_be_bytes().as_slice())?;
             Ok(())
