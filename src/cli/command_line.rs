@@ -356,14 +356,10 @@ pub fn run(command: Command) -> ExitCode {
         } => run_client(
             "store migrate",
             &mut tokio::runtime::Builder::new_multi_thread(),
-            crate::cli::store::migrate(
-                from,
-                match (to, to_redb) {
-                    (_, Some(file)) => crate::cli::store::MigrateTarget::Redb(file),
-                    (Some(url), None) => crate::cli::store::MigrateTarget::Postgres(url),
-                    (None, None) => unreachable!("clap requires --to or --to-redb"),
-                },
-            ),
+            async move {
+                let to = crate::cli::store::MigrateTarget::from_args(to, to_redb)?;
+                crate::cli::store::migrate(from, to).await
+            },
             |m| println!("migrated {m}"),
         ),
         Command::Bench {

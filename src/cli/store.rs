@@ -30,12 +30,25 @@ pub enum MigrateError {
     Store(#[from] StoreError),
     #[error("{0}")]
     NotEmpty(#[from] NotEmpty),
+    #[error("give --to (a PostgreSQL URL) or --to-redb (a new redb file)")]
+    NoTarget,
 }
 
 /// Where a migration writes.
 pub enum MigrateTarget {
     Postgres(String),
     Redb(PathBuf),
+}
+
+impl MigrateTarget {
+    /// From `--to` and `--to-redb` (the command line lets only one through).
+    pub fn from_args(to: Option<String>, to_redb: Option<PathBuf>) -> Result<Self, MigrateError> {
+        match (to, to_redb) {
+            (_, Some(file)) => Ok(MigrateTarget::Redb(file)),
+            (Some(url), None) => Ok(MigrateTarget::Postgres(url)),
+            (None, None) => Err(MigrateError::NoTarget),
+        }
+    }
 }
 
 pub async fn migrate(from: PathBuf, to: MigrateTarget) -> Result<ItemCounts, MigrateError> {
