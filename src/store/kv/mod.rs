@@ -265,3 +265,22 @@ pub(crate) fn decode_end(what: &str, raw: &[u8]) -> Result<ChainEnd, StoreError>
         hash: raw[8..].try_into().expect("32 bytes"),
     })
 }
+
+/// Runs an embedded store's blocking reopen from its async health probe (in place on a
+/// multi-threaded runtime, so the executor keeps its other threads) and logs the outcome.
+pub(crate) fn reopen_in_place(
+    path: &std::path::Path,
+    reopen: impl FnOnce() -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let outcome = match tokio::runtime::Handle::current().runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(reopen),
+        _ => reopen(),
+    };
+    match &outcome {
+        Ok(()) => {
+            tracing::warn!(path = %path.display(), "the store reopened after a write failure")
+        }
+        Err(error) => tracing::debug!(error = %error, "reopening the store"),
+    }
+    outcome
+}

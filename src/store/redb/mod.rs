@@ -342,19 +342,7 @@ impl Store for RedbStore {
         if healthy {
             return Ok(());
         }
-        let outcome = match tokio::runtime::Handle::current().runtime_flavor() {
-            tokio::runtime::RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(|| self.reopen())
-            }
-            _ => self.reopen(),
-        };
-        match &outcome {
-            Ok(()) => {
-                tracing::warn!(path = %self.path.display(), "the store reopened after a write failure")
-            }
-            Err(error) => tracing::debug!(error = %error, "reopening the store"),
-        }
-        outcome
+        super::kv::reopen_in_place(&self.path, || self.reopen())
     }
 
     fn describe(&self) -> String {

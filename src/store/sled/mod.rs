@@ -410,20 +410,7 @@ impl Store for SledStore {
         if healthy {
             return Ok(());
         }
-        let store = self.path.clone();
-        let outcome = match tokio::runtime::Handle::current().runtime_flavor() {
-            tokio::runtime::RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(|| self.reopen())
-            }
-            _ => self.reopen(),
-        };
-        match &outcome {
-            Ok(()) => {
-                tracing::warn!(path = %store.display(), "the store reopened after a write failure")
-            }
-            Err(error) => tracing::debug!(error = %error, "reopening the store"),
-        }
-        outcome
+        kv::reopen_in_place(&self.path, || self.reopen())
     }
 
     fn describe(&self) -> String {
