@@ -271,6 +271,23 @@ pub trait ImportStore: Durability {
     async fn clear_import_state(&self) -> Result<usize, StoreError>;
 }
 
+/// The part of [`ImportStore::swap_import_token`]'s contract every backend checks
+/// before touching its database: the same token's replacement carries the next
+/// revision.
+pub(crate) fn check_token_revision(
+    previous: Option<&ImportTokenRecord>,
+    next: Option<&ImportTokenRecord>,
+) -> Result<(), StoreError> {
+    match (previous, next) {
+        (Some(previous), Some(next))
+            if previous.id == next.id && next.revision != previous.revision + 1 =>
+        {
+            Err(StoreError::Conflict)
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Where the audit chain ends: its newest record's sequence number and hash.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ChainEnd {

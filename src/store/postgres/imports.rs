@@ -41,12 +41,7 @@ impl ImportStore for PostgresStore {
         previous: Option<&ImportTokenRecord>,
         next: Option<&ImportTokenRecord>,
     ) -> Result<(), StoreError> {
-        if let (Some(previous), Some(next)) = (previous, next)
-            && previous.id == next.id
-            && next.revision != previous.revision + 1
-        {
-            return Err(StoreError::Conflict);
-        }
+        crate::store::check_token_revision(previous, next)?;
         let client = self.client().await?;
         let changed = match (previous, next) {
             (None, Some(next)) => client

@@ -16,12 +16,7 @@ impl Trees {
         previous: Option<&ImportTokenRecord>,
         next: Option<&ImportTokenRecord>,
     ) -> Result<(), StoreError> {
-        if let (Some(previous), Some(next)) = (previous, next)
-            && previous.id == next.id
-            && next.revision != previous.revision + 1
-        {
-            return Err(StoreError::Conflict);
-        }
+        crate::store::check_token_revision(previous, next)?;
         let expected = previous.map(token_identity);
         let value = next.map(encode_token);
         let outcome = self.import_tokens.transaction(|tokens| {
