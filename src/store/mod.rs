@@ -271,6 +271,16 @@ pub trait ImportStore: Durability {
     async fn clear_import_state(&self) -> Result<usize, StoreError>;
 }
 
+/// The part of [`KeyStore::replace_key`]'s contract every backend checks before touching
+/// its database: the replacement carries the next revision.
+pub(crate) fn check_key_revision(previous: &KeyRecord, next: &KeyRecord) -> Result<(), StoreError> {
+    if next.revision == previous.revision + 1 {
+        Ok(())
+    } else {
+        Err(StoreError::Conflict)
+    }
+}
+
 /// The part of [`ImportStore::swap_import_token`]'s contract every backend checks
 /// before touching its database: the same token's replacement carries the next
 /// revision.

@@ -13,7 +13,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
-use crate::domain::model::{ImportTokenRecord, KeyRecord, KeyState, Millis, VersionRecord};
+use crate::domain::model::{
+    ImportTokenRecord, KeyFilter, KeyRecord, KeyState, Millis, VersionRecord,
+};
 use crate::store::{ChainEnd, Revision, StoreError};
 
 pub(crate) fn instance_prefix(instance: &str) -> Vec<u8> {
@@ -64,6 +66,35 @@ pub(crate) fn counter_key(instance: &str, state: KeyState, extractable: bool) ->
     k.push(state.code());
     k.push(extractable as u8);
     k
+}
+
+/// The counters CountKeys sums for `filter` (at most ten).
+pub(crate) fn counter_keys<'a>(
+    instance: &'a str,
+    filter: &'a KeyFilter,
+) -> impl Iterator<Item = Vec<u8>> + 'a {
+    KeyState::ALL.into_iter().flat_map(move |state| {
+        [false, true]
+            .into_iter()
+            .filter(move |extractable| filter.matches(state, *extractable))
+            .map(move |extractable| counter_key(instance, state, extractable))
+    })
+}
+
+/// A stored counter's value.
+pub(crate) fn decode_counter(raw: &[u8]) -> Result<u64, StoreError> {
+    Ok(u64::from_be_bytes(raw.try_into().map_err(|_| {
+        StoreError::corrupt("counter", "not 8 bytes")
+    })?))
+}
+
+/// A counter's next stored value: `current` (absent or unreadable: 0) moved by `delta`,
+/// never below 0.
+pub(crate) fn next_counter(current: Option<&[u8]>, delta: i64) -> [u8; 8] {
+    let current = current
+        .map(|raw| u64::from_be_bytes(raw.try_into().unwrap_or([0; 8])))
+        .unwrap_or(0);
+    ((current as i64 + delta).max(0) as u64).to_be_bytes()
 }
 
 /// The expiry-index entry of a key, if it should have one.

@@ -172,9 +172,7 @@ impl KeyStore for PostgresStore {
         new_version: Option<&VersionRecord>,
         erase_material: bool,
     ) -> Result<(), StoreError> {
-        if next.revision != previous.revision + 1 {
-            return Err(StoreError::Conflict);
-        }
+        crate::store::check_key_revision(previous, next)?;
         let outcome = self
             .try_replace(previous, next, new_version, erase_material)
             .await;

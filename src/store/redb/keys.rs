@@ -16,22 +16,21 @@ use uuid::Uuid;
 use super::{
     Bytes, COUNTERS, EXPIRY, KEYS, ORDER, Open, RedbStore, VERSIONS, prefix_end, with_prefix,
 };
-use crate::domain::model::{KeyFilter, KeyRecord, KeyState, Millis, VersionRecord};
+use crate::domain::model::{KeyFilter, KeyRecord, Millis, VersionRecord};
 use crate::store::kv::{
-    codec, counter_key, decode_expiry_entry, decode_version_entry, expiry_key, instance_prefix,
-    key_key, key_value, order_key, order_key_at, parse_order_key, stored_revision, version_key,
+    codec, counter_key, counter_keys, decode_counter, decode_expiry_entry, decode_version_entry,
+    expiry_key, instance_prefix, key_key, key_value, next_counter, order_key, order_key_at,
+    parse_order_key, stored_revision, version_key,
 };
 use crate::store::{KeyStore, PageStart, StoreError};
 
 fn add_to_counter(txn: &WriteTransaction, key: &KeyRecord, delta: i64) -> Result<(), StoreError> {
     let mut counters = txn.open_table(COUNTERS)?;
     let ck = counter_key(&key.instance, key.state, key.extractable);
-    let current = counters
-        .get(ck.as_slice())?
-        .map(|raw| u64::from_be_bytes(raw.value().try_into().unwrap_or([0; 8])))
-        .unwrap_or(0);
-    let next = (current as i64 + delta).max(0) as u64;
-    counters.insert(ck.as_slice(), next.to_be_bytes().as_slice())?;
+    let current = counters.get(ck.as_slice())?;
+    let next = next_counter(current.as_ref().map(|raw| raw.value()), delta);
+    drop(current);
+    counters.insert(ck.as_slice(), next.as_slice())?;
     Ok(())
 }
 
@@ -133,9 +132,7 @@ fn replace_key(
     new_version: Option<&VersionRecord>,
     erase_material: bool,
 ) -> Result<(), StoreError> {
-    if next.revision != previous.revision + 1 {
-        return Err(StoreError::Conflict);
-    }
+    crate::store::check_key_revision(previous, next)?;
     // A record's place follows its creation time, which no change moves.
     if (next.instance.as_str(), next.created_at, next.id)
         != (previous.instance.as_str(), previous.created_at, previous.id)
@@ -196,19 +193,10 @@ fn count_keys(
     instance: &str,
     filter: &KeyFilter,
 ) -> Result<u64, StoreError> {
-    let mut total = 0u64;
-    for state in KeyState::ALL {
-        for extractable in [false, true] {
-            if !filter.matches(state, extractable) {
-                continue;
-            }
-            if let Some(raw) = counters.get(counter_key(instance, state, extractable).as_slice())? {
-                total += u64::from_be_bytes(
-                    raw.value()
-                        .try_into()
-                        .map_err(|_| StoreError::corrupt("counter", "not 8 bytes"))?,
-                );
-            }
+    let mut total = 0;
+    for ck in counter_keys(instance, filter) {
+        if let Some(raw) = counters.get(ck.as_slice())? {
+            total += decode_counter(raw.value())?;
         }
     }
     Ok(total)

@@ -8,8 +8,9 @@ use uuid::Uuid;
 use super::{SledStore, Trees};
 use crate::domain::model::{KeyFilter, KeyRecord, KeyState, Millis, VersionRecord};
 use crate::store::kv::{
-    codec, counter_key, decode_expiry_entry, decode_version_entry, expiry_key, instance_prefix,
-    key_key, key_value, order_key, order_value, stored_revision, version_key,
+    codec, counter_key, counter_keys, decode_counter, decode_expiry_entry, decode_version_entry,
+    expiry_key, instance_prefix, key_key, key_value, next_counter, order_key, order_value,
+    stored_revision, version_key,
 };
 use crate::store::{KeyStore, PageStart, StoreError};
 
@@ -17,12 +18,8 @@ type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
 
 fn add_to_counter(counters: &TransactionalTree, key: &KeyRecord, delta: i64) -> TxResult<()> {
     let ck = counter_key(&key.instance, key.state, key.extractable);
-    let current = counters
-        .get(&ck)?
-        .map(|raw| u64::from_be_bytes(raw.as_ref().try_into().unwrap_or([0; 8])))
-        .unwrap_or(0);
-    let next = (current as i64 + delta).max(0) as u64;
-    counters.insert(ck, &next.to_be_bytes())?;
+    let next = next_counter(counters.get(&ck)?.as_deref(), delta);
+    counters.insert(ck, &next)?;
     Ok(())
 }
 
@@ -91,9 +88,7 @@ impl Trees {
         new_version: Option<&VersionRecord>,
         erase_material: bool,
     ) -> Result<(), StoreError> {
-        if next.revision != previous.revision + 1 {
-            return Err(StoreError::Conflict);
-        }
+        crate::store::check_key_revision(previous, next)?;
         let added = new_version.map(|v| (version_key(v), codec::encode_version(v)));
         let record = key_value(next);
         // Versions to erase are read outside the transaction; a version added
@@ -274,22 +269,10 @@ impl Trees {
     }
 
     fn count_keys(&self, instance: &str, filter: &KeyFilter) -> Result<u64, StoreError> {
-        let mut total = 0u64;
-        for state in KeyState::ALL {
-            for extractable in [false, true] {
-                if !filter.matches(state, extractable) {
-                    continue;
-                }
-                if let Some(raw) = self
-                    .counters
-                    .get(counter_key(instance, state, extractable))?
-                {
-                    total += u64::from_be_bytes(
-                        raw.as_ref()
-                            .try_into()
-                            .map_err(|_| StoreError::corrupt("counter", "not 8 bytes"))?,
-                    );
-                }
+        let mut total = 0;
+        for ck in counter_keys(instance, filter) {
+            if let Some(raw) = self.counters.get(ck)? {
+                total += decode_counter(&raw)?;
             }
         }
         Ok(total)
