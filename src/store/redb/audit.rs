@@ -23,8 +23,22 @@ type Entry<'a> =
 /// No block the trail writes is larger (512 records of at most 64 KiB each).
 const MAX_BLOCK_BYTES: u64 = 40 << 20;
 
+thread_local! {
+    /// A zstd context per thread: making one allocates and clears several hundred KiB,
+    /// which showed up in every append.
+    static COMPRESSOR: std::cell::RefCell<zstd::block::Compressor> =
+        std::cell::RefCell::new(zstd::block::Compressor::new());
+    static DECOMPRESSOR: std::cell::RefCell<zstd::block::Decompressor> =
+        std::cell::RefCell::new(zstd::block::Decompressor::new());
+}
+
 fn pack(block: &[u8]) -> Vec<u8> {
-    zstd::block::compress(block, 1).expect("compressing into a growable buffer")
+    COMPRESSOR.with(|compressor| {
+        compressor
+            .borrow_mut()
+            .compress(block, 1)
+            .expect("compressing into a buffer of the bound's size")
+    })
 }
 
 fn unpack(first_seq: u64, raw: &[u8]) -> Result<Vec<u8>, StoreError> {
@@ -34,7 +48,9 @@ fn unpack(first_seq: u64, raw: &[u8]) -> Result<Vec<u8>, StoreError> {
     if size > MAX_BLOCK_BYTES {
         return Err(corrupt("not a zstd frame of a known size".into()));
     }
-    zstd::block::decompress(raw, size as usize).map_err(|e| corrupt(e.to_string()))
+    DECOMPRESSOR
+        .with(|decompressor| decompressor.borrow_mut().decompress(raw, size as usize))
+        .map_err(|e| corrupt(e.to_string()))
 }
 
 pub(super) fn block_entry(entry: Entry<'_>) -> Result<(u64, Vec<u8>), StoreError> {
