@@ -28,7 +28,7 @@ use crate::hsm::{Hsm, HsmError};
 use crate::proto::ExportBackupRequest;
 use crate::proto::backup_service_client::BackupServiceClient;
 use crate::store::snapshot::{Loader, NotEmpty, ensure_empty};
-use crate::store::{ItemCounts, RedbStore, SledStore, Store, StoreConfig, StoreError, StoreItem};
+use crate::store::{ItemCounts, Store, StoreError, StoreItem};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
@@ -148,41 +148,23 @@ pub async fn restore(config: Config, from: PathBuf) -> Result<Outcome, BackupErr
     }
 
     let progress = Progress::new("restored records", Some(counts.records()));
-    let loaded = match &config.store {
-        StoreConfig::Sled { path, cache_bytes } => {
+    let loaded = match config.store.embedded_path() {
+        Some(path) => {
             if path.exists() {
-                ensure_empty(&SledStore::open(path)?).await?;
+                ensure_empty(crate::store::open(&config.store).await?.as_ref()).await?;
             }
             let staging = PathBuf::from(format!("{}.restoring", path.display()));
-            if staging.exists() {
-                std::fs::remove_dir_all(&staging).map_err(file_error(&staging))?;
-            }
-            let store = SledStore::open_with_cache(&staging, *cache_bytes)?;
-            let loaded = load(&store, &from, &progress).await?;
+            remove_store_files(&staging)?;
+            let store = crate::store::open(&config.store.at_path(staging.clone())).await?;
+            let loaded = load(store.as_ref(), &from, &progress).await?;
             drop(store);
-            if path.exists() {
-                std::fs::remove_dir_all(path).map_err(file_error(path))?;
-            }
+            remove_store_files(path)?;
             std::fs::rename(&staging, path).map_err(file_error(path))?;
             loaded
         }
-        StoreConfig::Redb { path, cache_bytes } => {
-            if path.exists() {
-                ensure_empty(&RedbStore::open(path, *cache_bytes)?).await?;
-            }
-            let staging = PathBuf::from(format!("{}.restoring", path.display()));
-            if staging.exists() {
-                std::fs::remove_file(&staging).map_err(file_error(&staging))?;
-            }
-            let store = RedbStore::open(&staging, *cache_bytes)?;
-            let loaded = load(&store, &from, &progress).await?;
-            drop(store);
-            std::fs::rename(&staging, path).map_err(file_error(path))?;
-            loaded
-        }
-        StoreConfig::Postgres(postgres) => {
-            let store = crate::store::PostgresStore::connect(postgres).await?;
-            load(&store, &from, &progress).await?
+        None => {
+            let store = crate::store::open(&config.store).await?;
+            load(store.as_ref(), &from, &progress).await?
         }
     };
     progress.finish();
@@ -191,6 +173,18 @@ pub async fn restore(config: Config, from: PathBuf) -> Result<Outcome, BackupErr
         counts: loaded,
         bytes,
     })
+}
+
+/// Removes an embedded store's files, if any: sled's directory or redb's file.
+fn remove_store_files(path: &Path) -> Result<(), BackupError> {
+    let removed = if path.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else if path.exists() {
+        std::fs::remove_file(path)
+    } else {
+        return Ok(());
+    };
+    removed.map_err(file_error(path))
 }
 
 /// Loads the (already checked) file into the empty `store`.

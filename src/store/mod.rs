@@ -374,6 +374,29 @@ pub enum StoreConfig {
 }
 
 impl StoreConfig {
+    /// Where an embedded store keeps its files (none for PostgreSQL).
+    pub fn embedded_path(&self) -> Option<&std::path::Path> {
+        match self {
+            StoreConfig::Sled { path, .. } | StoreConfig::Redb { path, .. } => Some(path),
+            StoreConfig::Postgres(_) => None,
+        }
+    }
+
+    /// The same embedded store at another path (PostgreSQL: unchanged).
+    pub fn at_path(&self, at: std::path::PathBuf) -> StoreConfig {
+        match self {
+            StoreConfig::Sled { cache_bytes, .. } => StoreConfig::Sled {
+                path: at,
+                cache_bytes: *cache_bytes,
+            },
+            StoreConfig::Redb { cache_bytes, .. } => StoreConfig::Redb {
+                path: at,
+                cache_bytes: *cache_bytes,
+            },
+            StoreConfig::Postgres(config) => StoreConfig::Postgres(config.clone()),
+        }
+    }
+
     /// The backend's name, as backups and logs give it.
     pub fn backend(&self) -> &'static str {
         match self {
