@@ -158,15 +158,21 @@ fn corrupt_stored_key_records_are_clean_errors_naming_the_key() {
                 db.flush().unwrap();
             }
             let store = open_when_released(&path);
-            match runtime.block_on(store.get_key("inst", id)) {
-                Err(StoreError::Corrupt { what, .. }) => {
-                    prop_assert_eq!(what, format!("key {id}"))
-                }
-                other => prop_assert!(false, "{other:?}"),
-            }
-            Ok(())
+            corrupt_naming_the_key(runtime.block_on(store.get_key("inst", id)), id)
         })
         .unwrap();
+}
+
+/// A read of a garbled record: `Corrupt`, naming the key.
+fn corrupt_naming_the_key(
+    read: Result<Option<kms::domain::model::KeyRecord>, StoreError>,
+    id: Uuid,
+) -> Result<(), proptest::test_runner::TestCaseError> {
+    match read {
+        Err(StoreError::Corrupt { what, .. }) => prop_assert_eq!(what, format!("key {id}")),
+        other => prop_assert!(false, "{other:?}"),
+    }
+    Ok(())
 }
 
 /// sled lets go of its directory's lock a moment after the last handle is dropped (its
@@ -231,13 +237,7 @@ fn corrupt_redb_key_records_are_clean_errors_naming_the_key() {
                     txn.commit().unwrap();
                 }
                 let store = RedbStore::open(&path, 1 << 20).unwrap();
-                match runtime.block_on(store.get_key("inst", id)) {
-                    Err(StoreError::Corrupt { what, .. }) => {
-                        prop_assert_eq!(what, format!("key {id}"))
-                    }
-                    other => prop_assert!(false, "{other:?}"),
-                }
-                Ok(())
+                corrupt_naming_the_key(runtime.block_on(store.get_key("inst", id)), id)
             },
         )
         .unwrap();
