@@ -260,6 +260,14 @@ pub(crate) fn decode_token(raw: &[u8]) -> Result<ImportTokenRecord, StoreError> 
     Ok(token)
 }
 
+/// A new `rsa_pool` entry's key: the pair's size, then a fresh id (pairs of one size
+/// are taken in key order).
+pub(crate) fn pool_key(bits: u32) -> Vec<u8> {
+    let mut k = bits.to_be_bytes().to_vec();
+    k.extend_from_slice(Uuid::new_v4().as_bytes());
+    k
+}
+
 /// The part of a token's stored value a compare-and-swap compares.
 pub(crate) fn token_identity(token: &ImportTokenRecord) -> [u8; 24] {
     let mut identity = [0u8; 24];

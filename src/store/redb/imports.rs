@@ -7,7 +7,7 @@ use uuid::Uuid;
 use super::{IMPORT_PARAMETERS, IMPORT_TOKENS, RSA_POOL, RedbStore, with_prefix};
 use crate::domain::model::{ImportParametersRecord, ImportTokenRecord, Millis};
 use crate::hsm::RsaKeyPair;
-use crate::store::kv::{decode, decode_token, encode, encode_token, token_identity};
+use crate::store::kv::{decode, decode_token, encode, encode_token, pool_key, token_identity};
 use crate::store::{Durability, ImportStore, StoreError};
 
 #[async_trait]
@@ -119,8 +119,7 @@ impl ImportStore for RedbStore {
     }
 
     async fn push_key_pair(&self, pair: &RsaKeyPair) -> Result<(), StoreError> {
-        let mut k = pair.bits.to_be_bytes().to_vec();
-        k.extend_from_slice(Uuid::new_v4().as_bytes());
+        let k = pool_key(pair.bits);
         let value = encode(pair);
         self.write(move |txn| {
             txn.open_table(RSA_POOL)?

@@ -6,7 +6,7 @@ use uuid::Uuid;
 use super::{SledStore, Trees};
 use crate::domain::model::{ImportParametersRecord, ImportTokenRecord, Millis};
 use crate::hsm::RsaKeyPair;
-use crate::store::kv::{decode, decode_token, encode, encode_token, token_identity};
+use crate::store::kv::{decode, decode_token, encode, encode_token, pool_key, token_identity};
 use crate::store::{ImportStore, StoreError};
 
 impl Trees {
@@ -143,8 +143,7 @@ impl ImportStore for SledStore {
     }
 
     async fn push_key_pair(&self, pair: &RsaKeyPair) -> Result<(), StoreError> {
-        let mut k = pair.bits.to_be_bytes().to_vec();
-        k.extend_from_slice(Uuid::new_v4().as_bytes());
+        let k = pool_key(pair.bits);
         self.write(|trees| {
             trees.rsa_pool.insert(k, encode(pair))?;
             Ok(())
