@@ -251,7 +251,7 @@ async fn check_store(data_dir: &std::path::Path, tenant: &str) {
         if record.state == StoredState::Destroyed {
             continue;
         }
-        let versions = store.list_versions(record.id).await.unwrap();
+        let versions = store.list_versions(record).await.unwrap();
         assert!(!versions.is_empty(), "key {} has a version", record.id);
         assert!(
             versions.iter().all(|v| v.wrapped.is_some()),

@@ -203,7 +203,7 @@ impl KeyManager {
         let version_id = key.current_version.ok_or_else(|| missing_material(&key))?;
         let wrapped = self
             .store
-            .get_version(key.id, version_id)
+            .get_version(&key, version_id)
             .await?
             .and_then(|v| v.wrapped)
             .ok_or_else(|| missing_material(&key))?;
@@ -347,7 +347,7 @@ impl KeyManager {
         };
         let latest = self
             .store
-            .list_versions(id)
+            .list_versions(&key)
             .await?
             .first()
             .map_or(0, |v| v.created_at);
@@ -389,8 +389,8 @@ impl KeyManager {
         start: PageStart,
         limit: usize,
     ) -> Result<(Vec<VersionRecord>, u64, Option<KeyPosition>), KmsError> {
-        self.current(ctx, id).await?;
-        let (page, total) = self.store.list_versions_page(id, start, limit).await?;
+        let key = self.current(ctx, id).await?;
+        let (page, total) = self.store.list_versions_page(&key, start, limit).await?;
         let next = (page.len() == limit)
             .then(|| page.last().map(KeyPosition::of_version))
             .flatten();

@@ -39,7 +39,8 @@ use crate::hsm::RsaKeyPair;
 
 /// Version of the layout (tables, trees, encodings) written by this build. Older layouts
 /// are migrated when a store opens; a newer one is refused.
-pub const STORE_SCHEMA: u32 = 3;
+/// 4 changed only redb's layout ([`redb`](self::redb)); a sled store at 3 just records 4.
+pub const STORE_SCHEMA: u32 = 4;
 
 /// The embedded stores' page cache unless configured (`store.cache_mib`). redb holds its
 /// cache to it. sled's own default is 1 GiB, which let 100,000 keys hold 600 MB
@@ -175,14 +176,18 @@ pub trait KeyStore: Durability {
         erase_material: bool,
     ) -> Result<(), StoreError>;
 
+    /// One version of a key. Version reads take the key's record, not only its id: a
+    /// store may keep versions where the record says (redb keeps them in the key's
+    /// creation order, so new keys append to the file instead of landing on a random
+    /// page of it).
     async fn get_version(
         &self,
-        key_id: Uuid,
+        key: &KeyRecord,
         version_id: Uuid,
     ) -> Result<Option<VersionRecord>, StoreError>;
 
     /// Every version of a key, newest first.
-    async fn list_versions(&self, key_id: Uuid) -> Result<Vec<VersionRecord>, StoreError>;
+    async fn list_versions(&self, key: &KeyRecord) -> Result<Vec<VersionRecord>, StoreError>;
 
     /// One page of a key's versions, newest first, and how many versions it has. From
     /// an offset the store walks the versions before it; after a position (the last
@@ -190,7 +195,7 @@ pub trait KeyStore: Durability {
     /// what the first does. The count reads the key's index entries, decoding none.
     async fn list_versions_page(
         &self,
-        key_id: Uuid,
+        key: &KeyRecord,
         start: PageStart,
         limit: usize,
     ) -> Result<(Vec<VersionRecord>, u64), StoreError>;

@@ -115,7 +115,7 @@ impl KeyManager {
         };
         let additional = ciphertext::additional_data(key.id, version_id, aad);
         for need_blob in [false, true] {
-            let Some(version) = self.version_ref(id, need_blob).await? else {
+            let Some(version) = self.version_ref(key, id, need_blob).await? else {
                 return Err(missing_material(key));
             };
             match self
@@ -158,7 +158,7 @@ impl KeyManager {
         let additional = ciphertext::additional_data(key.id, version_id, aad);
         for need_blob in [false, true] {
             // A version id that is not one of this key's is as undecryptable as a bad tag.
-            let Some(version) = self.version_ref(id, need_blob).await? else {
+            let Some(version) = self.version_ref(key, id, need_blob).await? else {
                 return Err(undecryptable());
             };
             match self
@@ -180,6 +180,7 @@ impl KeyManager {
     /// blob is stored (an unknown or erased version).
     async fn version_ref(
         &self,
+        key: &KeyRecord,
         id: VersionId,
         need_blob: bool,
     ) -> Result<Option<KeyVersionRef>, KmsError> {
@@ -188,7 +189,7 @@ impl KeyManager {
         }
         let blob = self
             .store
-            .get_version(id.key_id, id.version_id)
+            .get_version(key, id.version_id)
             .await?
             .and_then(|v| v.wrapped);
         Ok(blob.map(|blob| KeyVersionRef {

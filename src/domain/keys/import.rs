@@ -254,13 +254,13 @@ impl KeyManager {
 
         let version = match key.current_version {
             Some(version_id) => {
-                let previous = self
-                    .store
-                    .get_version(id, version_id)
-                    .await?
-                    .ok_or_else(|| KmsError::NotFound {
-                        what: format!("version {version_id} of key {id}"),
-                    })?;
+                let previous =
+                    self.store
+                        .get_version(&key, version_id)
+                        .await?
+                        .ok_or_else(|| KmsError::NotFound {
+                            what: format!("version {version_id} of key {id}"),
+                        })?;
                 VersionRecord {
                     wrapped: Some(imported.wrapped),
                     ..previous

@@ -144,24 +144,34 @@ pub async fn versions(store: Arc<dyn Store>) {
         .replace_key(&a, &rotated, Some(&second), false)
         .await
         .unwrap();
-    let listed = store.list_versions(a.id).await.unwrap();
+    // Created in the same millisecond, in the same instance: its versions are its own.
+    let mut b = key("a", 1, KeyState::Active, false);
+    let b_first = version(b.id, 10);
+    b.current_version = Some(b_first.id);
+    store.insert_key(&b, Some(&b_first)).await.unwrap();
+    let listed = store.list_versions(&rotated).await.unwrap();
     assert_eq!(listed, vec![second.clone(), first.clone()], "newest first");
     assert_eq!(
-        store.get_version(a.id, first.id).await.unwrap(),
+        store.get_version(&rotated, first.id).await.unwrap(),
         Some(first.clone())
     );
-    assert_eq!(store.get_version(a.id, Uuid::new_v4()).await.unwrap(), None);
     assert_eq!(
-        store.get_version(Uuid::new_v4(), first.id).await.unwrap(),
+        store.get_version(&rotated, Uuid::new_v4()).await.unwrap(),
         None
     );
+    assert_eq!(
+        store.get_version(&b, first.id).await.unwrap(),
+        None,
+        "another key's version is not found"
+    );
+    assert_eq!(store.list_versions(&b).await.unwrap(), vec![b_first]);
 
     let destroyed = changed(&rotated, |k| k.state = KeyState::Destroyed);
     store
         .replace_key(&rotated, &destroyed, None, true)
         .await
         .unwrap();
-    let erased = store.list_versions(a.id).await.unwrap();
+    let erased = store.list_versions(&destroyed).await.unwrap();
     assert_eq!(erased.len(), 2, "versions stay, without material");
     assert!(
         erased.iter().all(|v| v.wrapped.is_none()),
@@ -197,7 +207,7 @@ pub async fn version_pages(store: Arc<dyn Store>) {
         let mut start = PageStart::Offset(0);
         loop {
             let (page, total) = store
-                .list_versions_page(current.id, start, limit)
+                .list_versions_page(&current, start, limit)
                 .await
                 .unwrap();
             assert_eq!(total, 11);
@@ -215,7 +225,7 @@ pub async fn version_pages(store: Arc<dyn Store>) {
         );
     }
     let (by_offset, _) = store
-        .list_versions_page(current.id, PageStart::Offset(4), 3)
+        .list_versions_page(&current, PageStart::Offset(4), 3)
         .await
         .unwrap();
     assert_eq!(

@@ -27,7 +27,12 @@ use crate::domain::model::{
 use crate::hsm::oaep::OaepHash;
 use crate::hsm::{RsaKeyPair, WrapFormat, WrappedKey};
 
-fn key(instance: &str, created_at: i64, state: KeyState, extractable: bool) -> KeyRecord {
+pub(crate) fn key(
+    instance: &str,
+    created_at: i64,
+    state: KeyState,
+    extractable: bool,
+) -> KeyRecord {
     KeyRecord {
         schema: RECORD_SCHEMA,
         revision: 0,
@@ -51,7 +56,7 @@ fn key(instance: &str, created_at: i64, state: KeyState, extractable: bool) -> K
     }
 }
 
-fn version(key_id: Uuid, created_at: i64) -> VersionRecord {
+pub(crate) fn version(key_id: Uuid, created_at: i64) -> VersionRecord {
     VersionRecord {
         schema: RECORD_SCHEMA,
         key_id,
@@ -64,7 +69,7 @@ fn version(key_id: Uuid, created_at: i64) -> VersionRecord {
     }
 }
 
-fn changed(key: &KeyRecord, change: impl FnOnce(&mut KeyRecord)) -> KeyRecord {
+pub(crate) fn changed(key: &KeyRecord, change: impl FnOnce(&mut KeyRecord)) -> KeyRecord {
     let mut next = key.clone();
     next.revision = key.revision + 1;
     change(&mut next);

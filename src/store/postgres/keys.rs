@@ -186,9 +186,10 @@ impl KeyStore for PostgresStore {
 
     async fn get_version(
         &self,
-        key_id: Uuid,
+        key: &KeyRecord,
         version_id: Uuid,
     ) -> Result<Option<VersionRecord>, StoreError> {
+        let key_id = key.id;
         let client = self.client().await?;
         let statement = client
             .prepare_cached("SELECT record FROM kms_versions WHERE key_id = $1 AND id = $2")
@@ -202,7 +203,8 @@ impl KeyStore for PostgresStore {
             .transpose()
     }
 
-    async fn list_versions(&self, key_id: Uuid) -> Result<Vec<VersionRecord>, StoreError> {
+    async fn list_versions(&self, key: &KeyRecord) -> Result<Vec<VersionRecord>, StoreError> {
+        let key_id = key.id;
         let client = self.client().await?;
         let statement = client
             .prepare_cached(
@@ -222,10 +224,11 @@ impl KeyStore for PostgresStore {
 
     async fn list_versions_page(
         &self,
-        key_id: Uuid,
+        key: &KeyRecord,
         start: PageStart,
         limit: usize,
     ) -> Result<(Vec<VersionRecord>, u64), StoreError> {
+        let key_id = key.id;
         let client = self.client().await?;
         let total: i64 = client
             .query_one(

@@ -1,11 +1,17 @@
 //! The redb backend: an embedded store in one file, one process at a time (redb locks
 //! it). Its tables are sled's trees ([`crate::store::sled`] documents them) with the
-//! same keys and record forms ([`crate::store::kv`]), but for two:
+//! same keys and record forms ([`crate::store::kv`]), but for three:
 //! - `keys`:  instance 0x00 key-uuid                    -> created-ms (BE u64)
 //! - `order`: instance 0x00 created-ms(BE u64) key-uuid -> revision (BE u64) || KeyRecord
+//! - `key_versions`: key-created-ms(BE u64) key-uuid created-ms(BE u64) version-uuid
+//!   -> VersionRecord
 //!
-//! (records in listing order: [`keys`] says why), and audit blocks are zstd frames
-//! ([`audit`]).
+//! (records and versions in creation order: [`keys`] says why), and audit blocks are
+//! zstd frames ([`audit`]).
+//!
+//! Schema history: 3 is the first redb layout; 4 moved versions from `versions` (keyed
+//! by key id, as sled keeps them) to `key_versions`. A schema-3 file is upgraded when
+//! it opens, before anything is served.
 //!
 //! Why a second embedded backend (decision, measured with a million keys: README, "At
 //! size"): sled's memory is not bounded by its cache setting and it grows with what is
@@ -50,7 +56,9 @@ type Table = TableDefinition<'static, Bytes, Bytes>;
 const KEYS: Table = TableDefinition::new("keys");
 const ORDER: Table = TableDefinition::new("order");
 const COUNTERS: Table = TableDefinition::new("counters");
-const VERSIONS: Table = TableDefinition::new("versions");
+const VERSIONS: Table = TableDefinition::new("key_versions");
+/// Where schema 3 kept versions; read once, by the upgrade, then deleted.
+const SCHEMA_3_VERSIONS: Table = TableDefinition::new("versions");
 const EXPIRY: Table = TableDefinition::new("expiry");
 const IMPORT_TOKENS: Table = TableDefinition::new("import_tokens");
 const IMPORT_PARAMETERS: Table = TableDefinition::new("import_parameters");
@@ -96,7 +104,8 @@ from_redb!(
     redb::TableError,
     redb::TransactionError,
     redb::CommitError,
-    redb::DatabaseError
+    redb::DatabaseError,
+    redb::SetDurabilityError
 );
 
 pub struct RedbStore {
@@ -160,7 +169,7 @@ impl RedbStore {
                 });
             }
             // The first redb layout is the store's schema 3: there is nothing older.
-            Some(found) if found < STORE_SCHEMA => {
+            Some(found) if found < 3 => {
                 return Err(StoreError::corrupt(
                     "schema_version",
                     format!("{found}, older than any redb store"),
@@ -169,12 +178,26 @@ impl RedbStore {
             _ => {}
         }
         txn.commit()?;
+        if found == Some(3) {
+            Self::upgrade_from_3(&db, path)?;
+        }
         let db = Arc::new(db);
         Ok(Open {
             writer: Writer::start(Arc::clone(&db)),
             db,
             decoded_keys: DecodedKeys::new(),
         })
+    }
+
+    /// Schema 3 to 4; the schema is recorded only once the versions have moved.
+    fn upgrade_from_3(db: &Database, path: &Path) -> Result<(), StoreError> {
+        let keys = keys::move_versions_to_creation_order(db)?;
+        let txn = db.begin_write()?;
+        txn.open_table(META)?
+            .insert(SCHEMA_KEY, STORE_SCHEMA.to_be_bytes().as_slice())?;
+        txn.commit()?;
+        tracing::info!(path = %path.display(), from = 3, to = STORE_SCHEMA, keys, "migrated the store's schema");
+        Ok(())
     }
 
     /// The open database; UNAVAILABLE while it is being reopened.
@@ -352,7 +375,78 @@ impl Store for RedbStore {
 
 #[cfg(test)]
 mod tests {
-    use super::prefix_end;
+    use super::*;
+    use crate::domain::model::KeyState;
+    use crate::store::KeyStore;
+    use crate::store::conformance::{changed, key, version};
+
+    /// Rewrites a file in the schema-3 layout: versions keyed by key id.
+    fn downgrade_to_3(path: &Path) {
+        let db = Database::create(path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let new = txn.open_table(VERSIONS).unwrap();
+            let mut old = txn.open_table(SCHEMA_3_VERSIONS).unwrap();
+            for entry in new.iter().unwrap() {
+                let (k, v) = entry.unwrap();
+                old.insert(&k.value()[8..], v.value()).unwrap();
+            }
+        }
+        txn.delete_table(VERSIONS).unwrap();
+        txn.open_table(META)
+            .unwrap()
+            .insert(SCHEMA_KEY, 3u32.to_be_bytes().as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_schema_3_file_opens_upgraded_with_every_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kms.redb");
+        let store = RedbStore::open(&path, 1 << 20).unwrap();
+        // Two keys created in the same millisecond, one of them rotated, and a third
+        // in another instance.
+        let mut keys = Vec::new();
+        for instance in ["a", "a", "b"] {
+            let mut k = key(instance, 7, KeyState::Active, false);
+            let first = version(k.id, 7);
+            k.current_version = Some(first.id);
+            store.insert_key(&k, Some(&first)).await.unwrap();
+            keys.push(k);
+        }
+        let second = version(keys[0].id, 9);
+        let rotated = changed(&keys[0], |k| k.current_version = Some(second.id));
+        store
+            .replace_key(&keys[0], &rotated, Some(&second), false)
+            .await
+            .unwrap();
+        keys[0] = rotated;
+        let mut before = Vec::new();
+        for k in &keys {
+            before.push(store.list_versions(k).await.unwrap());
+        }
+        assert_eq!(before.iter().map(Vec::len).collect::<Vec<_>>(), [2, 1, 1]);
+        drop(store);
+
+        downgrade_to_3(&path);
+        let store = RedbStore::open(&path, 1 << 20).unwrap();
+        assert_eq!(store.schema_version().unwrap(), Some(STORE_SCHEMA));
+        for (k, versions) in keys.iter().zip(&before) {
+            assert_eq!(&store.list_versions(k).await.unwrap(), versions);
+            for v in versions {
+                assert_eq!(store.get_version(k, v.id).await.unwrap().as_ref(), Some(v));
+            }
+        }
+        let (open, txn) = store.read().unwrap();
+        let tables: Vec<String> = txn
+            .list_tables()
+            .unwrap()
+            .map(|t| t.name().to_owned())
+            .collect();
+        assert!(!tables.contains(&"versions".to_owned()), "{tables:?}");
+        drop((open, txn));
+    }
 
     #[test]
     fn prefix_end_is_the_first_key_past_the_prefix() {

@@ -35,7 +35,7 @@ fn walk(txn: &ReadTransaction, sink: &SnapshotSink) -> Result<(), StoreError> {
         let (k, v) = entry?;
         let (instance, id) = parse_order_key(k.value())?;
         let key = decode_key_value(&instance, id, v.value())?;
-        let versions = versions_of(&versions, id)?;
+        let versions = versions_of(&versions, &key)?;
         if !send(StoreItem::Key { key, versions }) {
             return Ok(());
         }

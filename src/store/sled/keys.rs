@@ -311,22 +311,23 @@ impl KeyStore for SledStore {
 
     async fn get_version(
         &self,
-        key_id: Uuid,
+        key: &KeyRecord,
         version_id: Uuid,
     ) -> Result<Option<VersionRecord>, StoreError> {
-        self.trees()?.get_version(key_id, version_id)
+        self.trees()?.get_version(key.id, version_id)
     }
 
-    async fn list_versions(&self, key_id: Uuid) -> Result<Vec<VersionRecord>, StoreError> {
-        self.trees()?.list_versions(key_id)
+    async fn list_versions(&self, key: &KeyRecord) -> Result<Vec<VersionRecord>, StoreError> {
+        self.trees()?.list_versions(key.id)
     }
 
     async fn list_versions_page(
         &self,
-        key_id: Uuid,
+        key: &KeyRecord,
         start: PageStart,
         limit: usize,
     ) -> Result<(Vec<VersionRecord>, u64), StoreError> {
+        let key_id = key.id;
         self.blocking(move |trees| trees.list_versions_page(key_id, start, limit))
             .await
     }

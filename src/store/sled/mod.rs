@@ -20,8 +20,9 @@
 //! Schema history: 1 had no revisions (compare-and-swap compared whole records); 2
 //! prefixes key and import-token records with their revision (and the token's id); 3
 //! stores key and version records in a compact binary form ([`codec`](crate::store::kv::codec)) instead of
-//! JSON. An older database is rewritten in place when it opens (a record already in the
-//! newer form, from a migration interrupted after it, is left alone).
+//! JSON; 4 changed only redb's layout, so a sled store at 3 just records 4. An older
+//! database is rewritten in place when it opens (a record already in the newer form,
+//! from a migration interrupted after it, is left alone).
 //!
 //! Where the work runs: point reads and writes run inline on the caller's task (sled
 //! answers them from memory and its write buffer in microseconds, and they are the
@@ -573,7 +574,7 @@ mod tests {
                 ..key.clone()
             }
         );
-        assert_eq!(store.list_versions(key.id).await.unwrap(), vec![version]);
+        assert_eq!(store.list_versions(&read).await.unwrap(), vec![version]);
         let (page, total) = store
             .list_keys("inst", &KeyFilter::default(), PageStart::Offset(0), 10)
             .await
