@@ -9,11 +9,12 @@
 //! in listing order, a page is one range scan, wherever it starts; GetKey is two
 //! lookups instead of one, and new records are appended rather than spread.
 //!
-//! Versions follow the same rule: `versions` keys them under their key's creation time
-//! and id. Keyed by key id alone (schema 3) they were a second tree written at a random
-//! place per created key: at a million keys durable CreateKey ran at 75% of its rate on
-//! an empty store; in creation order it is one tree of random inserts (`keys`) instead
-//! of two. Version reads get the key's record, which says where they are.
+//! Versions follow the same rule: `key_versions` keys them under their key's creation
+//! time and id. Keyed by key id alone (schema 3) they were a second tree written at a
+//! random place per created key: at a million keys durable CreateKey ran at 75% of its
+//! rate on an empty store; in creation order it is one tree of random inserts (`keys`)
+//! instead of two, and 79% (README, "At size"). Version reads get the key's record,
+//! which says where they are.
 
 use async_trait::async_trait;
 use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
