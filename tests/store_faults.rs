@@ -197,12 +197,20 @@ async fn a_full_disk_refuses_writes_keeps_reads_and_recovers() {
             .log_eventually("the store reopened after a write failure")
             .await
     );
-    let failure = if common::redb_selected() {
-        "committing to the store failed"
+    if common::redb_selected() {
+        assert_eq!(
+            server.log_count("committing to the store failed"),
+            1,
+            "logged once"
+        );
     } else {
-        "flushing the store failed"
-    };
-    assert_eq!(server.log_count(failure), 1, "logged once");
+        // sled writes in the background too: when one of its own writes meets the
+        // full disk first, the probe reopens it before any flush fails.
+        assert!(
+            server.log_count("flushing the store failed") <= 1,
+            "logged once at most"
+        );
+    }
     // Acknowledged keys survive a kill -9 after the episode.
     server.kill().await;
     let server = TestServer::start_with_env(&token, data.path(), &env).await;

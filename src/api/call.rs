@@ -334,7 +334,7 @@ impl CallGate {
         if !((rpc.mutates() && changed) || self.options.sync_reads) {
             return Ok(());
         }
-        if let Err(error) = self.audit.persist().await {
+        if let Err(error) = self.audit.persist_appended().await {
             tracing::debug!(
                 operation = rpc.name(),
                 error = %error,

@@ -39,7 +39,7 @@ pub use record::{AuditRecord, GENESIS_HASH, decode_block, encode_block};
 pub use verify::{VerifyFailure, VerifyReport, verify};
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -89,8 +89,11 @@ pub struct AuditTrail {
     /// Appended, not yet in the store, in append order; sequence numbers and hashes are
     /// given when they are sealed onto the chain's stored end.
     pending: Arc<Mutex<Vec<AuditRecord>>>,
-    /// Held while committing, so this process seals one batch at a time.
-    writing: Arc<tokio::sync::Mutex<()>>,
+    /// Records appended so far (counted under `pending`'s lock).
+    appended: Arc<AtomicU64>,
+    /// Held while committing, so this process seals one batch at a time; it holds how
+    /// many of the records appended first are known durable.
+    writing: Arc<tokio::sync::Mutex<u64>>,
     /// False after a failed commit, until one succeeds (to log each episode once).
     writable: Arc<AtomicBool>,
 }
@@ -123,7 +126,8 @@ impl AuditTrail {
         Ok(Self {
             store,
             pending: Arc::new(Mutex::new(Vec::new())),
-            writing: Arc::new(tokio::sync::Mutex::new(())),
+            appended: Arc::new(AtomicU64::new(0)),
+            writing: Arc::new(tokio::sync::Mutex::new(0)),
             writable: Arc::new(AtomicBool::new(true)),
         })
     }
@@ -149,6 +153,7 @@ impl AuditTrail {
             return Err(AuditError::Unavailable);
         }
         pending.push(record);
+        self.appended.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -160,20 +165,47 @@ impl AuditTrail {
     /// an aborted background task) cannot stop it between taking the batch and storing
     /// it, which would lose the batch.
     pub async fn commit(&self) -> Result<(), AuditError> {
-        let (store, pending, writing, writable) = (
+        self.write_pending(None).await
+    }
+
+    /// Writes the pending records; with `durable_through`, until the first that many
+    /// appended records are durable, with every store write made before them: at once
+    /// if an earlier durable commit covered them, else by an append that is durable
+    /// itself (one trip through the store, where an append and a sync were two).
+    async fn write_pending(&self, durable_through: Option<u64>) -> Result<(), AuditError> {
+        let (store, pending, appended, writing, writable) = (
             Arc::clone(&self.store),
             Arc::clone(&self.pending),
+            Arc::clone(&self.appended),
             Arc::clone(&self.writing),
             Arc::clone(&self.writable),
         );
         tokio::spawn(async move {
-            let _writing = writing.lock_owned().await;
-            let batch = std::mem::take(&mut *pending.lock().unwrap_or_else(|e| e.into_inner()));
+            let mut durable = writing.lock_owned().await;
+            if durable_through.is_some_and(|wanted| *durable >= wanted) {
+                return Ok(());
+            }
+            let (batch, taken_through) = {
+                let mut pending = pending.lock().unwrap_or_else(|e| e.into_inner());
+                (
+                    std::mem::take(&mut *pending),
+                    appended.load(Ordering::Relaxed),
+                )
+            };
             if batch.is_empty() {
+                // Written by a commit that was not durable: a sync makes them so.
+                if durable_through.is_some() {
+                    store.sync().await?;
+                    *durable = taken_through;
+                }
                 return Ok(());
             }
             let seal = |end: Option<ChainEnd>| seal(&batch, end);
-            if let Err(error) = store.append_audit(&seal).await {
+            let written = match durable_through {
+                Some(_) => store.append_audit_durably(&seal).await,
+                None => store.append_audit(&seal).await,
+            };
+            if let Err(error) = written {
                 // Put the batch back, ahead of anything appended since.
                 let mut pending = pending.lock().unwrap_or_else(|e| e.into_inner());
                 let mut unwritten = batch;
@@ -192,6 +224,9 @@ impl AuditTrail {
             if !writable.swap(true, Ordering::Relaxed) {
                 tracing::warn!("the audit trail is writable again");
             }
+            if durable_through.is_some() {
+                *durable = taken_through;
+            }
             Ok(())
         })
         .await
@@ -204,6 +239,14 @@ impl AuditTrail {
         self.commit().await?;
         self.store.sync().await?;
         Ok(())
+    }
+
+    /// What a mutating call waits for after appending its record: that record, and
+    /// the change the call made before it, durable. Unlike [`Self::persist`] it does
+    /// not cover store writes made after the last record appended.
+    pub async fn persist_appended(&self) -> Result<(), AuditError> {
+        let through = self.appended.load(Ordering::Relaxed);
+        self.write_pending(Some(through)).await
     }
 
     /// True when records wait for the next commit.
@@ -271,16 +314,30 @@ mod tests {
         }
     }
 
-    /// A store whose appends fail while `failing` is set, and take 100 ms with `slow`.
+    /// A store whose appends fail while `failing` is set, and take 100 ms with `slow`;
+    /// it counts its syncs.
     struct FlakyStore {
         inner: SledStore,
         failing: AtomicBool,
         slow: AtomicBool,
+        syncs: AtomicU64,
+    }
+
+    impl FlakyStore {
+        fn open(dir: &std::path::Path, slow: bool) -> Arc<Self> {
+            Arc::new(FlakyStore {
+                inner: SledStore::open(&dir.join("db")).unwrap(),
+                failing: AtomicBool::new(false),
+                slow: AtomicBool::new(slow),
+                syncs: AtomicU64::new(0),
+            })
+        }
     }
 
     #[async_trait]
     impl Durability for FlakyStore {
         async fn sync(&self) -> Result<(), StoreError> {
+            self.syncs.fetch_add(1, Ordering::SeqCst);
             self.inner.sync().await
         }
     }
@@ -331,11 +388,7 @@ mod tests {
     #[tokio::test]
     async fn a_trail_that_cannot_be_written_holds_records_until_it_can_and_loses_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(FlakyStore {
-            inner: SledStore::open(&dir.path().join("db")).unwrap(),
-            failing: AtomicBool::new(false),
-            slow: AtomicBool::new(false),
-        });
+        let store = FlakyStore::open(dir.path(), false);
         let trail = AuditTrail::open(store.clone() as Arc<dyn AuditStore>)
             .await
             .unwrap();
@@ -360,11 +413,7 @@ mod tests {
     #[tokio::test]
     async fn a_commit_whose_caller_goes_away_still_writes_its_batch() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(FlakyStore {
-            inner: SledStore::open(&dir.path().join("db")).unwrap(),
-            failing: AtomicBool::new(false),
-            slow: AtomicBool::new(true),
-        });
+        let store = FlakyStore::open(dir.path(), true);
         let trail = AuditTrail::open(store.clone() as Arc<dyn AuditStore>)
             .await
             .unwrap();
@@ -381,6 +430,28 @@ mod tests {
             report.records, 3,
             "A and B written by the abandoned commit, then C"
         );
+    }
+
+    #[tokio::test]
+    async fn a_persisted_record_is_synced_once_and_never_left_unsynced() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FlakyStore::open(dir.path(), false);
+        let trail = AuditTrail::open(store.clone() as Arc<dyn AuditStore>)
+            .await
+            .unwrap();
+        let syncs = || store.syncs.load(Ordering::SeqCst);
+        trail.append(&event("A")).unwrap();
+        trail.persist_appended().await.unwrap();
+        assert_eq!(syncs(), 1, "A's append was durable");
+        trail.persist_appended().await.unwrap();
+        assert_eq!(syncs(), 1, "nothing appended since: already durable");
+        // Written by a commit that was not durable: persisting it still syncs.
+        trail.append(&event("B")).unwrap();
+        trail.commit().await.unwrap();
+        trail.persist_appended().await.unwrap();
+        assert_eq!(syncs(), 2);
+        let report = verify(store.as_ref(), |_| {}).await.unwrap().unwrap();
+        assert_eq!(report.records, 2);
     }
 
     #[tokio::test]

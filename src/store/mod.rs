@@ -333,6 +333,14 @@ pub trait AuditStore: Durability {
     /// more than once if the backend retries.
     async fn append_audit(&self, seal: Seal<'_>) -> Result<(), StoreError>;
 
+    /// [`Self::append_audit`], returning once the append and every write before it
+    /// are durable. A backend that can commit both at once overrides it (redb: one
+    /// trip through its writer instead of an append and then a sync).
+    async fn append_audit_durably(&self, seal: Seal<'_>) -> Result<(), StoreError> {
+        self.append_audit(seal).await?;
+        self.sync().await
+    }
+
     /// The chain's end as stored with the last append.
     async fn audit_chain_end(&self) -> Result<Option<ChainEnd>, StoreError>;
 

@@ -69,9 +69,9 @@ pub(super) fn meta_entry(
     raw.map(|raw| decode_end(what, raw.value())).transpose()
 }
 
-#[async_trait]
-impl AuditStore for RedbStore {
-    async fn append_audit(&self, seal: Seal<'_>) -> Result<(), StoreError> {
+impl RedbStore {
+    /// One append, in the writer's next batch; with `durable`, answered once on disk.
+    async fn append(&self, seal: Seal<'_>, durable: bool) -> Result<(), StoreError> {
         let _appending = self.audit_append.lock().await;
         loop {
             let end = self.audit_chain_end().await?;
@@ -85,7 +85,7 @@ impl AuditStore for RedbStore {
                 .map(|(first_seq, block)| (*first_seq, pack(block)))
                 .collect();
             let written = self
-                .write(move |txn| {
+                .write_job(durable, move |txn| {
                     let mut meta = txn.open_table(AUDIT_META)?;
                     if meta.get(END_KEY)?.map(|raw| raw.value().to_vec()) != expected {
                         return Err(StoreError::Conflict);
@@ -105,6 +105,17 @@ impl AuditStore for RedbStore {
                 other => return other,
             }
         }
+    }
+}
+
+#[async_trait]
+impl AuditStore for RedbStore {
+    async fn append_audit(&self, seal: Seal<'_>) -> Result<(), StoreError> {
+        self.append(seal, false).await
+    }
+
+    async fn append_audit_durably(&self, seal: Seal<'_>) -> Result<(), StoreError> {
+        self.append(seal, true).await
     }
 
     async fn audit_chain_end(&self) -> Result<Option<ChainEnd>, StoreError> {

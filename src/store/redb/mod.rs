@@ -239,6 +239,20 @@ impl RedbStore {
         self.open_db()?.writer.write(work).await
     }
 
+    /// [`Self::write`], or with `durable` [`Writer::write_durably`].
+    async fn write_job<T: Send + 'static>(
+        &self,
+        durable: bool,
+        work: impl FnOnce(&WriteTransaction) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let open = self.open_db()?;
+        if durable {
+            open.writer.write_durably(work).await
+        } else {
+            open.writer.write(work).await
+        }
+    }
+
     /// Closes the database and opens it again (redb refuses writes after a failed
     /// commit until then). Blocking.
     fn reopen(&self) -> Result<(), StoreError> {

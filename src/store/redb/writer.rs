@@ -5,7 +5,7 @@
 //!
 //! Durability is the same group commit as sled's flush: a batch commits with
 //! [`Durability::None`] (visible to readers at once, in memory) unless someone in it
-//! asked for [`Writer::sync`], or the oldest change not yet on disk is older than
+//! asked for [`Writer::sync`] or wrote with [`Writer::write_durably`], or the oldest change not yet on disk is older than
 //! [`FLUSH_EVERY`]; then it commits with [`Durability::Immediate`], which puts every
 //! earlier commit on disk as well. A crash loses only what no `sync` returned for.
 //!
@@ -37,7 +37,8 @@ type Completion = Box<dyn FnOnce(Result<(), &str>) + Send>;
 type Job = Box<dyn FnOnce(Option<&WriteTransaction>) -> (Completion, bool) + Send>;
 
 enum Request {
-    Write(Job),
+    /// A job, and whether its batch must reach the disk before it is answered.
+    Write(Job, bool),
     Sync(oneshot::Sender<Result<(), String>>),
 }
 
@@ -92,6 +93,23 @@ impl Writer {
         &self,
         work: impl FnOnce(&WriteTransaction) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
+        self.write_with(work, false).await
+    }
+
+    /// [`Writer::write`], answered once its batch is on disk with every earlier write:
+    /// a write and a [`Writer::sync`] in one trip through the writer instead of two.
+    pub(super) async fn write_durably<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&WriteTransaction) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.write_with(work, true).await
+    }
+
+    async fn write_with<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&WriteTransaction) -> Result<T, StoreError> + Send + 'static,
+        durable: bool,
+    ) -> Result<T, StoreError> {
         let (reply, answer) = oneshot::channel();
         let job: Job = Box::new(move |txn| {
             let result = match txn {
@@ -109,7 +127,7 @@ impl Writer {
             });
             (completion, poisoned)
         });
-        self.send(Request::Write(job))?;
+        self.send(Request::Write(job, durable))?;
         answer.await.map_err(|_| gone())?
     }
 
@@ -164,13 +182,17 @@ fn commit_batch(
 ) -> Result<(), String> {
     let mut jobs = Vec::new();
     let mut syncs = Vec::new();
+    let mut durable_write = false;
     for request in batch {
         match request {
-            Request::Write(job) => jobs.push(job),
+            Request::Write(job, durable) => {
+                durable_write |= durable;
+                jobs.push(job);
+            }
             Request::Sync(reply) => syncs.push(reply),
         }
     }
-    let due = unflushed_since.is_some_and(|since| since.elapsed() >= FLUSH_EVERY);
+    let due = durable_write || unflushed_since.is_some_and(|since| since.elapsed() >= FLUSH_EVERY);
     if jobs.is_empty() && (syncs.is_empty() || unflushed_since.is_none()) && !due {
         // Nothing changed since the last commit to disk.
         for reply in syncs {
