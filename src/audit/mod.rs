@@ -181,8 +181,8 @@ impl AuditTrail {
             Arc::clone(&self.writable),
         );
         tokio::spawn(async move {
-            let mut durable = writing.lock_owned().await;
-            if durable_through.is_some_and(|wanted| *durable >= wanted) {
+            let mut durable_records = writing.lock_owned().await;
+            if durable_through.is_some_and(|wanted| *durable_records >= wanted) {
                 return Ok(());
             }
             let (batch, taken_through) = {
@@ -196,7 +196,7 @@ impl AuditTrail {
                 // Written by a commit that was not durable: a sync makes them so.
                 if durable_through.is_some() {
                     store.sync().await?;
-                    *durable = taken_through;
+                    *durable_records = taken_through;
                 }
                 return Ok(());
             }
@@ -225,7 +225,7 @@ impl AuditTrail {
                 tracing::warn!("the audit trail is writable again");
             }
             if durable_through.is_some() {
-                *durable = taken_through;
+                *durable_records = taken_through;
             }
             Ok(())
         })
@@ -323,15 +323,19 @@ mod tests {
         syncs: AtomicU64,
     }
 
-    impl FlakyStore {
-        fn open(dir: &std::path::Path, slow: bool) -> Arc<Self> {
-            Arc::new(FlakyStore {
-                inner: SledStore::open(&dir.join("db")).unwrap(),
-                failing: AtomicBool::new(false),
-                slow: AtomicBool::new(slow),
-                syncs: AtomicU64::new(0),
-            })
-        }
+    /// A trail over a new [`FlakyStore`] in a temporary directory.
+    async fn flaky_trail(slow: bool) -> (tempfile::TempDir, Arc<FlakyStore>, AuditTrail) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FlakyStore {
+            inner: SledStore::open(&dir.path().join("db")).unwrap(),
+            failing: AtomicBool::new(false),
+            slow: AtomicBool::new(slow),
+            syncs: AtomicU64::new(0),
+        });
+        let trail = AuditTrail::open(store.clone() as Arc<dyn AuditStore>)
+            .await
+            .unwrap();
+        (dir, store, trail)
     }
 
     #[async_trait]
@@ -387,11 +391,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_trail_that_cannot_be_written_holds_records_until_it_can_and_loses_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = FlakyStore::open(dir.path(), false);
-        let trail = AuditTrail::open(store.clone() as Arc<dyn AuditStore>)
-            .await
-            .unwrap();
+        let (_dir, store, trail) = flaky_trail(false).await;
         trail.append(&event("A")).unwrap();
         store.failing.store(true, Ordering::SeqCst);
         assert!(trail.commit().await.is_err());
@@ -412,11 +412,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_commit_whose_caller_goes_away_still_writes_its_batch() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = FlakyStore::open(dir.path(), true);
-        let trail = AuditTrail::open(store.clone() as Arc<dyn AuditStore>)
-            .await
-            .unwrap();
+        let (_dir, store, trail) = flaky_trail(true).await;
         trail.append(&event("A")).unwrap();
         trail.append(&event("B")).unwrap();
         // The caller gives up while the store is writing (a cancelled call, an aborted
@@ -434,11 +430,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_persisted_record_is_synced_once_and_never_left_unsynced() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = FlakyStore::open(dir.path(), false);
-        let trail = AuditTrail::open(store.clone() as Arc<dyn AuditStore>)
-            .await
-            .unwrap();
+        let (_dir, store, trail) = flaky_trail(false).await;
         let syncs = || store.syncs.load(Ordering::SeqCst);
         trail.append(&event("A")).unwrap();
         trail.persist_appended().await.unwrap();

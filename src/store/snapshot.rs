@@ -144,17 +144,17 @@ impl<'a> Loader<'a> {
 
     pub async fn load(&mut self, item: StoreItem) -> Result<(), StoreError> {
         self.counts.add(&item);
-        if let StoreItem::Key { key, versions } = item {
-            self.pending_keys.push((key, versions));
-            if self.pending_keys.len() >= KEYS_AT_ONCE {
-                self.load_keys().await?;
-            }
-            return Ok(());
+        if !matches!(item, StoreItem::Key { .. }) {
+            self.load_keys().await?;
         }
-        self.load_keys().await?;
         match item {
             StoreItem::AuditChain { end, anchor } => self.chain = Some((end, anchor)),
-            StoreItem::Key { .. } => unreachable!("keys are buffered above"),
+            StoreItem::Key { key, versions } => {
+                self.pending_keys.push((key, versions));
+                if self.pending_keys.len() >= KEYS_AT_ONCE {
+                    self.load_keys().await?;
+                }
+            }
             StoreItem::ImportToken(token) => {
                 let token = ImportTokenRecord {
                     revision: 0,

@@ -57,6 +57,13 @@ pub(crate) fn parse_order_key(k: &[u8]) -> Result<(String, Uuid), StoreError> {
     Ok((instance, Uuid::from_bytes(id.try_into().expect("16 bytes"))))
 }
 
+/// An `order` tree key's creation time (the 8 bytes before the key id).
+pub(crate) fn order_key_created(k: &[u8]) -> Result<Millis, StoreError> {
+    parse_order_key(k)?;
+    let created = &k[k.len() - 24..k.len() - 16];
+    Ok(u64::from_be_bytes(created.try_into().expect("8 bytes")) as Millis)
+}
+
 pub(crate) fn order_value(key: &KeyRecord) -> [u8; 2] {
     [key.state.code(), key.extractable as u8]
 }

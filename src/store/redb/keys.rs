@@ -28,7 +28,7 @@ use crate::domain::model::{KeyFilter, KeyRecord, Millis, VersionRecord};
 use crate::store::kv::{
     codec, counter_key, counter_keys, decode_counter, decode_expiry_entry, decode_version_entry,
     expiry_key, instance_prefix, key_key, key_value, next_counter, order_key, order_key_at,
-    parse_order_key, stored_revision, version_key,
+    order_key_created, parse_order_key, stored_revision, version_key,
 };
 use crate::store::{KeyStore, PageStart, StoreError};
 
@@ -84,19 +84,18 @@ fn get_key(
     }
 }
 
-/// Where a key's versions are: its creation time (BE u64) and id.
-fn versions_prefix(created_at: Millis, key_id: Uuid) -> Vec<u8> {
-    let mut k = Vec::with_capacity(8 + 16 + 8 + 16);
-    k.extend_from_slice(&(created_at as u64).to_be_bytes());
-    k.extend_from_slice(key_id.as_bytes());
+/// A `key_versions` key, or prefix: the key's creation time (BE u64), then the
+/// key-id-first form sled's `versions` uses (a version key, or a key id alone).
+fn under_key_created(key_created_at: Millis, rest: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + rest.len());
+    k.extend_from_slice(&(key_created_at as u64).to_be_bytes());
+    k.extend_from_slice(rest);
     k
 }
 
-/// A `versions` key: the key's creation time, then the key-id-first form sled uses.
-fn versions_key(key_created_at: Millis, version: &VersionRecord) -> Vec<u8> {
-    let mut k = (key_created_at as u64).to_be_bytes().to_vec();
-    k.extend_from_slice(&version_key(version));
-    k
+/// Where a key's versions are.
+fn versions_prefix(key: &KeyRecord) -> Vec<u8> {
+    under_key_created(key.created_at, key.id.as_bytes())
 }
 
 fn decode_versions_entry(k: &[u8], v: &[u8]) -> Result<VersionRecord, StoreError> {
@@ -118,7 +117,7 @@ fn put_version(
         ));
     }
     versions.insert(
-        versions_key(key.created_at, version).as_slice(),
+        under_key_created(key.created_at, &version_key(version)).as_slice(),
         codec::encode_version(version).as_slice(),
     )?;
     Ok(())
@@ -129,7 +128,7 @@ pub(super) fn versions_of(
     versions: &impl ReadableTable<Bytes, Bytes>,
     key: &KeyRecord,
 ) -> Result<Vec<VersionRecord>, StoreError> {
-    with_prefix(versions, &versions_prefix(key.created_at, key.id))?
+    with_prefix(versions, &versions_prefix(key))?
         .map(|entry| {
             let (k, v) = entry?;
             decode_versions_entry(k.value(), v.value())
@@ -163,12 +162,13 @@ pub(super) fn move_versions_to_creation_order(db: &redb::Database) -> Result<u64
                 let (k, _) = entry?;
                 let k = k.value();
                 let (_, id) = parse_order_key(k)?;
-                let created: [u8; 8] = k[k.len() - 24..k.len() - 16].try_into().expect("8 bytes");
+                let created = order_key_created(k)?;
                 for version in with_prefix(&old, id.as_bytes())? {
                     let (vk, vv) = version?;
-                    let mut at = created.to_vec();
-                    at.extend_from_slice(vk.value());
-                    new.insert(at.as_slice(), vv.value())?;
+                    new.insert(
+                        under_key_created(created, vk.value()).as_slice(),
+                        vv.value(),
+                    )?;
                 }
                 moved += 1;
                 last = Some(k.to_vec());
@@ -340,11 +340,10 @@ fn list_keys(
 
 fn list_versions_page(
     versions: &impl ReadableTable<Bytes, Bytes>,
-    key: &KeyRecord,
+    prefix: Vec<u8>,
     start: PageStart,
     limit: usize,
 ) -> Result<(Vec<VersionRecord>, u64), StoreError> {
-    let prefix = versions_prefix(key.created_at, key.id);
     let mut total = 0u64;
     for entry in with_prefix(versions, &prefix)? {
         entry?;
@@ -429,7 +428,7 @@ impl KeyStore for RedbStore {
     ) -> Result<Option<VersionRecord>, StoreError> {
         let (_, txn) = self.read()?;
         let versions = txn.open_table(VERSIONS)?;
-        for entry in with_prefix(&versions, &versions_prefix(key.created_at, key.id))? {
+        for entry in with_prefix(&versions, &versions_prefix(key))? {
             let (k, v) = entry?;
             if k.value().ends_with(version_id.as_bytes()) {
                 return Ok(Some(decode_versions_entry(k.value(), v.value())?));
@@ -451,9 +450,11 @@ impl KeyStore for RedbStore {
         start: PageStart,
         limit: usize,
     ) -> Result<(Vec<VersionRecord>, u64), StoreError> {
-        let key = key.clone();
-        self.scan(move |_, txn| list_versions_page(&txn.open_table(VERSIONS)?, &key, start, limit))
-            .await
+        let prefix = versions_prefix(key);
+        self.scan(move |_, txn| {
+            list_versions_page(&txn.open_table(VERSIONS)?, prefix, start, limit)
+        })
+        .await
     }
 
     async fn list_keys(

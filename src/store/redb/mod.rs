@@ -236,21 +236,16 @@ impl RedbStore {
         &self,
         work: impl FnOnce(&WriteTransaction) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        self.open_db()?.writer.write(work).await
+        self.write_job(false, work).await
     }
 
-    /// [`Self::write`], or with `durable` [`Writer::write_durably`].
+    /// [`Self::write`]; with `durable`, answered once the write is on disk.
     async fn write_job<T: Send + 'static>(
         &self,
         durable: bool,
         work: impl FnOnce(&WriteTransaction) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let open = self.open_db()?;
-        if durable {
-            open.writer.write_durably(work).await
-        } else {
-            open.writer.write(work).await
-        }
+        self.open_db()?.writer.write(work, durable).await
     }
 
     /// Closes the database and opens it again (redb refuses writes after a failed

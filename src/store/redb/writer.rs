@@ -5,7 +5,7 @@
 //!
 //! Durability is the same group commit as sled's flush: a batch commits with
 //! [`Durability::None`] (visible to readers at once, in memory) unless someone in it
-//! asked for [`Writer::sync`] or wrote with [`Writer::write_durably`], or the oldest change not yet on disk is older than
+//! asked for [`Writer::sync`] or wrote durably ([`Writer::write`]), or the oldest change not yet on disk is older than
 //! [`FLUSH_EVERY`]; then it commits with [`Durability::Immediate`], which puts every
 //! earlier commit on disk as well. A crash loses only what no `sync` returned for.
 //!
@@ -89,23 +89,9 @@ impl Writer {
 
     /// Runs `work` in the next batch's transaction; its result once the batch is
     /// committed. `work` must return a refusal before it changes anything.
+    /// With `durable`, answered once its batch is on disk with every earlier write: a
+    /// write and a [`Writer::sync`] in one trip through the writer instead of two.
     pub(super) async fn write<T: Send + 'static>(
-        &self,
-        work: impl FnOnce(&WriteTransaction) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, StoreError> {
-        self.write_with(work, false).await
-    }
-
-    /// [`Writer::write`], answered once its batch is on disk with every earlier write:
-    /// a write and a [`Writer::sync`] in one trip through the writer instead of two.
-    pub(super) async fn write_durably<T: Send + 'static>(
-        &self,
-        work: impl FnOnce(&WriteTransaction) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, StoreError> {
-        self.write_with(work, true).await
-    }
-
-    async fn write_with<T: Send + 'static>(
         &self,
         work: impl FnOnce(&WriteTransaction) -> Result<T, StoreError> + Send + 'static,
         durable: bool,
