@@ -130,6 +130,47 @@ pub(crate) fn decode_version_entry(k: &[u8], v: &[u8]) -> Result<VersionRecord, 
     codec::decode_version(key_id, created_at, id, v)
 }
 
+/// A `key_versions` key, or prefix: the key's creation time (BE u64), then the
+/// key-id-first form of [`version_key`] (a version key, or a key id alone). Versions sit
+/// in their key's creation order, next to the keys created with it, so creating a key
+/// appends them rather than writing at a random place in the tree.
+pub(crate) fn under_key_created(key_created_at: Millis, rest: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + rest.len());
+    k.extend_from_slice(&(key_created_at as u64).to_be_bytes());
+    k.extend_from_slice(rest);
+    k
+}
+
+/// Where a key's versions are in `key_versions`.
+pub(crate) fn versions_prefix(key: &KeyRecord) -> Vec<u8> {
+    under_key_created(key.created_at, key.id.as_bytes())
+}
+
+/// A version's `key_versions` entry, key and value; refused if it names another key.
+pub(crate) fn key_version_entry(
+    key: &KeyRecord,
+    version: &VersionRecord,
+) -> Result<(Vec<u8>, Vec<u8>), StoreError> {
+    if version.key_id != key.id {
+        return Err(StoreError::corrupt(
+            format!("version {}", version.id),
+            "written under another key",
+        ));
+    }
+    Ok((
+        under_key_created(key.created_at, &version_key(version)),
+        codec::encode_version(version),
+    ))
+}
+
+/// A `key_versions` entry.
+pub(crate) fn decode_key_versions_entry(k: &[u8], v: &[u8]) -> Result<VersionRecord, StoreError> {
+    let Some(rest) = k.get(8..) else {
+        return Err(StoreError::corrupt("versions index", "malformed entry"));
+    };
+    decode_version_entry(rest, v)
+}
+
 /// A `keys` tree key: the instance and the key id.
 pub(crate) fn parse_key_key(k: &[u8]) -> Result<(String, Uuid), StoreError> {
     let corrupt = || StoreError::corrupt("keys index", "malformed entry");

@@ -26,9 +26,10 @@ use super::{
 };
 use crate::domain::model::{KeyFilter, KeyRecord, Millis, VersionRecord};
 use crate::store::kv::{
-    codec, counter_key, counter_keys, decode_counter, decode_expiry_entry, decode_version_entry,
-    expiry_key, instance_prefix, key_key, key_value, next_counter, order_key, order_key_at,
-    order_key_created, parse_order_key, stored_revision, version_key,
+    counter_key, counter_keys, decode_counter, decode_expiry_entry, decode_key_versions_entry,
+    expiry_key, instance_prefix, key_key, key_value, key_version_entry, next_counter, order_key,
+    order_key_at, order_key_created, parse_order_key, stored_revision, under_key_created,
+    versions_prefix,
 };
 use crate::store::{KeyStore, PageStart, StoreError};
 
@@ -84,42 +85,13 @@ fn get_key(
     }
 }
 
-/// A `key_versions` key, or prefix: the key's creation time (BE u64), then the
-/// key-id-first form sled's `versions` uses (a version key, or a key id alone).
-fn under_key_created(key_created_at: Millis, rest: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(8 + rest.len());
-    k.extend_from_slice(&(key_created_at as u64).to_be_bytes());
-    k.extend_from_slice(rest);
-    k
-}
-
-/// Where a key's versions are.
-fn versions_prefix(key: &KeyRecord) -> Vec<u8> {
-    under_key_created(key.created_at, key.id.as_bytes())
-}
-
-fn decode_versions_entry(k: &[u8], v: &[u8]) -> Result<VersionRecord, StoreError> {
-    let Some(rest) = k.get(8..) else {
-        return Err(StoreError::corrupt("versions index", "malformed entry"));
-    };
-    decode_version_entry(rest, v)
-}
-
 fn put_version(
     versions: &mut redb::Table<Bytes, Bytes>,
     key: &KeyRecord,
     version: &VersionRecord,
 ) -> Result<(), StoreError> {
-    if version.key_id != key.id {
-        return Err(StoreError::corrupt(
-            format!("version {}", version.id),
-            "written under another key",
-        ));
-    }
-    versions.insert(
-        under_key_created(key.created_at, &version_key(version)).as_slice(),
-        codec::encode_version(version).as_slice(),
-    )?;
+    let (k, v) = key_version_entry(key, version)?;
+    versions.insert(k.as_slice(), v.as_slice())?;
     Ok(())
 }
 
@@ -131,7 +103,7 @@ pub(super) fn versions_of(
     with_prefix(versions, &versions_prefix(key))?
         .map(|entry| {
             let (k, v) = entry?;
-            decode_versions_entry(k.value(), v.value())
+            decode_key_versions_entry(k.value(), v.value())
         })
         .collect()
 }
@@ -354,7 +326,7 @@ fn list_versions_page(
         redb::StorageError,
     >| {
         let (k, v) = entry?;
-        decode_versions_entry(k.value(), v.value())
+        decode_key_versions_entry(k.value(), v.value())
     };
     let page = match start {
         PageStart::Offset(offset) => with_prefix(versions, &prefix)?
@@ -431,7 +403,7 @@ impl KeyStore for RedbStore {
         for entry in with_prefix(&versions, &versions_prefix(key))? {
             let (k, v) = entry?;
             if k.value().ends_with(version_id.as_bytes()) {
-                return Ok(Some(decode_versions_entry(k.value(), v.value())?));
+                return Ok(Some(decode_key_versions_entry(k.value(), v.value())?));
             }
         }
         Ok(None)

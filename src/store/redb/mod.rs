@@ -155,7 +155,9 @@ impl RedbStore {
                 }
                 None => None,
             };
-            if found.is_none() {
+            // A new file, or one of a schema whose redb layout is this build's (4: 5
+            // changed only sled's): just the number. Schema 3 is upgraded below.
+            if found.is_none_or(|found| found > 3 && found < STORE_SCHEMA) {
                 meta.insert(SCHEMA_KEY, STORE_SCHEMA.to_be_bytes().as_slice())?;
             }
             found
@@ -189,7 +191,8 @@ impl RedbStore {
         })
     }
 
-    /// Schema 3 to 4; the schema is recorded only once the versions have moved.
+    /// Schema 3 to this build's (4 is redb's last layout change); the schema is recorded
+    /// only once the versions have moved.
     fn upgrade_from_3(db: &Database, path: &Path) -> Result<(), StoreError> {
         let keys = keys::move_versions_to_creation_order(db)?;
         let txn = db.begin_write()?;

@@ -5,12 +5,13 @@ use ::sled::{IVec, Transactional, Tree};
 use async_trait::async_trait;
 use uuid::Uuid;
 
-use super::{SledStore, Trees};
+use super::{SCHEMA_4_VERSIONS, SledStore, Trees};
 use crate::domain::model::{KeyFilter, KeyRecord, KeyState, Millis, VersionRecord};
 use crate::store::kv::{
-    codec, counter_key, counter_keys, decode_counter, decode_expiry_entry, decode_version_entry,
-    expiry_key, instance_prefix, key_key, key_value, next_counter, order_key, order_value,
-    stored_revision, version_key,
+    counter_key, counter_keys, decode_counter, decode_expiry_entry, decode_key_versions_entry,
+    expiry_key, instance_prefix, key_key, key_value, key_version_entry, next_counter, order_key,
+    order_key_created, order_value, parse_order_key, stored_revision, under_key_created,
+    versions_prefix,
 };
 use crate::store::{KeyStore, PageStart, StoreError};
 
@@ -37,7 +38,7 @@ impl Trees {
             &self.keys,
             &self.order,
             &self.counters,
-            &self.versions,
+            &self.key_versions,
             &self.expiry,
         )
     }
@@ -51,7 +52,7 @@ impl Trees {
             revision: 0,
             ..key.clone()
         });
-        let version_entry = version.map(|v| (version_key(v), codec::encode_version(v)));
+        let version_entry = version.map(|v| key_version_entry(key, v)).transpose()?;
         let expiry_entry = expiry_key(key);
         unpack(
             self.key_trees()
@@ -74,6 +75,40 @@ impl Trees {
         )
     }
 
+    /// Schema 4 to 5: copies every version from `versions` (keyed by key id) into
+    /// `key_versions` (keyed by its key's creation time, see
+    /// [`under_key_created`]), walking keys in listing order, a batch of keys at a
+    /// time, then drops the old tree. Rerun from the start after an interruption, it
+    /// writes the same entries again. A version whose key has no record is unreachable
+    /// and is not carried over.
+    pub(super) fn move_versions_to_creation_order(&self) -> Result<u64, StoreError> {
+        const KEYS_PER_BATCH: u64 = 10_000;
+        let old = self.db.open_tree(SCHEMA_4_VERSIONS)?;
+        let mut moved = 0u64;
+        let mut batch = ::sled::Batch::default();
+        for entry in self.order.iter() {
+            let (k, _) = entry?;
+            let (_, id) = parse_order_key(&k)?;
+            let created = order_key_created(&k)?;
+            for version in old.scan_prefix(id.as_bytes()) {
+                let (vk, vv) = version?;
+                batch.insert(under_key_created(created, &vk), vv);
+            }
+            moved += 1;
+            if moved.is_multiple_of(KEYS_PER_BATCH) {
+                self.key_versions.apply_batch(std::mem::take(&mut batch))?;
+                if moved.is_multiple_of(100_000) {
+                    tracing::info!(keys = moved, "moving key versions into creation order");
+                }
+            }
+        }
+        self.key_versions.apply_batch(batch)?;
+        self.db.flush()?;
+        drop(old);
+        self.db.drop_tree(SCHEMA_4_VERSIONS)?;
+        Ok(moved)
+    }
+
     fn get_key(&self, instance: &str, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
         match self.keys.get(key_key(instance, id))? {
             Some(raw) => self.decoded_keys.decode(instance, id, &raw).map(Some),
@@ -89,21 +124,22 @@ impl Trees {
         erase_material: bool,
     ) -> Result<(), StoreError> {
         crate::store::check_key_revision(previous, next)?;
-        let added = new_version.map(|v| (version_key(v), codec::encode_version(v)));
+        let added = new_version
+            .map(|v| key_version_entry(previous, v))
+            .transpose()?;
         let record = key_value(next);
         // Versions to erase are read outside the transaction; a version added
         // concurrently changes the key's revision, which makes the check below fail.
         let mut erased = Vec::new();
         if erase_material {
-            for version in self.list_versions(previous.id)? {
-                let key = version_key(&version);
-                erased.push((
-                    key,
-                    codec::encode_version(&VersionRecord {
+            for version in self.list_versions(previous)? {
+                erased.push(key_version_entry(
+                    previous,
+                    &VersionRecord {
                         wrapped: None,
                         ..version
-                    }),
-                ));
+                    },
+                )?);
             }
         }
         let (old_expiry, new_expiry) = (expiry_key(previous), expiry_key(next));
@@ -140,60 +176,61 @@ impl Trees {
 
     fn get_version(
         &self,
-        key_id: Uuid,
+        key: &KeyRecord,
         version_id: Uuid,
     ) -> Result<Option<VersionRecord>, StoreError> {
-        for entry in self.versions.scan_prefix(key_id.as_bytes()) {
+        for entry in self.key_versions.scan_prefix(versions_prefix(key)) {
             let (k, v) = entry?;
             if k.ends_with(version_id.as_bytes()) {
-                return Ok(Some(decode_version_entry(&k, &v)?));
+                return Ok(Some(decode_key_versions_entry(&k, &v)?));
             }
         }
         Ok(None)
     }
 
-    pub(super) fn list_versions(&self, key_id: Uuid) -> Result<Vec<VersionRecord>, StoreError> {
-        self.versions
-            .scan_prefix(key_id.as_bytes())
+    /// A key's versions, newest first.
+    pub(super) fn list_versions(&self, key: &KeyRecord) -> Result<Vec<VersionRecord>, StoreError> {
+        self.key_versions
+            .scan_prefix(versions_prefix(key))
             .rev()
             .map(|entry| {
                 let (k, v) = entry?;
-                decode_version_entry(&k, &v)
+                decode_key_versions_entry(&k, &v)
             })
             .collect()
     }
 
     fn list_versions_page(
         &self,
-        key_id: Uuid,
+        key: &KeyRecord,
         start: PageStart,
         limit: usize,
     ) -> Result<(Vec<VersionRecord>, u64), StoreError> {
-        let prefix = key_id.as_bytes();
+        let prefix = versions_prefix(key);
         let mut total = 0u64;
-        for entry in self.versions.scan_prefix(prefix) {
+        for entry in self.key_versions.scan_prefix(&prefix) {
             entry?;
             total += 1;
         }
         let decode = |entry: ::sled::Result<(IVec, IVec)>| {
             let (k, v) = entry?;
-            decode_version_entry(&k, &v)
+            decode_key_versions_entry(&k, &v)
         };
         let page = match start {
             PageStart::Offset(offset) => self
-                .versions
-                .scan_prefix(prefix)
+                .key_versions
+                .scan_prefix(&prefix)
                 .rev()
                 .skip(offset)
                 .take(limit)
                 .map(decode)
                 .collect::<Result<_, _>>()?,
             PageStart::After(position) => {
-                let mut before = prefix.to_vec();
+                let mut before = prefix.clone();
                 before.extend_from_slice(&(position.created_at as u64).to_be_bytes());
                 before.extend_from_slice(position.id.as_bytes());
-                self.versions
-                    .range(prefix.to_vec()..before)
+                self.key_versions
+                    .range(prefix.clone()..before)
                     .rev()
                     .take(limit)
                     .map(decode)
@@ -314,11 +351,11 @@ impl KeyStore for SledStore {
         key: &KeyRecord,
         version_id: Uuid,
     ) -> Result<Option<VersionRecord>, StoreError> {
-        self.trees()?.get_version(key.id, version_id)
+        self.trees()?.get_version(key, version_id)
     }
 
     async fn list_versions(&self, key: &KeyRecord) -> Result<Vec<VersionRecord>, StoreError> {
-        self.trees()?.list_versions(key.id)
+        self.trees()?.list_versions(key)
     }
 
     async fn list_versions_page(
@@ -327,8 +364,8 @@ impl KeyStore for SledStore {
         start: PageStart,
         limit: usize,
     ) -> Result<(Vec<VersionRecord>, u64), StoreError> {
-        let key_id = key.id;
-        self.blocking(move |trees| trees.list_versions_page(key_id, start, limit))
+        let key = key.clone();
+        self.blocking(move |trees| trees.list_versions_page(&key, start, limit))
             .await
     }
 

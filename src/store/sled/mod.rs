@@ -8,7 +8,8 @@
 //!   (the ListKeys index: creation order then id, filterable without reading records)
 //! - `counters`: instance 0x00 state extractable             -> count (BE u64)
 //!   (CountKeys sums at most ten counters; updated in the same transaction as records)
-//! - `versions`: key-uuid created-ms(BE u64) version-uuid    -> VersionRecord ([`codec`](crate::store::kv::codec))
+//! - `key_versions`: key-created-ms(BE u64) key-uuid created-ms(BE u64) version-uuid -> VersionRecord ([`codec`](crate::store::kv::codec))
+//!   (a key's versions next to the keys created with it: see below)
 //! - `expiry`:   due-ms(BE u64) instance 0x00 key-uuid       -> ()
 //!   (keys with a time-driven transition due, for the expiry sweep)
 //! - `import_tokens`:     instance      -> revision (BE u64) || token id || ImportTokenRecord (JSON)
@@ -20,9 +21,17 @@
 //! Schema history: 1 had no revisions (compare-and-swap compared whole records); 2
 //! prefixes key and import-token records with their revision (and the token's id); 3
 //! stores key and version records in a compact binary form ([`codec`](crate::store::kv::codec)) instead of
-//! JSON; 4 changed only redb's layout, so a sled store at 3 just records 4. An older
-//! database is rewritten in place when it opens (a record already in the newer form,
-//! from a migration interrupted after it, is left alone).
+//! JSON; 4 changed only redb's layout, so a sled store at 3 just records 4; 5 keeps
+//! versions in their key's creation order (`key_versions`) instead of by key id
+//! (`versions`). An older database is rewritten in place when it opens (a record
+//! already in the newer form, from a migration interrupted after it, is left alone).
+//!
+//! Why versions in creation order: key ids are random (v4), so a tree keyed by key id
+//! takes every created key's version at a random place; at a million keys that place
+//! is on a node the cache no longer holds, read and rewritten by every durable
+//! CreateKey. Kept under their key's creation time, new versions are appended next to
+//! each other, and `keys` is the one tree of random inserts a created key makes (as on
+//! redb; README, "At size").
 //!
 //! Where the work runs: point reads and writes run inline on the caller's task (sled
 //! answers them from memory and its write buffer in microseconds, and they are the
@@ -67,6 +76,8 @@ pub const PERIODIC_FLUSH_MS: u64 = 500;
 /// `kms bench --preload 100000`). A segment size is fixed when a database is created.
 const SEGMENT_BYTES: usize = 2 << 20;
 const BACKEND: &str = "sled";
+/// Where schemas up to 4 kept versions, by key id; moved by the upgrade to 5, then dropped.
+const SCHEMA_4_VERSIONS: &str = "versions";
 
 impl From<::sled::Error> for StoreError {
     fn from(error: ::sled::Error) -> Self {
@@ -101,7 +112,7 @@ pub(super) struct Trees {
     keys: Tree,
     order: Tree,
     counters: Tree,
-    versions: Tree,
+    key_versions: Tree,
     expiry: Tree,
     import_tokens: Tree,
     import_parameters: Tree,
@@ -163,7 +174,7 @@ impl SledStore {
             keys: db.open_tree("keys")?,
             order: db.open_tree("order")?,
             counters: db.open_tree("counters")?,
-            versions: db.open_tree("versions")?,
+            key_versions: db.open_tree("key_versions")?,
             expiry: db.open_tree("expiry")?,
             import_tokens: db.open_tree("import_tokens")?,
             import_parameters: db.open_tree("import_parameters")?,
@@ -197,6 +208,9 @@ impl SledStore {
         }
         if found < 3 {
             trees.migrate_to_binary()?;
+        }
+        if found < 5 {
+            trees.move_versions_to_creation_order()?;
         }
         if found < STORE_SCHEMA {
             tracing::info!(path = %path.display(), from = found, to = STORE_SCHEMA, "migrated the store's schema");
@@ -364,7 +378,8 @@ impl Trees {
 }
 
 impl Trees {
-    /// Schema 2 -> 3: key and version records from JSON to [`codec`]'s binary form.
+    /// Schema 2 -> 3: key and version records from JSON to [`codec`]'s binary form (the
+    /// versions still in the tree schema 4 kept them in, moved after this).
     fn migrate_to_binary(&self) -> Result<(), StoreError> {
         for entry in self.keys.iter() {
             let (k, v) = entry?;
@@ -374,11 +389,12 @@ impl Trees {
                 self.keys.insert(k, kv::key_value(&record))?;
             }
         }
-        for entry in self.versions.iter() {
+        let versions = self.db.open_tree(SCHEMA_4_VERSIONS)?;
+        for entry in versions.iter() {
             let (k, v) = entry?;
             if codec::is_json(&v) {
                 let version = kv::decode_version_entry(&k, &v)?;
-                self.versions.insert(k, codec::encode_version(&version))?;
+                versions.insert(k, codec::encode_version(&version))?;
             }
         }
         Ok(())
@@ -501,8 +517,9 @@ mod tests {
         assert_eq!(created_with(&new), Some((SEGMENT_BYTES, true)));
     }
 
-    /// A schema-2 database (JSON records) opens as schema 3 with every record intact
-    /// and rewritten in the binary form.
+    /// A schema-2 database (JSON records, versions by key id) opens at this build's
+    /// schema with every record intact, rewritten in the binary form, and its version
+    /// moved into creation order.
     #[tokio::test]
     async fn a_schema_2_database_is_rewritten_in_the_binary_form() {
         let dir = tempfile::tempdir().unwrap();
@@ -546,10 +563,16 @@ mod tests {
             let kk = [b"inst".as_slice(), &[0], key.id.as_bytes()].concat();
             let json = kv::encode_key_value(3, &serde_json::to_vec(&key).unwrap());
             trees.keys.insert(&kk, json).unwrap();
-            let (vk, _) = trees.versions.iter().next().unwrap().unwrap();
+            // Schema 2 kept versions by key id, in `versions`.
+            trees.key_versions.clear().unwrap();
             trees
-                .versions
-                .insert(vk, serde_json::to_vec(&version).unwrap())
+                .db
+                .open_tree(SCHEMA_4_VERSIONS)
+                .unwrap()
+                .insert(
+                    kv::version_key(&version),
+                    serde_json::to_vec(&version).unwrap(),
+                )
                 .unwrap();
             store.force_schema_version(2).unwrap();
         }
@@ -564,8 +587,9 @@ mod tests {
         let trees = store.trees().unwrap();
         let (_, key_value) = trees.keys.iter().next().unwrap().unwrap();
         assert!(!codec::is_json(&key_value[8..]), "{key_value:?}");
-        let (_, version_value) = trees.versions.iter().next().unwrap().unwrap();
+        let (_, version_value) = trees.key_versions.iter().next().unwrap().unwrap();
         assert!(!codec::is_json(&version_value), "{version_value:?}");
+        assert!(!trees.db.tree_names().contains(&SCHEMA_4_VERSIONS.into()));
         let read = store.get_key("inst", key.id).await.unwrap().unwrap();
         assert_eq!(
             read,
@@ -580,5 +604,93 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((page.len(), total), (1, 1));
+    }
+
+    /// A schema-4 database (versions kept by key id) opens with every key's versions
+    /// moved under its creation time, two keys created in the same millisecond keeping
+    /// their own, and the old tree gone.
+    #[tokio::test]
+    async fn a_schema_4_database_opens_with_versions_in_creation_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let key = |created_at| KeyRecord {
+            schema: 1,
+            revision: 0,
+            id: Uuid::new_v4(),
+            instance: "inst".into(),
+            name: String::new(),
+            description: String::new(),
+            state: KeyState::Active,
+            extractable: false,
+            created_at,
+            updated_at: created_at,
+            expires_at: None,
+            origin: KeyOrigin::Generated,
+            size_bits: 256,
+            current_version: None,
+            imported: false,
+            expiration_model: None,
+            valid_to: None,
+            destroyed_at: None,
+            check_value: None,
+        };
+        let version = |key: &KeyRecord, created_at, byte| VersionRecord {
+            schema: 1,
+            key_id: key.id,
+            id: Uuid::new_v4(),
+            created_at,
+            wrapped: Some(WrappedKey {
+                format: WrapFormat::Rfc5649,
+                blob: vec![byte; 40],
+            }),
+        };
+        let keys = [
+            key(1_700_000_000_000),
+            key(1_700_000_000_000),
+            key(1_700_000_000_500),
+        ];
+        let versions: Vec<Vec<VersionRecord>> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                (0..=i as i64)
+                    .map(|n| version(k, k.created_at + n, i as u8))
+                    .collect()
+            })
+            .collect();
+        {
+            let store = SledStore::open(&path).unwrap();
+            let trees = store.trees().unwrap();
+            let old = trees.db.open_tree(SCHEMA_4_VERSIONS).unwrap();
+            for (k, vs) in keys.iter().zip(&versions) {
+                store.insert_key(k, None).await.unwrap();
+                for v in vs {
+                    old.insert(kv::version_key(v), codec::encode_version(v))
+                        .unwrap();
+                }
+            }
+            store.force_schema_version(4).unwrap();
+        }
+        let store = loop {
+            match SledStore::open(&path) {
+                Ok(store) => break store,
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        assert_eq!(store.schema_version().unwrap(), Some(STORE_SCHEMA));
+        for (k, vs) in keys.iter().zip(&versions) {
+            let read = store.get_key("inst", k.id).await.unwrap().unwrap();
+            let mut newest_first = vs.clone();
+            newest_first.reverse();
+            assert_eq!(store.list_versions(&read).await.unwrap(), newest_first);
+            let last = vs.last().unwrap();
+            assert_eq!(
+                store.get_version(&read, last.id).await.unwrap().as_ref(),
+                Some(last)
+            );
+        }
+        let trees = store.trees().unwrap();
+        assert_eq!(trees.key_versions.len(), 6);
+        assert!(!trees.db.tree_names().contains(&SCHEMA_4_VERSIONS.into()));
     }
 }

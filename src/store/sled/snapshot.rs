@@ -37,7 +37,7 @@ fn walk(trees: &Trees, sink: &SnapshotSink) -> Result<(), StoreError> {
         let (k, v) = entry?;
         let (instance, id) = parse_key_key(&k)?;
         let key = decode_key_value(&instance, id, &v)?;
-        let mut versions = trees.list_versions(id)?;
+        let mut versions = trees.list_versions(&key)?;
         versions.reverse();
         if !send(StoreItem::Key { key, versions }) {
             return Ok(());
