@@ -17,9 +17,10 @@
 //! in the data directory unless `path` (`KMS_STORE_PATH`) says otherwise: sled a
 //! directory `db`, redb one file `kms.redb`. `cache_mib`
 //! (`KMS_STORE_CACHE_MIB`, default 64) sizes their page cache. redb holds its cache to
-//! that size. sled's own default (1 GiB) let a store of 100,000 keys hold 600 MB
-//! resident; sled counts the cache in compressed bytes and holds more besides, so it
-//! lowers but does not bound the store's memory (README, "At size").
+//! that size. sled counts its cache in compressed bytes, each about 3.5 bytes resident,
+//! so it gets a quarter of the figure; it holds more besides (a million keys walked:
+//! about 400 MB resident), so the setting lowers but does not bound its memory (README,
+//! "At size").
 //!
 //! `KMS_STORE_URL` overrides `url` and implies `backend = "postgres"`. A password is
 //! never taken from the command line; one inside the URL works but then lives in the

@@ -45,8 +45,8 @@ pub const STORE_SCHEMA: u32 = 5;
 
 /// The embedded stores' page cache unless configured (`store.cache_mib`). redb holds its
 /// cache to it. sled's own default is 1 GiB, which let 100,000 keys hold 600 MB
-/// resident; sled counts it in compressed bytes on disk, not memory, and keeps more than
-/// its cache: at a million keys the server still held about 570 MB (README, "At size").
+/// resident; sled counts its cache in compressed bytes on disk, not memory, so it gets a
+/// quarter of this (`sled::SLED_CACHE_SHARE`), and keeps more than its cache besides.
 pub const DEFAULT_CACHE_BYTES: u64 = 64 << 20;
 
 /// Counts the changes of one record: 0 when created, one more on every replacement.

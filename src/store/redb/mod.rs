@@ -460,6 +460,24 @@ mod tests {
         drop((open, txn));
     }
 
+    /// Schema 4 is this build's redb layout (5 changed only sled's): such a file opens
+    /// as it is and records the new number.
+    #[tokio::test]
+    async fn a_schema_4_file_opens_as_it_is_and_records_this_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kms.redb");
+        let store = RedbStore::open(&path, 1 << 20).unwrap();
+        let mut k = key("a", 7, KeyState::Active, false);
+        let first = version(k.id, 7);
+        k.current_version = Some(first.id);
+        store.insert_key(&k, Some(&first)).await.unwrap();
+        store.force_schema_version(4).await.unwrap();
+        drop(store);
+        let store = RedbStore::open(&path, 1 << 20).unwrap();
+        assert_eq!(store.schema_version().unwrap(), Some(STORE_SCHEMA));
+        assert_eq!(store.list_versions(&k).await.unwrap(), vec![first]);
+    }
+
     #[test]
     fn prefix_end_is_the_first_key_past_the_prefix() {
         assert_eq!(prefix_end(b"ab\0"), Some(b"ab\x01".to_vec()));
