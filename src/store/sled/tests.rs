@@ -1,0 +1,177 @@
+//! sled-only checks: storage parameters kept, schema upgrades on real databases.
+
+use uuid::Uuid;
+
+use super::*;
+use crate::domain::model::{KeyFilter, KeyOrigin, KeyRecord, KeyState, VersionRecord};
+use crate::hsm::{WrapFormat, WrappedKey};
+use crate::store::conformance;
+use crate::store::{KeyStore, PageStart};
+
+/// A database created with sled's default storage parameters (earlier builds) opens
+/// with them; a new one gets this build's.
+#[test]
+fn databases_keep_the_storage_parameters_they_were_created_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("old");
+    drop(::sled::Config::new().path(&old).open().unwrap());
+    assert_eq!(created_with(&old), Some((512 * 1024, false)));
+    let store = loop {
+        match SledStore::open(&old) {
+            Ok(store) => break store,
+            Err(StoreError::Unavailable { .. }) => std::thread::sleep(Duration::from_millis(20)),
+            Err(other) => panic!("{other}"),
+        }
+    };
+    assert_eq!(store.schema_version().unwrap(), Some(STORE_SCHEMA));
+    let new = dir.path().join("new");
+    drop(SledStore::open(&new).unwrap());
+    assert_eq!(created_with(&new), Some((SEGMENT_BYTES, true)));
+}
+
+/// A schema-2 database (JSON records, versions by key id) opens at this build's
+/// schema with every record intact, rewritten in the binary form, and its version
+/// moved into creation order.
+#[tokio::test]
+async fn a_schema_2_database_is_rewritten_in_the_binary_form() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let key = KeyRecord {
+        schema: 1,
+        revision: 3,
+        id: Uuid::new_v4(),
+        instance: "inst".into(),
+        name: "old".into(),
+        description: String::new(),
+        state: KeyState::Active,
+        extractable: false,
+        created_at: 1_700_000_000_000,
+        updated_at: 1_700_000_000_000,
+        expires_at: None,
+        origin: KeyOrigin::Generated,
+        size_bits: 256,
+        current_version: Some(Uuid::new_v4()),
+        imported: false,
+        expiration_model: None,
+        valid_to: None,
+        destroyed_at: None,
+        check_value: None,
+    };
+    let version = VersionRecord {
+        schema: 1,
+        key_id: key.id,
+        id: key.current_version.unwrap(),
+        created_at: key.created_at,
+        wrapped: Some(WrappedKey {
+            format: WrapFormat::Rfc5649,
+            blob: vec![0xab; 40],
+        }),
+    };
+    {
+        let store = SledStore::open(&path).unwrap();
+        let trees = store.trees().unwrap();
+        store.insert_key(&key, Some(&version)).await.unwrap();
+        // Back to what schema 2 wrote.
+        let kk = [b"inst".as_slice(), &[0], key.id.as_bytes()].concat();
+        let json = kv::encode_key_value(3, &serde_json::to_vec(&key).unwrap());
+        trees.keys.insert(&kk, json).unwrap();
+        // Schema 2 kept versions by key id, in `versions`.
+        trees.key_versions.clear().unwrap();
+        trees
+            .db
+            .open_tree(SCHEMA_4_VERSIONS)
+            .unwrap()
+            .insert(
+                kv::version_key(&version),
+                serde_json::to_vec(&version).unwrap(),
+            )
+            .unwrap();
+        store.force_schema_version(2).unwrap();
+    }
+    let store = loop {
+        // sled lets go of its lock a moment after the last handle drops.
+        match SledStore::open(&path) {
+            Ok(store) => break store,
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    assert_eq!(store.schema_version().unwrap(), Some(STORE_SCHEMA));
+    let trees = store.trees().unwrap();
+    let (_, key_value) = trees.keys.iter().next().unwrap().unwrap();
+    assert!(!codec::is_json(&key_value[8..]), "{key_value:?}");
+    let (_, version_value) = trees.key_versions.iter().next().unwrap().unwrap();
+    assert!(!codec::is_json(&version_value), "{version_value:?}");
+    assert!(!trees.db.tree_names().contains(&SCHEMA_4_VERSIONS.into()));
+    let read = store.get_key("inst", key.id).await.unwrap().unwrap();
+    assert_eq!(
+        read,
+        KeyRecord {
+            schema: 1,
+            ..key.clone()
+        }
+    );
+    assert_eq!(store.list_versions(&read).await.unwrap(), vec![version]);
+    let (page, total) = store
+        .list_keys("inst", &KeyFilter::default(), PageStart::Offset(0), 10)
+        .await
+        .unwrap();
+    assert_eq!((page.len(), total), (1, 1));
+}
+
+/// A schema-4 database (versions kept by key id) opens with every key's versions
+/// moved under its creation time, two keys created in the same millisecond keeping
+/// their own, and the old tree gone.
+#[tokio::test]
+async fn a_schema_4_database_opens_with_versions_in_creation_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let key = |created_at| conformance::key("inst", created_at, KeyState::Active, false);
+    let keys = [
+        key(1_700_000_000_000),
+        key(1_700_000_000_000),
+        key(1_700_000_000_500),
+    ];
+    let versions: Vec<Vec<VersionRecord>> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            (0..=i as i64)
+                .map(|n| conformance::version(k.id, k.created_at + n))
+                .collect()
+        })
+        .collect();
+    {
+        let store = SledStore::open(&path).unwrap();
+        let trees = store.trees().unwrap();
+        let old = trees.db.open_tree(SCHEMA_4_VERSIONS).unwrap();
+        for (k, vs) in keys.iter().zip(&versions) {
+            store.insert_key(k, None).await.unwrap();
+            for v in vs {
+                old.insert(kv::version_key(v), codec::encode_version(v))
+                    .unwrap();
+            }
+        }
+        store.force_schema_version(4).unwrap();
+    }
+    let store = loop {
+        match SledStore::open(&path) {
+            Ok(store) => break store,
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    assert_eq!(store.schema_version().unwrap(), Some(STORE_SCHEMA));
+    for (k, vs) in keys.iter().zip(&versions) {
+        let read = store.get_key("inst", k.id).await.unwrap().unwrap();
+        let mut newest_first = vs.clone();
+        newest_first.reverse();
+        assert_eq!(store.list_versions(&read).await.unwrap(), newest_first);
+        let last = vs.last().unwrap();
+        assert_eq!(
+            store.get_version(&read, last.id).await.unwrap().as_ref(),
+            Some(last)
+        );
+    }
+    let trees = store.trees().unwrap();
+    assert_eq!(trees.key_versions.len(), 6);
+    assert!(!trees.db.tree_names().contains(&SCHEMA_4_VERSIONS.into()));
+}
