@@ -1,0 +1,203 @@
+//! An embedded store written in the previous layout (versions kept by key id: redb
+//! schema 3, sled schema 4) is upgraded when the server starts on it: every key's
+//! versions move into creation order, ciphertexts made before still unwrap, and the key
+//! keeps rotating. The old layout is made by editing a stopped server's database, the
+//! way the build before wrote it.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{ServerSetup, TestServer, TestToken, create_key, instance, req};
+use kms::proto::{
+    CreateKeyRequest, ListKeyVersionsRequest, RotateKeyRequest, UnwrapKeyRequest, WrapKeyRequest,
+};
+use kms::store::SledStore;
+
+const MIGRATED: &str = "migrated the store's schema";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_in_the_previous_layout_is_upgraded_at_start_and_its_keys_still_work() {
+    if common::postgres::selected() {
+        eprintln!("skipped: PostgreSQL keeps its own numbered migrations");
+        return;
+    }
+    let token = TestToken::create();
+    let data = tempfile::tempdir().unwrap();
+    let tenant = instance();
+    let server = TestServer::start(&token, data.path()).await;
+    let mut keys = server.keys().await;
+    let mut created = Vec::new();
+    let mut wrapped = Vec::new();
+    for name in ["first", "second"] {
+        let key = create_key(
+            &mut keys,
+            &tenant,
+            CreateKeyRequest {
+                name: name.into(),
+                ..Default::default()
+            },
+        )
+        .await;
+        for round in 0..2u8 {
+            let plaintext = vec![round; 32];
+            let response = keys
+                .wrap_key(req(
+                    &tenant,
+                    WrapKeyRequest {
+                        id: key.id.clone(),
+                        plaintext: Some(plaintext.clone()),
+                        aad: vec![],
+                    },
+                ))
+                .await
+                .unwrap()
+                .into_inner();
+            wrapped.push((key.id.clone(), plaintext, response.ciphertext));
+            keys.rotate_key(req(
+                &tenant,
+                RotateKeyRequest {
+                    id: key.id.clone(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap();
+        }
+        created.push(key.id);
+    }
+    drop(keys);
+    assert!(server.stop().await.success());
+
+    if common::redb_selected() {
+        redb_back_to_schema_3(&data.path().join("kms.redb"));
+    } else {
+        sled_back_to_schema_4(&data.path().join("db"));
+    }
+
+    let server = start_once_released(&token, data.path()).await;
+    assert_eq!(server.log_count(MIGRATED), 1, "{}", server.log());
+    let mut keys = server.keys().await;
+    for (id, plaintext, ciphertext) in &wrapped {
+        let opened = keys
+            .unwrap_key(req(
+                &tenant,
+                UnwrapKeyRequest {
+                    id: id.clone(),
+                    ciphertext: ciphertext.clone(),
+                    aad: vec![],
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(&opened.plaintext, plaintext);
+    }
+    for id in &created {
+        assert_eq!(version_count(&mut keys, &tenant, id).await, 3);
+        keys.rotate_key(req(
+            &tenant,
+            RotateKeyRequest {
+                id: id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+        assert_eq!(version_count(&mut keys, &tenant, id).await, 4);
+    }
+    drop(keys);
+    assert!(server.stop().await.success());
+
+    // Upgraded once: the next start finds this build's schema.
+    let server = start_once_released(&token, data.path()).await;
+    assert_eq!(server.log_count(MIGRATED), 0, "{}", server.log());
+    let mut keys = server.keys().await;
+    assert_eq!(version_count(&mut keys, &tenant, &created[0]).await, 4);
+}
+
+async fn version_count(
+    keys: &mut kms::proto::key_service_client::KeyServiceClient<kms::cli::connect::AuthedChannel>,
+    tenant: &str,
+    id: &str,
+) -> u64 {
+    keys.list_key_versions(req(
+        tenant,
+        ListKeyVersionsRequest {
+            id: id.to_owned(),
+            limit: Some(10),
+            ..Default::default()
+        },
+    ))
+    .await
+    .unwrap()
+    .into_inner()
+    .total_count
+}
+
+/// redb's schema 3: versions in `versions`, keyed by key id (the `key_versions` key
+/// without its leading key creation time).
+fn redb_back_to_schema_3(path: &Path) {
+    use redb::{ReadableTable, ReadableTableMetadata, TableDefinition};
+    type Table = TableDefinition<'static, &'static [u8], &'static [u8]>;
+    const KEY_VERSIONS: Table = TableDefinition::new("key_versions");
+    const VERSIONS: Table = TableDefinition::new("versions");
+    const META: Table = TableDefinition::new("meta");
+    let db = redb::Database::create(path).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let new = txn.open_table(KEY_VERSIONS).unwrap();
+        let mut old = txn.open_table(VERSIONS).unwrap();
+        assert_eq!(new.len().unwrap(), 6, "two keys of three versions");
+        for entry in new.iter().unwrap() {
+            let (k, v) = entry.unwrap();
+            old.insert(&k.value()[8..], v.value()).unwrap();
+        }
+    }
+    txn.delete_table(KEY_VERSIONS).unwrap();
+    txn.open_table(META)
+        .unwrap()
+        .insert(b"schema_version".as_slice(), 3u32.to_be_bytes().as_slice())
+        .unwrap();
+    txn.commit().unwrap();
+}
+
+/// sled's schema 4: the same move, trees instead of tables.
+fn sled_back_to_schema_4(path: &Path) {
+    let db = loop {
+        match SledStore::open_database(path) {
+            Ok(db) => break db,
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    let new = db.open_tree("key_versions").unwrap();
+    let old = db.open_tree("versions").unwrap();
+    assert_eq!(new.len(), 6, "two keys of three versions");
+    for entry in new.iter() {
+        let (k, v) = entry.unwrap();
+        old.insert(&k[8..], v).unwrap();
+    }
+    drop(new);
+    db.drop_tree("key_versions").unwrap();
+    db.open_tree("meta")
+        .unwrap()
+        .insert("schema_version", &4u32.to_be_bytes())
+        .unwrap();
+    db.flush().unwrap();
+}
+
+/// sled lets go of its directory's lock a moment after the last handle is dropped.
+async fn start_once_released(token: &TestToken, data_dir: &Path) -> TestServer {
+    for _ in 0..50 {
+        match TestServer::try_start(ServerSetup::new(Some(token), data_dir)).await {
+            Ok(server) => return server,
+            Err(failure) if failure.log.contains("lock") => {
+                eprintln!("retrying: {failure}");
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(failure) => panic!("server did not start: {failure}"),
+        }
+    }
+    panic!("the store stayed locked");
+}
