@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use common::{ServerSetup, TestServer, TestToken, admin_token_path, create_key, instance, req};
 use kms::proto::{
     CreateImportTokenRequest, CreateKeyRequest, GetImportTokenRequest, ListKeyVersionsRequest,
-    RotateKeyRequest, UnwrapKeyRequest, WrapKeyRequest,
+    UnwrapKeyRequest,
 };
 
 /// Runs `kms` with the token's environment and, on PostgreSQL, `data_dir`'s database as
@@ -101,29 +101,10 @@ async fn a_backup_taken_under_load_restores_into_a_working_service() {
         .await;
         for round in 0..3u8 {
             let plaintext = vec![k * 16 + round; 32];
-            let ciphertext = keys
-                .wrap_key(req(
-                    &tenant,
-                    WrapKeyRequest {
-                        id: key.id.clone(),
-                        plaintext: Some(plaintext.clone()),
-                        aad: vec!["backup".into()],
-                    },
-                ))
-                .await
-                .unwrap()
-                .into_inner()
-                .ciphertext;
+            let ciphertext =
+                common::wrap_key(&mut keys, &tenant, &key.id, &plaintext, &["backup"]).await;
             wrapped.push((key.id.clone(), plaintext, ciphertext));
-            keys.rotate_key(req(
-                &tenant,
-                RotateKeyRequest {
-                    id: key.id.clone(),
-                    ..Default::default()
-                },
-            ))
-            .await
-            .unwrap();
+            common::rotate_key(&mut keys, &tenant, &key.id).await;
         }
         key_ids.push(key.id);
     }

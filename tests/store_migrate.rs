@@ -5,10 +5,10 @@
 mod common;
 
 use common::postgres::TempPostgres;
-use common::{ServerSetup, TestServer, TestToken, create_key, instance, req};
+use common::{ServerSetup, TestServer, TestToken, create_key, instance, req, rotate_key, wrap_key};
 use kms::proto::{
     CountKeysRequest, CreateImportTokenRequest, CreateKeyRequest, GetImportTokenRequest,
-    ListKeyVersionsRequest, RotateKeyRequest, UnwrapKeyRequest, WrapKeyRequest,
+    ListKeyVersionsRequest, UnwrapKeyRequest,
 };
 
 fn kms(args: &[&str]) -> (bool, String) {
@@ -57,28 +57,10 @@ async fn moves_and_old_ciphertexts_still_unwrap(target: Target) {
     .await;
     let mut wrapped = Vec::new();
     for round in 0..3u8 {
-        let response = keys
-            .wrap_key(req(
-                &tenant,
-                WrapKeyRequest {
-                    id: key.id.clone(),
-                    plaintext: Some(vec![round; 32]),
-                    aad: vec!["before".into()],
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner();
-        wrapped.push((vec![round; 32], response.ciphertext));
-        keys.rotate_key(req(
-            &tenant,
-            RotateKeyRequest {
-                id: key.id.clone(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap();
+        let plaintext = vec![round; 32];
+        let ciphertext = wrap_key(&mut keys, &tenant, &key.id, &plaintext, &["before"]).await;
+        wrapped.push((plaintext, ciphertext));
+        rotate_key(&mut keys, &tenant, &key.id).await;
     }
     server
         .import_tokens()

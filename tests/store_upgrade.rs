@@ -9,10 +9,8 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{ServerSetup, TestServer, TestToken, create_key, instance, req};
-use kms::proto::{
-    CreateKeyRequest, ListKeyVersionsRequest, RotateKeyRequest, UnwrapKeyRequest, WrapKeyRequest,
-};
+use common::{ServerSetup, TestServer, TestToken, create_key, instance, req, rotate_key, wrap_key};
+use kms::proto::{CreateKeyRequest, ListKeyVersionsRequest, UnwrapKeyRequest};
 use kms::store::SledStore;
 
 const MIGRATED: &str = "migrated the store's schema";
@@ -42,28 +40,9 @@ async fn a_store_in_the_previous_layout_is_upgraded_at_start_and_its_keys_still_
         .await;
         for round in 0..2u8 {
             let plaintext = vec![round; 32];
-            let response = keys
-                .wrap_key(req(
-                    &tenant,
-                    WrapKeyRequest {
-                        id: key.id.clone(),
-                        plaintext: Some(plaintext.clone()),
-                        aad: vec![],
-                    },
-                ))
-                .await
-                .unwrap()
-                .into_inner();
-            wrapped.push((key.id.clone(), plaintext, response.ciphertext));
-            keys.rotate_key(req(
-                &tenant,
-                RotateKeyRequest {
-                    id: key.id.clone(),
-                    ..Default::default()
-                },
-            ))
-            .await
-            .unwrap();
+            let ciphertext = wrap_key(&mut keys, &tenant, &key.id, &plaintext, &[]).await;
+            wrapped.push((key.id.clone(), plaintext, ciphertext));
+            rotate_key(&mut keys, &tenant, &key.id).await;
         }
         created.push(key.id);
     }
@@ -96,15 +75,7 @@ async fn a_store_in_the_previous_layout_is_upgraded_at_start_and_its_keys_still_
     }
     for id in &created {
         assert_eq!(version_count(&mut keys, &tenant, id).await, 3);
-        keys.rotate_key(req(
-            &tenant,
-            RotateKeyRequest {
-                id: id.clone(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap();
+        rotate_key(&mut keys, &tenant, id).await;
         assert_eq!(version_count(&mut keys, &tenant, id).await, 4);
     }
     drop(keys);

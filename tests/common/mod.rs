@@ -536,6 +536,41 @@ pub async fn create_key(
         .unwrap()
 }
 
+/// WrapKey of `plaintext` under key `id` with `aad`, returning the ciphertext.
+pub async fn wrap_key(
+    keys: &mut KeyServiceClient<AuthedChannel>,
+    tenant: &str,
+    id: &str,
+    plaintext: &[u8],
+    aad: &[&str],
+) -> Vec<u8> {
+    keys.wrap_key(req(
+        tenant,
+        kms::proto::WrapKeyRequest {
+            id: id.to_owned(),
+            plaintext: Some(plaintext.to_vec()),
+            aad: aad.iter().map(|a| a.to_string()).collect(),
+        },
+    ))
+    .await
+    .unwrap()
+    .into_inner()
+    .ciphertext
+}
+
+/// RotateKey of key `id`: a new current version.
+pub async fn rotate_key(keys: &mut KeyServiceClient<AuthedChannel>, tenant: &str, id: &str) {
+    keys.rotate_key(req(
+        tenant,
+        kms::proto::RotateKeyRequest {
+            id: id.to_owned(),
+            ..Default::default()
+        },
+    ))
+    .await
+    .unwrap();
+}
+
 /// CountKeys in `tenant` (every state), as the server's admin.
 pub async fn count_keys(server: &TestServer, tenant: &str) -> u64 {
     server

@@ -230,7 +230,7 @@ impl Trees {
                 before.extend_from_slice(&(position.created_at as u64).to_be_bytes());
                 before.extend_from_slice(position.id.as_bytes());
                 self.key_versions
-                    .range(prefix.clone()..before)
+                    .range(prefix..before)
                     .rev()
                     .take(limit)
                     .map(decode)

@@ -88,13 +88,7 @@ async fn a_schema_2_database_is_rewritten_in_the_binary_form() {
             .unwrap();
         store.force_schema_version(2).unwrap();
     }
-    let store = loop {
-        // sled lets go of its lock a moment after the last handle drops.
-        match SledStore::open(&path) {
-            Ok(store) => break store,
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    };
+    let store = reopened(&path);
     assert_eq!(store.schema_version().unwrap(), Some(STORE_SCHEMA));
     let trees = store.trees().unwrap();
     let (_, key_value) = trees.keys.iter().next().unwrap().unwrap();
@@ -153,12 +147,7 @@ async fn a_schema_4_database_opens_with_versions_in_creation_order() {
         }
         store.force_schema_version(4).unwrap();
     }
-    let store = loop {
-        match SledStore::open(&path) {
-            Ok(store) => break store,
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    };
+    let store = reopened(&path);
     assert_eq!(store.schema_version().unwrap(), Some(STORE_SCHEMA));
     for (k, vs) in keys.iter().zip(&versions) {
         let read = store.get_key("inst", k.id).await.unwrap().unwrap();
@@ -174,4 +163,15 @@ async fn a_schema_4_database_opens_with_versions_in_creation_order() {
     let trees = store.trees().unwrap();
     assert_eq!(trees.key_versions.len(), 6);
     assert!(!trees.db.tree_names().contains(&SCHEMA_4_VERSIONS.into()));
+}
+
+/// The store at `path` opened again once the test's earlier handle has let go: sled
+/// releases its lock a moment after the last handle drops.
+fn reopened(path: &Path) -> SledStore {
+    loop {
+        match SledStore::open(path) {
+            Ok(store) => break store,
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
 }
