@@ -239,7 +239,7 @@ async fn serve_with_hsm(
             config.audit.retention.clone(),
         )),
         tokio::spawn(commit_audit(Arc::clone(&audit))),
-        tokio::spawn(reload_on_hangup(Arc::clone(&auth), tls.clone())),
+        tokio::spawn(reload_on_hangup(hangups(), Arc::clone(&auth), tls.clone())),
     ]);
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -423,16 +423,29 @@ async fn retain_audit(audit: Arc<AuditTrail>, retention: crate::audit::retention
     }
 }
 
-/// SIGHUP: re-read the tokens file and the TLS files. What does not load is refused,
-/// logged, and the previous settings stay in force.
-async fn reload_on_hangup(auth: Arc<Authenticator>, tls: Option<Arc<ReloadableTls>>) {
+/// SIGHUP's handler, installed before the server listens: until it is, SIGHUP's default
+/// action ends the process, so one sent right after start-up (a test, an operator's
+/// reload) must not find the reload task not yet polled.
+fn hangups() -> Option<tokio::signal::unix::Signal> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut hangups = match signal(SignalKind::hangup()) {
-        Ok(hangups) => hangups,
+    match signal(SignalKind::hangup()) {
+        Ok(hangups) => Some(hangups),
         Err(e) => {
             tracing::error!(error = %e, "cannot listen for SIGHUP: no reloads");
-            return;
+            None
         }
+    }
+}
+
+/// SIGHUP: re-read the tokens file and the TLS files. What does not load is refused,
+/// logged, and the previous settings stay in force.
+async fn reload_on_hangup(
+    hangups: Option<tokio::signal::unix::Signal>,
+    auth: Arc<Authenticator>,
+    tls: Option<Arc<ReloadableTls>>,
+) {
+    let Some(mut hangups) = hangups else {
+        return;
     };
     while hangups.recv().await.is_some() {
         match auth.reload() {
