@@ -1,8 +1,9 @@
 //! An embedded store written in the previous layout (versions kept by key id: redb
-//! schema 3, sled schema 4) is upgraded when the server starts on it: every key's
-//! versions move into creation order, ciphertexts made before still unwrap, and the key
-//! keeps rotating. The old layout is made by editing a stopped server's database, the
-//! way the build before wrote it.
+//! schema 3, sled schema 4, which also kept key records by id) is upgraded when the
+//! server starts on it: every key's versions (and on sled its record) move into
+//! creation order, ciphertexts made before still unwrap, and the key keeps rotating.
+//! The old layout is made by editing a stopped server's database, the way the builds
+//! before wrote it.
 
 mod common;
 
@@ -10,6 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{ServerSetup, TestServer, TestToken, create_key, instance, req, rotate_key, wrap_key};
+use kms::domain::model::KeyState;
 use kms::proto::{CreateKeyRequest, ListKeyVersionsRequest, UnwrapKeyRequest};
 use kms::store::SledStore;
 
@@ -134,7 +136,9 @@ fn redb_back_to_schema_3(path: &Path) {
     txn.commit().unwrap();
 }
 
-/// sled's schema 4: the same move, trees instead of tables.
+/// sled's schema 4: the same move, trees instead of tables; and, as sled kept them up
+/// to schema 5, key records in `keys` under their id, `order` holding only their state
+/// and whether they are extractable (every key here is active and not extractable).
 fn sled_back_to_schema_4(path: &Path) {
     let db = loop {
         match SledStore::open_database(path) {
@@ -151,6 +155,20 @@ fn sled_back_to_schema_4(path: &Path) {
     }
     drop(new);
     db.drop_tree("key_versions").unwrap();
+    let (order, keys) = (
+        db.open_tree("order").unwrap(),
+        db.open_tree("keys").unwrap(),
+    );
+    assert_eq!(order.len(), 2, "two keys");
+    for entry in order.iter() {
+        let (k, record) = entry.unwrap();
+        // instance 0x00 created-ms key-id -> instance 0x00 key-id
+        let by_id = [&k[..k.len() - 24], &k[k.len() - 16..]].concat();
+        keys.insert(by_id, record).unwrap();
+        order
+            .insert(k, &[KeyState::Active.code(), false as u8])
+            .unwrap();
+    }
     db.open_tree("meta")
         .unwrap()
         .insert("schema_version", &4u32.to_be_bytes())

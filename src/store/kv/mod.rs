@@ -64,8 +64,26 @@ pub(crate) fn order_key_created(k: &[u8]) -> Result<Millis, StoreError> {
     Ok(u64::from_be_bytes(created.try_into().expect("8 bytes")) as Millis)
 }
 
-pub(crate) fn order_value(key: &KeyRecord) -> [u8; 2] {
-    [key.state.code(), key.extractable as u8]
+/// A `keys` entry's value: the key's creation time, which with its instance and id
+/// is where its record is in `order`.
+pub(crate) fn created_value(key: &KeyRecord) -> [u8; 8] {
+    (key.created_at as u64).to_be_bytes()
+}
+
+/// Where a key's record is in `order`, from the creation time its `keys` entry holds.
+pub(crate) fn record_place(
+    instance: &str,
+    id: Uuid,
+    created: &[u8],
+) -> Result<Vec<u8>, StoreError> {
+    let created: [u8; 8] = created
+        .try_into()
+        .map_err(|_| StoreError::corrupt(format!("key {id}"), "creation time not 8 bytes"))?;
+    Ok(order_key_at(
+        instance,
+        u64::from_be_bytes(created) as Millis,
+        id,
+    ))
 }
 
 pub(crate) fn counter_key(instance: &str, state: KeyState, extractable: bool) -> Vec<u8> {

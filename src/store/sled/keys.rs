@@ -1,17 +1,19 @@
 //! Keys, versions, counters and the expiry index in sled (layout in the module above).
 
 use ::sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use std::ops::Bound;
+
 use ::sled::{IVec, Transactional, Tree};
 use async_trait::async_trait;
 use uuid::Uuid;
 
 use super::{SCHEMA_4_VERSIONS, SledStore, Trees};
-use crate::domain::model::{KeyFilter, KeyRecord, KeyState, Millis, VersionRecord};
+use crate::domain::model::{KeyFilter, KeyRecord, Millis, VersionRecord};
 use crate::store::kv::{
-    counter_key, counter_keys, decode_counter, decode_expiry_entry, decode_key_versions_entry,
-    expiry_key, instance_prefix, key_key, key_value, key_version_entry, next_counter, order_key,
-    order_key_created, order_value, parse_order_key, stored_revision, under_key_created,
-    versions_prefix,
+    counter_key, counter_keys, created_value, decode_counter, decode_expiry_entry,
+    decode_key_value, decode_key_versions_entry, expiry_key, instance_prefix, key_key, key_value,
+    key_version_entry, next_counter, order_key, order_key_at, order_key_created, parse_key_key,
+    parse_order_key, record_place, stored_revision, under_key_created, versions_prefix,
 };
 use crate::store::{KeyStore, PageStart, StoreError};
 
@@ -32,7 +34,7 @@ fn unpack<T>(result: Result<T, TransactionError<StoreError>>) -> Result<T, Store
 }
 
 impl Trees {
-    /// Every tree a key's records live in: each key transaction spans them all.
+    /// Every tree a created key writes to: its creation's transaction spans them all.
     fn key_trees(&self) -> (&Tree, &Tree, &Tree, &Tree, &Tree) {
         (
             &self.keys,
@@ -61,8 +63,8 @@ impl Trees {
                     if keys.get(&kk)?.is_some() {
                         return Err(ConflictableTransactionError::Abort(StoreError::Conflict));
                     }
-                    keys.insert(kk, record.as_slice())?;
-                    order.insert(order_key(key), &order_value(key))?;
+                    keys.insert(kk, &created_value(key))?;
+                    order.insert(order_key(key), record.as_slice())?;
                     add_to_counter(counters, key, 1)?;
                     if let Some(entry) = &expiry_entry {
                         expiry.insert(entry.as_slice(), &[])?;
@@ -109,10 +111,58 @@ impl Trees {
         Ok(moved)
     }
 
+    /// Schema 5 to 6: moves every key's record from `keys` (by id) to `order`, under
+    /// its place in listing order (replacing the state and extractable flag kept
+    /// there), and leaves in `keys` the creation time that finds it. A batch of keys at
+    /// a time, `order`'s half written first: sled recovers a prefix of what it was
+    /// given, so after a crash a `keys` entry holding a creation time (8 bytes; a
+    /// record is longer) was moved, and one still holding its record is moved again.
+    pub(super) fn move_records_into_order(&self) -> Result<u64, StoreError> {
+        const KEYS_PER_BATCH: usize = 10_000;
+        let mut after: Option<IVec> = None;
+        let mut moved = 0u64;
+        loop {
+            let entries = match after.take() {
+                None => self.keys.iter(),
+                Some(after) => self.keys.range((Bound::Excluded(after), Bound::Unbounded)),
+            };
+            let (mut records, mut places) = (::sled::Batch::default(), ::sled::Batch::default());
+            for entry in entries.take(KEYS_PER_BATCH) {
+                let (k, v) = entry?;
+                if v.len() > 8 {
+                    let (instance, id) = parse_key_key(&k)?;
+                    let record = decode_key_value(&instance, id, &v)?;
+                    records.insert(order_key(&record), v);
+                    places.insert(k.clone(), &created_value(&record));
+                    moved += 1;
+                    if moved.is_multiple_of(100_000) {
+                        tracing::info!(keys = moved, "moving key records into listing order");
+                    }
+                }
+                after = Some(k);
+            }
+            if after.is_none() {
+                break;
+            }
+            self.order.apply_batch(records)?;
+            self.keys.apply_batch(places)?;
+        }
+        self.db.flush()?;
+        Ok(moved)
+    }
+
+    /// Two point reads: `keys` says when the key was created, `order` holds its record
+    /// there.
     fn get_key(&self, instance: &str, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
-        match self.keys.get(key_key(instance, id))? {
+        let Some(created) = self.keys.get(key_key(instance, id))? else {
+            return Ok(None);
+        };
+        match self.order.get(record_place(instance, id, &created)?)? {
             Some(raw) => self.decoded_keys.decode(instance, id, &raw).map(Some),
-            None => Ok(None),
+            None => Err(StoreError::corrupt(
+                format!("key {id}"),
+                "indexed but no record",
+            )),
         }
     }
 
@@ -124,6 +174,13 @@ impl Trees {
         erase_material: bool,
     ) -> Result<(), StoreError> {
         crate::store::check_key_revision(previous, next)?;
+        // A record's place follows its creation time, which no change moves.
+        if (next.instance.as_str(), next.created_at, next.id)
+            != (previous.instance.as_str(), previous.created_at, previous.id)
+        {
+            return Err(StoreError::Conflict);
+        }
+        let at = order_key(previous);
         let added = new_version
             .map(|v| key_version_entry(previous, v))
             .transpose()?;
@@ -144,18 +201,21 @@ impl Trees {
         }
         let (old_expiry, new_expiry) = (expiry_key(previous), expiry_key(next));
         unpack(
-            self.key_trees()
-                .transaction(|(keys, order, counters, versions, expiry)| {
-                    let kk = key_key(&previous.instance, previous.id);
-                    match keys.get(&kk)? {
+            (
+                &self.order,
+                &self.counters,
+                &self.key_versions,
+                &self.expiry,
+            )
+                .transaction(|(order, counters, versions, expiry)| {
+                    match order.get(&at)? {
                         Some(current)
                             if stored_revision(previous.id, &current)
                                 .map_err(ConflictableTransactionError::Abort)?
                                 == previous.revision => {}
                         _ => return Err(ConflictableTransactionError::Abort(StoreError::Conflict)),
                     }
-                    keys.insert(kk, record.as_slice())?;
-                    order.insert(order_key(next), &order_value(next))?;
+                    order.insert(at.as_slice(), record.as_slice())?;
                     add_to_counter(counters, previous, -1)?;
                     add_to_counter(counters, next, 1)?;
                     for (vk, vv) in erased.iter().chain(added.iter()) {
@@ -254,9 +314,7 @@ impl Trees {
         let (offset, entries) = match start {
             PageStart::Offset(offset) => (offset, self.order.scan_prefix(&prefix)),
             PageStart::After(after) => {
-                let mut from = prefix.clone();
-                from.extend_from_slice(&(after.created_at.max(0) as u64).to_be_bytes());
-                from.extend_from_slice(after.id.as_bytes());
+                let mut from = order_key_at(instance, after.created_at.max(0), after.id);
                 // Exclusive of the position itself: the key after it, byte-wise.
                 from.push(0);
                 let mut end = prefix.clone();
@@ -269,29 +327,16 @@ impl Trees {
                 break;
             }
             let (k, v) = entry?;
-            let state = v.first().and_then(|c| KeyState::from_code(*c));
-            let extractable = v.get(1).is_some_and(|e| *e == 1);
-            let Some(state) = state else {
-                return Err(StoreError::corrupt("order index", "bad state byte"));
-            };
-            if !filter.matches(state, extractable) {
+            let (_, id) = parse_order_key(&k)?;
+            let record = self.decoded_keys.decode(instance, id, &v)?;
+            if !filter.matches(record.state, record.extractable) {
                 continue;
             }
             if skipped < offset {
                 skipped += 1;
                 continue;
             }
-            let id_bytes: [u8; 16] = k[k.len() - 16..].try_into().expect("16 bytes");
-            let id = Uuid::from_bytes(id_bytes);
-            match self.get_key(instance, id)? {
-                Some(record) => page.push(record),
-                None => {
-                    return Err(StoreError::corrupt(
-                        format!("order index entry for {id}"),
-                        "no key record",
-                    ));
-                }
-            }
+            page.push(record);
         }
         Ok((page, total))
     }

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 
 use super::audit::block_entry;
 use super::{BACKEND, SledStore, Trees};
-use crate::store::kv::{decode, decode_key_value, decode_token, parse_key_key};
+use crate::store::kv::{decode, decode_key_value, decode_token, parse_order_key};
 use crate::store::{Snapshot, SnapshotSink, StoreError, StoreItem};
 
 #[async_trait]
@@ -33,9 +33,10 @@ fn walk(trees: &Trees, sink: &SnapshotSink) -> Result<(), StoreError> {
     if !send(chain) {
         return Ok(());
     }
-    for entry in trees.keys.iter() {
+    // Records and versions are both in creation order: one pass along each.
+    for entry in trees.order.iter() {
         let (k, v) = entry?;
-        let (instance, id) = parse_key_key(&k)?;
+        let (instance, id) = parse_order_key(&k)?;
         let key = decode_key_value(&instance, id, &v)?;
         let mut versions = trees.list_versions(&key)?;
         versions.reverse();

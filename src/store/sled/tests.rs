@@ -6,7 +6,7 @@ use super::*;
 use crate::domain::model::{KeyFilter, KeyOrigin, KeyRecord, KeyState, VersionRecord};
 use crate::hsm::{WrapFormat, WrappedKey};
 use crate::store::conformance;
-use crate::store::{KeyStore, PageStart};
+use crate::store::{KeyPosition, KeyStore, PageStart};
 
 /// A database created with sled's default storage parameters (earlier builds) opens
 /// with them; a new one gets this build's.
@@ -71,7 +71,8 @@ async fn a_schema_2_database_is_rewritten_in_the_binary_form() {
         let store = SledStore::open(&path).unwrap();
         let trees = store.trees().unwrap();
         store.insert_key(&key, Some(&version)).await.unwrap();
-        // Back to what schema 2 wrote.
+        // Back to what schema 2 wrote: the record, in JSON, kept by id.
+        records_back_by_id(&trees, &key);
         let kk = [b"inst".as_slice(), &[0], key.id.as_bytes()].concat();
         let json = kv::encode_key_value(3, &serde_json::to_vec(&key).unwrap());
         trees.keys.insert(&kk, json).unwrap();
@@ -91,8 +92,10 @@ async fn a_schema_2_database_is_rewritten_in_the_binary_form() {
     let store = reopened(&path);
     assert_eq!(store.schema_version().unwrap(), Some(STORE_SCHEMA));
     let trees = store.trees().unwrap();
-    let (_, key_value) = trees.keys.iter().next().unwrap().unwrap();
+    let (_, key_value) = trees.order.iter().next().unwrap().unwrap();
     assert!(!codec::is_json(&key_value[8..]), "{key_value:?}");
+    let (_, created) = trees.keys.iter().next().unwrap().unwrap();
+    assert_eq!(*created, key.created_at.to_be_bytes());
     let (_, version_value) = trees.key_versions.iter().next().unwrap().unwrap();
     assert!(!codec::is_json(&version_value), "{version_value:?}");
     assert!(!trees.db.tree_names().contains(&SCHEMA_4_VERSIONS.into()));
@@ -140,6 +143,7 @@ async fn a_schema_4_database_opens_with_versions_in_creation_order() {
         let old = trees.db.open_tree(SCHEMA_4_VERSIONS).unwrap();
         for (k, vs) in keys.iter().zip(&versions) {
             store.insert_key(k, None).await.unwrap();
+            records_back_by_id(&trees, k);
             for v in vs {
                 old.insert(kv::version_key(v), codec::encode_version(v))
                     .unwrap();
@@ -163,6 +167,103 @@ async fn a_schema_4_database_opens_with_versions_in_creation_order() {
     let trees = store.trees().unwrap();
     assert_eq!(trees.key_versions.len(), 6);
     assert!(!trees.db.tree_names().contains(&SCHEMA_4_VERSIONS.into()));
+}
+
+/// A schema-5 database (records kept by id, `order` holding only their state and
+/// whether they are extractable) opens with every record in listing order, including
+/// one a migration interrupted before had moved already; GetKey, filtered ListKeys and
+/// a cursor page read them, and the next change lands where they are.
+#[tokio::test]
+async fn a_schema_5_database_opens_with_records_in_listing_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let mut keys: Vec<KeyRecord> = (0..5)
+        .map(|i| {
+            let state = if i % 2 == 0 {
+                KeyState::Active
+            } else {
+                KeyState::Suspended
+            };
+            conformance::key("inst", 1_700_000_000_000 + i / 2, state, false)
+        })
+        .collect();
+    keys.sort_by_key(|k| (k.created_at, k.id));
+    {
+        let store = SledStore::open(&path).unwrap();
+        let trees = store.trees().unwrap();
+        for (i, k) in keys.iter().enumerate() {
+            store.insert_key(k, None).await.unwrap();
+            // The second key as an interrupted move left it.
+            if i != 1 {
+                records_back_by_id(&trees, k);
+            }
+        }
+        store.force_schema_version(5).unwrap();
+    }
+    let store = reopened(&path);
+    assert_eq!(store.schema_version().unwrap(), Some(STORE_SCHEMA));
+    for k in &keys {
+        assert_eq!(store.get_key("inst", k.id).await.unwrap().as_ref(), Some(k));
+    }
+    let trees = store.trees().unwrap();
+    assert!(trees.keys.iter().all(|e| e.unwrap().1.len() == 8));
+    let active = KeyFilter {
+        states: vec![KeyState::Active],
+        ..Default::default()
+    };
+    let (page, total) = store
+        .list_keys("inst", &active, PageStart::Offset(0), 10)
+        .await
+        .unwrap();
+    let expected: Vec<_> = keys
+        .iter()
+        .filter(|k| k.state == KeyState::Active)
+        .cloned()
+        .collect();
+    assert_eq!((page, total), (expected, 3));
+    let (page, _) = store
+        .list_keys(
+            "inst",
+            &KeyFilter::default(),
+            PageStart::After(KeyPosition {
+                created_at: keys[1].created_at,
+                id: keys[1].id,
+            }),
+            2,
+        )
+        .await
+        .unwrap();
+    assert_eq!(page, keys[2..4].to_vec());
+    let renamed = KeyRecord {
+        revision: keys[3].revision + 1,
+        name: "renamed".into(),
+        ..keys[3].clone()
+    };
+    store
+        .replace_key(&keys[3], &renamed, None, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_key("inst", renamed.id).await.unwrap(),
+        Some(renamed)
+    );
+}
+
+/// Rewrites a key as schemas up to 5 kept it: its record in `keys`, under its id, and
+/// in `order` only its state and whether it is extractable.
+fn records_back_by_id(trees: &Trees, key: &KeyRecord) {
+    let record = trees.order.remove(kv::order_key(key)).unwrap().unwrap();
+    trees
+        .keys
+        .insert(kv::key_key(&key.instance, key.id), record)
+        .unwrap();
+    trees
+        .order
+        .insert(
+            kv::order_key(key),
+            &[key.state.code(), key.extractable as u8],
+        )
+        .unwrap();
 }
 
 /// The store at `path` opened again once the test's earlier handle has let go: sled
