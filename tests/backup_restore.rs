@@ -11,10 +11,11 @@ use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use common::{ServerSetup, TestServer, TestToken, admin_token_path, create_key, instance, req};
+use common::{
+    ServerSetup, TestServer, TestToken, admin_token_path, create_key, instance, req, unwrap_key,
+};
 use kms::proto::{
     CreateImportTokenRequest, CreateKeyRequest, GetImportTokenRequest, ListKeyVersionsRequest,
-    UnwrapKeyRequest,
 };
 
 /// Runs `kms` with the token's environment and, on PostgreSQL, `data_dir`'s database as
@@ -182,19 +183,8 @@ async fn a_backup_taken_under_load_restores_into_a_working_service() {
         .unwrap();
     let mut keys = server.keys().await;
     for (key, plaintext, ciphertext) in &wrapped {
-        let opened = keys
-            .unwrap_key(req(
-                &tenant,
-                UnwrapKeyRequest {
-                    id: key.clone(),
-                    ciphertext: ciphertext.clone(),
-                    aad: vec!["backup".into()],
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(&opened.plaintext, plaintext);
+        let opened = unwrap_key(&mut keys, &tenant, key, ciphertext, &["backup"]).await;
+        assert_eq!(&opened, plaintext);
     }
     for key in &key_ids {
         let versions = keys

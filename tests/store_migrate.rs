@@ -5,10 +5,12 @@
 mod common;
 
 use common::postgres::TempPostgres;
-use common::{ServerSetup, TestServer, TestToken, create_key, instance, req, rotate_key, wrap_key};
+use common::{
+    ServerSetup, TestServer, TestToken, create_key, instance, req, rotate_key, unwrap_key, wrap_key,
+};
 use kms::proto::{
     CountKeysRequest, CreateImportTokenRequest, CreateKeyRequest, GetImportTokenRequest,
-    ListKeyVersionsRequest, UnwrapKeyRequest,
+    ListKeyVersionsRequest,
 };
 
 fn kms(args: &[&str]) -> (bool, String) {
@@ -137,19 +139,8 @@ async fn moves_and_old_ciphertexts_still_unwrap(target: Target) {
     let server = TestServer::try_start(setup).await.unwrap();
     let mut keys = server.keys().await;
     for (plaintext, ciphertext) in &wrapped {
-        let opened = keys
-            .unwrap_key(req(
-                &tenant,
-                UnwrapKeyRequest {
-                    id: key.id.clone(),
-                    ciphertext: ciphertext.clone(),
-                    aad: vec!["before".into()],
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(&opened.plaintext, plaintext);
+        let opened = unwrap_key(&mut keys, &tenant, &key.id, ciphertext, &["before"]).await;
+        assert_eq!(&opened, plaintext);
     }
     let versions = keys
         .list_key_versions(req(

@@ -10,9 +10,11 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{ServerSetup, TestServer, TestToken, create_key, instance, req, rotate_key, wrap_key};
+use common::{
+    ServerSetup, TestServer, TestToken, create_key, instance, req, rotate_key, unwrap_key, wrap_key,
+};
 use kms::domain::model::KeyState;
-use kms::proto::{CreateKeyRequest, ListKeyVersionsRequest, UnwrapKeyRequest};
+use kms::proto::{CreateKeyRequest, ListKeyVersionsRequest};
 use kms::store::SledStore;
 
 const MIGRATED: &str = "migrated the store's schema";
@@ -61,19 +63,8 @@ async fn a_store_in_the_previous_layout_is_upgraded_at_start_and_its_keys_still_
     assert_eq!(server.log_count(MIGRATED), 1, "{}", server.log());
     let mut keys = server.keys().await;
     for (id, plaintext, ciphertext) in &wrapped {
-        let opened = keys
-            .unwrap_key(req(
-                &tenant,
-                UnwrapKeyRequest {
-                    id: id.clone(),
-                    ciphertext: ciphertext.clone(),
-                    aad: vec![],
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(&opened.plaintext, plaintext);
+        let opened = unwrap_key(&mut keys, &tenant, id, ciphertext, &[]).await;
+        assert_eq!(&opened, plaintext);
     }
     for id in &created {
         assert_eq!(version_count(&mut keys, &tenant, id).await, 3);

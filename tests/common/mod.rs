@@ -558,6 +558,28 @@ pub async fn wrap_key(
     .ciphertext
 }
 
+/// UnwrapKey of `ciphertext` under key `id`: the plaintext; the call must succeed.
+pub async fn unwrap_key(
+    keys: &mut KeyServiceClient<AuthedChannel>,
+    tenant: &str,
+    id: &str,
+    ciphertext: &[u8],
+    aad: &[&str],
+) -> Vec<u8> {
+    keys.unwrap_key(req(
+        tenant,
+        kms::proto::UnwrapKeyRequest {
+            id: id.to_owned(),
+            ciphertext: ciphertext.to_vec(),
+            aad: aad.iter().map(|a| a.to_string()).collect(),
+        },
+    ))
+    .await
+    .unwrap()
+    .into_inner()
+    .plaintext
+}
+
 /// RotateKey of key `id`: a new current version.
 pub async fn rotate_key(keys: &mut KeyServiceClient<AuthedChannel>, tenant: &str, id: &str) {
     keys.rotate_key(req(
