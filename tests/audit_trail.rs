@@ -44,7 +44,8 @@ fn tampered_copy(data_dir: &Path, change: impl FnOnce(&mut Vec<AuditRecord>)) ->
     }
 }
 
-/// The same below redb's store: its `audit` table holds each block as a zstd frame.
+/// The same below redb's store: its `audit` table holds each block as a zstd frame, as
+/// sled's `audit` tree does.
 fn tampered_redb_copy(
     data_dir: &Path,
     change: impl FnOnce(&mut Vec<AuditRecord>),
@@ -93,13 +94,17 @@ fn tampered_sled_copy(
     let tree = db.open_tree("audit").unwrap();
     let mut records: Vec<AuditRecord> = tree
         .iter()
-        .flat_map(|item| decode_block(&item.unwrap().1).unwrap())
+        .flat_map(|item| {
+            let frame = item.unwrap().1.to_vec();
+            let block = zstd::stream::decode_all(frame.as_slice()).unwrap();
+            decode_block(&block).unwrap()
+        })
         .map(|(record, _)| record)
         .collect();
     change(&mut records);
     tree.clear().unwrap();
-    tree.insert(1u64.to_be_bytes(), encode_block(&records))
-        .unwrap();
+    let frame = zstd::block::compress(&encode_block(&records), 1).unwrap();
+    tree.insert(1u64.to_be_bytes(), frame).unwrap();
     db.flush().unwrap();
     copy
 }

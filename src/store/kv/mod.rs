@@ -3,6 +3,7 @@
 //! layout is in [`crate::store::sled`]'s module doc), so a record means the same thing
 //! in either.
 
+pub(crate) mod audit_frame;
 pub(crate) mod codec;
 
 use std::num::NonZeroUsize;

@@ -1,9 +1,6 @@
 //! The audit trail in redb: the same `audit` and `audit_meta` entries as sled's.
 //!
-//! Blocks are stored as zstd frames (level 1): redb does not compress, and at a million
-//! keys the trail's blocks took 41% of their size so (354 MB of blocks in 145 MB,
-//! median block two records; level 3 gained nothing more). Reads give back the block
-//! as the trail wrote it.
+//! Blocks are stored as zstd frames ([`audit_frame`](crate::store::kv::audit_frame)).
 //!
 //! An append reads the chain's end, seals what follows it, and writes only if the end
 //! is still what it read (the writer's transaction checks); appenders in this process
@@ -14,44 +11,12 @@ use async_trait::async_trait;
 use redb::{ReadTransaction, ReadableTable};
 
 use super::{AUDIT, AUDIT_META, Bytes, RedbStore};
+use crate::store::kv::audit_frame::{pack, unpack};
 use crate::store::kv::{ANCHOR_KEY, END_KEY, decode_end, encode_end, seq_of};
 use crate::store::{AuditStore, ChainEnd, Seal, StoreError};
 
 type Entry<'a> =
     Result<(redb::AccessGuard<'a, Bytes>, redb::AccessGuard<'a, Bytes>), redb::StorageError>;
-
-/// No block the trail writes is larger (512 records of at most 64 KiB each).
-const MAX_BLOCK_BYTES: u64 = 40 << 20;
-
-thread_local! {
-    /// A zstd context per thread: making one allocates and clears several hundred KiB,
-    /// which showed up in every append.
-    static COMPRESSOR: std::cell::RefCell<zstd::block::Compressor> =
-        std::cell::RefCell::new(zstd::block::Compressor::new());
-    static DECOMPRESSOR: std::cell::RefCell<zstd::block::Decompressor> =
-        std::cell::RefCell::new(zstd::block::Decompressor::new());
-}
-
-fn pack(block: &[u8]) -> Vec<u8> {
-    COMPRESSOR.with(|compressor| {
-        compressor
-            .borrow_mut()
-            .compress(block, 1)
-            .expect("compressing into a buffer of the bound's size")
-    })
-}
-
-fn unpack(first_seq: u64, raw: &[u8]) -> Result<Vec<u8>, StoreError> {
-    let corrupt = |reason: String| StoreError::corrupt(format!("audit block {first_seq}"), reason);
-    // The frame says how large it is; a size out of bounds is not trusted with memory.
-    let size = zstd::zstd_safe::get_frame_content_size(raw);
-    if size > MAX_BLOCK_BYTES {
-        return Err(corrupt("not a zstd frame of a known size".into()));
-    }
-    DECOMPRESSOR
-        .with(|decompressor| decompressor.borrow_mut().decompress(raw, size as usize))
-        .map_err(|e| corrupt(e.to_string()))
-}
 
 pub(super) fn block_entry(entry: Entry<'_>) -> Result<(u64, Vec<u8>), StoreError> {
     let (key, value) = entry?;
@@ -191,26 +156,5 @@ impl AuditStore for RedbStore {
             Ok(doomed.len())
         })
         .await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn blocks_come_back_as_written_and_garbage_is_corrupt() {
-        let block = b"\0\0\0\x05hello".repeat(100);
-        assert_eq!(unpack(7, &pack(&block)).unwrap(), block);
-        for garbage in [
-            &b""[..],
-            b"\0\0\0\x05hello",
-            &[0x28, 0xb5, 0x2f, 0xfd, 0xff, 0xff],
-        ] {
-            match unpack(7, garbage) {
-                Err(StoreError::Corrupt { what, .. }) => assert_eq!(what, "audit block 7"),
-                other => panic!("{garbage:?}: {other:?}"),
-            }
-        }
     }
 }

@@ -156,7 +156,7 @@ impl RedbStore {
                 None => None,
             };
             // A new file, or one of a schema whose redb layout is this build's (4: 5
-            // changed only sled's): just the number. Schema 3 is upgraded below.
+            // to 7 changed only sled's): just the number. Schema 3 is upgraded below.
             if found.is_none_or(|found| found > 3 && found < STORE_SCHEMA) {
                 meta.insert(SCHEMA_KEY, STORE_SCHEMA.to_be_bytes().as_slice())?;
             }

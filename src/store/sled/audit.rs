@@ -1,5 +1,6 @@
 //! The audit trail in sled. Trees:
-//! - `audit`:      first seq of the block (BE u64) -> block bytes
+//! - `audit`:      first seq of the block (BE u64) -> the block as a zstd frame
+//!   ([`audit_frame`]; blocks written before schema 7 are kept as they were written)
 //! - `audit_meta`: "anchor" -> seq (BE u64) || hash (32 bytes); "end" -> the same, for
 //!   the chain's newest record
 //!
@@ -13,6 +14,7 @@ use ::sled::transaction::{ConflictableTransactionError, TransactionError};
 use async_trait::async_trait;
 
 use super::{SledStore, Trees};
+use crate::store::kv::audit_frame::{self, pack};
 use crate::store::kv::{ANCHOR_KEY, END_KEY, decode_end, encode_end, seq_of};
 use crate::store::{AuditStore, ChainEnd, Seal, StoreError};
 
@@ -20,7 +22,8 @@ pub(super) fn block_entry(
     item: ::sled::Result<(::sled::IVec, ::sled::IVec)>,
 ) -> Result<(u64, Vec<u8>), StoreError> {
     let (key, value) = item?;
-    Ok((seq_of(&key)?, value.to_vec()))
+    let first_seq = seq_of(&key)?;
+    Ok((first_seq, audit_frame::unpack_either(first_seq, &value)?))
 }
 
 impl Trees {
@@ -42,9 +45,14 @@ impl Trees {
         let _appending = self.audit_append.lock().unwrap_or_else(|e| e.into_inner());
         let sealed = seal(self.chain_end()?);
         let end = sealed.end.as_ref().map(encode_end);
+        let packed: Vec<(u64, Vec<u8>)> = sealed
+            .blocks
+            .iter()
+            .map(|(first_seq, block)| (*first_seq, pack(block)))
+            .collect();
         (&self.audit, &self.audit_meta)
             .transaction(|(audit, meta)| {
-                for (first_seq, block) in &sealed.blocks {
+                for (first_seq, block) in &packed {
                     audit.insert(&first_seq.to_be_bytes(), block.as_slice())?;
                 }
                 if let Some(end) = &end {
@@ -100,10 +108,12 @@ impl AuditStore for SledStore {
     }
 
     async fn last_audit_block(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
-        match self.trees()?.audit.last()? {
-            Some((key, value)) => Ok(Some((seq_of(&key)?, value.to_vec()))),
-            None => Ok(None),
-        }
+        self.trees()?
+            .audit
+            .last()?
+            .map(Ok)
+            .map(block_entry)
+            .transpose()
     }
 
     async fn audit_blocks_before(

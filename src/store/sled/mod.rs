@@ -25,7 +25,9 @@
 //! JSON; 4 changed only redb's layout, so a sled store at 3 just records 4; 5 keeps
 //! versions in their key's creation order (`key_versions`) instead of by key id
 //! (`versions`); 6 moves key records from `keys` into `order`, leaving `keys` an
-//! index of creation times. An older database is rewritten in place when it opens (a
+//! index of creation times; 7 writes audit blocks as zstd frames, as redb does (the
+//! blocks already written stay as they are and are read either way, so the upgrade
+//! only records the number). An older database is rewritten in place when it opens (a
 //! record already in the newer form, from a migration interrupted after it, is left
 //! alone). The layout is now redb's, tree for table.
 //!
