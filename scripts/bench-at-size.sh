@@ -8,8 +8,8 @@
 #   - the server's resident memory after the preload and at the end (VmRSS, VmHWM), and
 #     the store's size on disk per key (sled, redb: `du` of the database with the server
 #     stopped; PostgreSQL: pg_database_size after the preload less before it).
-#   - the time `kms backup` takes, and `kms restore` into a new store
-#     (KMS_AT_SIZE_RESTORE=0 skips the restore).
+#   - the time `kms backup` takes, then (sled, redb) `kms store compact` and the size on
+#     disk after it, and `kms restore` into a new store (KMS_AT_SIZE_RESTORE=0 skips it).
 # Usage: scripts/bench-at-size.sh KEYS [redb|sled|postgres] [WORK_DIR]   (WORK_DIR is wiped; redb by default)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -18,8 +18,11 @@ backend=${2:-redb}
 work=${3:-/var/tmp/kms-at-size}
 port=${KMS_AT_SIZE_PORT:-50071}
 bash scripts/deps.sh >/dev/null
-cargo build --release --locked --bin kms >&2
-kms=target/release/kms
+# KMS_AT_SIZE_BIN: another build's binary, to compare two builds on the same machine.
+kms=${KMS_AT_SIZE_BIN:-target/release/kms}
+if [ -z "${KMS_AT_SIZE_BIN:-}" ]; then
+  cargo build --release --locked --bin kms >&2
+fi
 
 rm -rf "$work/data"
 mkdir -p "$work"
@@ -52,7 +55,7 @@ trap 'kill $pid 2>/dev/null || true' EXIT
 serve 1
 before=$(db_bytes)
 
-echo "== $keys keys on $backend ($(date -u +%FT%TZ), $(git rev-parse --short HEAD))"
+echo "== $keys keys on $backend ($(date -u +%FT%TZ), $(git rev-parse --short HEAD), $kms)"
 start=$(date +%s)
 "$kms" bench "${client[@]}" --instance big --preload "$keys" --scenarios count \
   --rounds 1 --seconds 1 --warmup-seconds 0 --concurrency 1 >/dev/null
@@ -86,6 +89,13 @@ echo "after the backup: $(grep -E 'VmRSS|VmHWM' /proc/$pid/status | tr -s ' \t' 
 
 stop
 trap - EXIT
+if [ "$backend" = sled ] || [ "$backend" = redb ]; then
+  echo "-- kms store compact"
+  start=$(date +%s%N)
+  "$kms" store compact --data-dir "$work/data" 2>/dev/null
+  bytes=$(du -sb "$store_path" | cut -f1)
+  echo "compact: $(( ($(date +%s%N) - start) / 1000000 )) ms; $bytes bytes, $(( bytes / keys )) bytes per preloaded key"
+fi
 if [ "${KMS_AT_SIZE_RESTORE:-1}" = 1 ]; then
 echo "-- kms restore (into a new data directory with a copy of the token)"
 rm -rf "$work/restored"

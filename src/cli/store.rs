@@ -17,11 +17,17 @@ use crate::cli::progress::Progress;
 use crate::config::{ProcessEnv, postgres_for_command};
 use crate::store::snapshot::{NotEmpty, copy, ensure_empty};
 use crate::store::{
-    DEFAULT_CACHE_BYTES, ItemCounts, PostgresStore, RedbStore, Store, StoreError, StoreItem,
+    DEFAULT_CACHE_BYTES, ItemCounts, PostgresStore, RedbStore, SledStore, Store, StoreError,
+    StoreItem,
 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
+    #[error(
+        "cannot compact the database at {path} (a running server holds it: stop the server \
+         first): {source}"
+    )]
+    Compact { path: String, source: StoreError },
     #[error("{0}")]
     Open(#[from] AuditCommandError),
     #[error("{0}")]
@@ -67,6 +73,55 @@ pub async fn migrate(from: PathBuf, to: MigrateTarget) -> Result<ItemCounts, Mig
     .await?;
     progress.finish();
     Ok(copied)
+}
+
+/// `kms store compact`: gives back the space an embedded store's file keeps for dead
+/// data, with the server stopped. sled: a copy into a fresh database put in the old
+/// one's place ([`SledStore::compact`]); redb: its own compaction, in place. A store
+/// opens the same afterwards, record for record. PostgreSQL has its own (`VACUUM
+/// FULL`, README).
+pub async fn compact(data_dir: PathBuf) -> Result<String, MigrateError> {
+    let redb = data_dir.join("kms.redb");
+    let sled = data_dir.join("db");
+    let run = move || -> Result<String, MigrateError> {
+        let failed = |path: &std::path::Path| {
+            let path = path.display().to_string();
+            move |source| MigrateError::Compact { path, source }
+        };
+        if redb.is_file() {
+            let (before, after) = crate::store::redb::compact_file(&redb).map_err(failed(&redb))?;
+            return Ok(format!(
+                "compacted {}: {before} -> {after} bytes on disk",
+                redb.display()
+            ));
+        }
+        if !sled.exists() {
+            return Err(AuditCommandError::NoDatabase(format!(
+                "{} or {}",
+                redb.display(),
+                sled.display()
+            ))
+            .into());
+        }
+        let progress = Progress::new("compacted entries", None);
+        let shown = std::sync::atomic::AtomicU64::new(0);
+        let done = SledStore::compact(&sled, &|copied| {
+            let before = shown.swap(copied, std::sync::atomic::Ordering::Relaxed);
+            progress.add(copied - before);
+        })
+        .map_err(failed(&sled))?;
+        progress.finish();
+        Ok(format!(
+            "compacted {}: {} -> {} bytes on disk ({} entries)",
+            sled.display(),
+            done.bytes_before,
+            done.bytes_after,
+            done.entries
+        ))
+    };
+    tokio::task::spawn_blocking(run)
+        .await
+        .map_err(|e| StoreError::unavailable("embedded", e))?
 }
 
 /// `kms store stats`: a table of the embedded store's trees (tables) and its size on

@@ -105,8 +105,26 @@ from_redb!(
     redb::TransactionError,
     redb::CommitError,
     redb::DatabaseError,
-    redb::SetDurabilityError
+    redb::SetDurabilityError,
+    redb::CompactionError
 );
+
+/// Compacts a stopped database file in place with redb's own compaction (crash-safe:
+/// redb commits the moved pages as transactions): `kms store compact`. redb gives back
+/// free pages at the end of the file as it commits, so this gains less than sled's.
+/// Returns the file's size before and after.
+pub fn compact_file(path: &Path) -> Result<(u64, u64), StoreError> {
+    let size = |path: &Path| {
+        std::fs::metadata(path)
+            .map(|m| m.len())
+            .map_err(|e| StoreError::unavailable(BACKEND, e))
+    };
+    let before = size(path)?;
+    let mut db = Database::open(path)?;
+    while db.compact()? {}
+    drop(db);
+    Ok((before, size(path)?))
+}
 
 pub struct RedbStore {
     /// The open database, or none while it is being reopened.

@@ -57,6 +57,7 @@
 //! be gone.
 
 mod audit;
+mod compact;
 mod flush;
 mod imports;
 mod keys;
@@ -72,6 +73,7 @@ use async_trait::async_trait;
 
 use super::{DEFAULT_CACHE_BYTES, Durability, STORE_SCHEMA, Store, StoreError};
 use crate::store::kv::{self, DecodedKeys, codec};
+pub use compact::Compacted;
 use flush::GroupFlusher;
 
 const SCHEMA_KEY: &[u8] = b"schema_version";
