@@ -111,13 +111,24 @@ pub async fn compact(data_dir: PathBuf) -> Result<String, MigrateError> {
         })
         .map_err(failed(&sled))?;
         progress.finish();
-        Ok(format!(
-            "compacted {}: {} -> {} bytes on disk ({} entries)",
-            sled.display(),
-            done.bytes_before,
-            done.bytes_after,
-            done.entries
-        ))
+        if done.replaced {
+            Ok(format!(
+                "compacted {}: {} -> {} bytes on disk ({} entries)",
+                sled.display(),
+                done.bytes_before,
+                done.bytes_copied,
+                done.entries
+            ))
+        } else {
+            Ok(format!(
+                "left {} as it was: a fresh copy took {} bytes on disk, not less than its {} \
+                 ({} entries)",
+                sled.display(),
+                done.bytes_copied,
+                done.bytes_before,
+                done.entries
+            ))
+        }
     };
     tokio::task::spawn_blocking(run)
         .await
