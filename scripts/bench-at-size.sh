@@ -4,7 +4,9 @@
 # keys by `kms bench --preload`, then
 #   - at 1 call in flight: GetKey, the first ListKeys page, ListKeys pages from every
 #     depth (by page token), CountKeys;
-#   - at 64 in flight: the health baseline, WrapKey, and durable CreateKey;
+#   - at 64 in flight: the health baseline, WrapKey, and durable CreateKey, in rounds
+#     that alternate with a second server on a near-empty store (1,000 keys), with the
+#     medians and their ratios (KMS_AT_SIZE_ROUNDS, default 6);
 #   - the server's resident memory after the preload and at the end (VmRSS, VmHWM), and
 #     the store's size on disk per key (sled, redb: `du` of the database with the server
 #     stopped; PostgreSQL: pg_database_size after the preload less before it).
@@ -77,9 +79,56 @@ serve 2
 echo "-- 1 call in flight"
 "$kms" bench "${client[@]}" --instance big --scenarios get,list-first,list-deep,count \
   --rounds 3 --seconds 3 --concurrency 1 | grep '^|'
-echo "-- 64 calls in flight"
-"$kms" bench "${client[@]}" --instance big --scenarios health,wrap,create \
-  --rounds 3 --seconds 3 --concurrency 64 | grep '^|'
+echo "-- 64 calls in flight, interleaved with a server on a near-empty store"
+# A second server of the same build and backend, on a fresh store holding 1,000 keys;
+# rounds alternate between the two, so a ratio compares like with like on this shared
+# machine (one sequential run of each differed by 10-20% from machine noise alone).
+empty_env=(KMS_DATA_DIR="$work/empty" KMS_LISTEN="127.0.0.1:$((port + 1))" KMS_IMPORT_RSA_POOL_SIZE=0)
+case "$backend" in
+  redb|sled) empty_env+=(KMS_STORE_BACKEND="$backend") ;;
+  postgres)
+    psql -h "$socket" -U kms -d postgres -qc "DROP DATABASE IF EXISTS kms_at_size_empty" >/dev/null
+    psql -h "$socket" -U kms -d postgres -qc "CREATE DATABASE kms_at_size_empty" >/dev/null
+    empty_env+=(KMS_STORE_URL="host=$socket port=5432 user=kms dbname=kms_at_size_empty") ;;
+esac
+rm -rf "$work/empty"
+env "${empty_env[@]}" "$kms" serve >"$work/server-empty.log" 2>&1 &
+empty_pid=$!
+trap 'kill $pid $empty_pid 2>/dev/null || true' EXIT
+for _ in $(seq 300); do
+  grep -q "listening" "$work/server-empty.log" 2>/dev/null && break
+  sleep 0.2
+done
+empty_client=(--addr "http://127.0.0.1:$((port + 1))" --token-file "$work/empty/admin.token" --server-pid "$empty_pid")
+"$kms" bench "${empty_client[@]}" --instance big --preload 1000 --scenarios count \
+  --rounds 1 --seconds 1 --warmup-seconds 0 --concurrency 1 >/dev/null 2>&1
+rounds=${KMS_AT_SIZE_ROUNDS:-6}
+for round in $(seq "$rounds"); do
+  for side in full empty; do
+    if [ "$side" = full ]; then args=("${client[@]}"); else args=("${empty_client[@]}"); fi
+    "$kms" bench "${args[@]}" --instance big --scenarios health,wrap,create \
+      --rounds 1 --seconds 3 --concurrency 64 | grep -E '^\| (Health|WrapKey|CreateKey)' |
+      sed "s/^/$side /"
+  done
+done | tee "$work/interleaved.txt"
+# Medians over the rounds: ops/s and server CPU per call, then the ratios.
+awk -F'|' '
+  { side = substr($1, 1, index($1, " ") - 1); name = $2; gsub(/^ +| +$/, "", name)
+    n[side, name]++; ops[side, name, n[side, name]] = $3; cpu[side, name, n[side, name]] = $8 + 0
+    names[name] = 1 }
+  function median(a, s, k, c,   i, j, t, v) {
+    c = n[s, k]; for (i = 1; i <= c; i++) v[i] = a[s, k, i] + 0
+    for (i = 1; i <= c; i++) for (j = i + 1; j <= c; j++) if (v[j] < v[i]) { t = v[i]; v[i] = v[j]; v[j] = t }
+    return c % 2 ? v[(c + 1) / 2] : (v[c / 2] + v[c / 2 + 1]) / 2 }
+  END {
+    print "| median of " n["full", "Health/Check (baseline)"] " rounds | at size ops/s | near empty ops/s | at size / near empty | server CPU/call at size / near empty |"
+    print "|---|---:|---:|---:|---:|"
+    for (k in names) printf "| %s | %.0f | %.0f | %.0f%% | %.0f / %.0f µs |\n", k,
+      median(ops, "full", k), median(ops, "empty", k), 100 * median(ops, "full", k) / median(ops, "empty", k),
+      median(cpu, "full", k), median(cpu, "empty", k)
+  }' "$work/interleaved.txt"
+kill "$empty_pid"; wait "$empty_pid" || true
+trap 'kill $pid 2>/dev/null || true' EXIT
 echo "at the end: $(grep -E 'VmRSS|VmHWM' /proc/$pid/status | tr -s ' \t' ' ' | tr '\n' ' ')"
 echo "-- kms backup"
 start=$(date +%s%N)

@@ -135,7 +135,8 @@ async fn bench_preloads_an_instance_and_measures_it_at_size() {
         "a filled instance is not filled again"
     );
 
-    // `kms store stats` of the stopped server's sled store counts what is in it.
+    // `kms store stats` of the stopped server's embedded store counts what is in it,
+    // and on redb the pages each table takes.
     server.stop().await;
     if !common::postgres::selected() {
         let (ok, out) = common::run_kms(&[
@@ -149,14 +150,18 @@ async fn bench_preloads_an_instance_and_measures_it_at_size() {
             .lines()
             .find(|l| l.starts_with("| keys |"))
             .unwrap_or_else(|| panic!("no keys row in:\n{out}"));
-        let entries: u64 = keys_row
-            .split('|')
-            .map(str::trim)
-            .nth(2)
-            .unwrap()
-            .parse()
-            .unwrap();
+        let cells: Vec<&str> = keys_row.split('|').map(str::trim).collect();
+        let entries: u64 = cells[2].parse().unwrap();
         assert_eq!(entries, 300, "{keys_row}");
+        let stored: u64 = cells[3].parse().unwrap();
+        if common::sled_selected() {
+            assert_eq!((cells[4], cells[5]), ("-", "-"), "{keys_row}");
+        } else {
+            let (pages, unused): (u64, u64) =
+                (cells[4].parse().unwrap(), cells[5].parse().unwrap());
+            assert!(pages > stored && unused < pages, "{keys_row}");
+            assert_eq!(pages % 4096, 0, "whole pages: {keys_row}");
+        }
         assert!(out.contains("size on disk: "), "{out}");
     }
 }

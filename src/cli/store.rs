@@ -142,9 +142,19 @@ pub async fn stats(data_dir: PathBuf) -> Result<String, MigrateError> {
         EmbeddedStore::Sled(sled) => sled.tree_sizes().await?,
         EmbeddedStore::Redb(redb) => redb.table_sizes().await?,
     };
-    let mut out = String::from("| tree | entries | bytes (keys + values) |\n|---|---:|---:|\n");
-    for (name, entries, bytes) in trees {
-        out.push_str(&format!("| {name} | {entries} | {bytes} |\n"));
+    let mut out = String::from(
+        "| tree | entries | bytes (keys + values) | pages (bytes) | of them unused |\n\
+         |---|---:|---:|---:|---:|\n",
+    );
+    for tree in trees {
+        let (pages, unused) = match tree.pages {
+            Some(pages) => (pages.bytes.to_string(), pages.unused.to_string()),
+            None => ("-".into(), "-".into()),
+        };
+        out.push_str(&format!(
+            "| {} | {} | {} | {pages} | {unused} |\n",
+            tree.name, tree.entries, tree.bytes
+        ));
     }
     out.push_str(&format!("\nsize on disk: {on_disk} bytes\n"));
     Ok(out)

@@ -1,7 +1,7 @@
 //! Persistence of key metadata, KEK-wrapped blobs, import state and the audit trail,
-//! behind traits any real database can implement. Three backends: sled (the embedded
-//! default, [`sled`]), redb (embedded, bounded memory, [`redb`]) and PostgreSQL
-//! ([`postgres`], several replicas on one database).
+//! behind traits any real database can implement. Three backends: redb (the embedded
+//! default, bounded memory, [`redb`]), sled (embedded, the default of earlier builds,
+//! [`sled`]) and PostgreSQL ([`postgres`], several replicas on one database).
 //!
 //! The contract every backend keeps, and [`conformance`] checks:
 //! - Durability is the store's: a change is durable once [`Durability::sync`] returns
@@ -48,6 +48,27 @@ pub const STORE_SCHEMA: u32 = 7;
 /// resident; sled counts its cache in compressed bytes on disk, not memory, so it gets a
 /// quarter of this (`sled::SLED_CACHE_SHARE`), and keeps more than its cache besides.
 pub const DEFAULT_CACHE_BYTES: u64 = 64 << 20;
+
+/// One tree (redb: table) of a stopped embedded store, for `kms store stats`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TreeSize {
+    pub name: String,
+    pub entries: u64,
+    /// Bytes of keys plus values as the store holds them.
+    pub bytes: u64,
+    /// The pages the tree takes, where the backend says (redb); sled writes a log and
+    /// has no pages of its own to count.
+    pub pages: Option<TreePages>,
+}
+
+/// What a redb table's B-tree takes of the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TreePages {
+    /// Leaf and branch pages, in bytes.
+    pub bytes: u64,
+    /// Bytes of those pages that hold no key or value: pages left part full by splits.
+    pub unused: u64,
+}
 
 /// Counts the changes of one record: 0 when created, one more on every replacement.
 pub type Revision = u64;

@@ -45,7 +45,7 @@ use redb::{
 };
 
 use super::kv::DecodedKeys;
-use super::{Durability, STORE_SCHEMA, Store, StoreError};
+use super::{Durability, STORE_SCHEMA, Store, StoreError, TreePages, TreeSize};
 use writer::Writer;
 
 const BACKEND: &str = "redb";
@@ -327,9 +327,9 @@ impl RedbStore {
         self.sync().await
     }
 
-    /// Per table: its name, entries, and bytes of keys plus values; then the file's
-    /// size. For `kms store stats`.
-    pub async fn table_sizes(&self) -> Result<(Vec<(String, u64, u64)>, u64), StoreError> {
+    /// Every table with its entries, bytes of keys plus values and the pages it takes;
+    /// then the file's size. For `kms store stats`.
+    pub async fn table_sizes(&self) -> Result<(Vec<TreeSize>, u64), StoreError> {
         let path = self.path.clone();
         self.scan(move |_, txn| {
             let mut sizes = Vec::new();
@@ -340,7 +340,18 @@ impl RedbStore {
                     let (k, v) = entry?;
                     bytes += (k.value().len() + v.value().len()) as u64;
                 }
-                sizes.push((table.name().to_owned(), opened.len()?, bytes));
+                let stats = opened.stats()?;
+                sizes.push(TreeSize {
+                    name: table.name().to_owned(),
+                    entries: opened.len()?,
+                    bytes,
+                    pages: Some(TreePages {
+                        bytes: stats.stored_bytes()
+                            + stats.metadata_bytes()
+                            + stats.fragmented_bytes(),
+                        unused: stats.fragmented_bytes(),
+                    }),
+                });
             }
             let on_disk = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
             Ok((sizes, on_disk))

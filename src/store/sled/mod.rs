@@ -1,5 +1,6 @@
-//! The sled backend: the embedded default, one process per data directory (sled holds
-//! an exclusive lock on it).
+//! The sled backend: the embedded default of earlier builds (a data directory that
+//! holds a sled `db` keeps it), one process per data directory (sled holds an
+//! exclusive lock on it).
 //!
 //! Trees and their keys (instance ids never contain NUL, so `instance 0x00` is a safe
 //! prefix):
@@ -71,7 +72,7 @@ use std::time::Duration;
 use ::sled::Tree;
 use async_trait::async_trait;
 
-use super::{DEFAULT_CACHE_BYTES, Durability, STORE_SCHEMA, Store, StoreError};
+use super::{DEFAULT_CACHE_BYTES, Durability, STORE_SCHEMA, Store, StoreError, TreeSize};
 use crate::store::kv::{self, DecodedKeys, codec};
 pub use compact::Compacted;
 use flush::GroupFlusher;
@@ -458,7 +459,7 @@ impl Store for SledStore {
 impl SledStore {
     /// Per tree: its name, entries, and bytes of keys plus values; then sled's own
     /// size on disk. For `kms store stats`.
-    pub async fn tree_sizes(&self) -> Result<(Vec<(String, u64, u64)>, u64), StoreError> {
+    pub async fn tree_sizes(&self) -> Result<(Vec<TreeSize>, u64), StoreError> {
         self.blocking(|trees| {
             let mut sizes = Vec::new();
             for name in trees.db.tree_names() {
@@ -469,7 +470,12 @@ impl SledStore {
                     entries += 1;
                     bytes += (k.len() + v.len()) as u64;
                 }
-                sizes.push((String::from_utf8_lossy(&name).into_owned(), entries, bytes));
+                sizes.push(TreeSize {
+                    name: String::from_utf8_lossy(&name).into_owned(),
+                    entries,
+                    bytes,
+                    pages: None,
+                });
             }
             Ok((sizes, trees.db.size_on_disk()?))
         })
