@@ -162,7 +162,21 @@ async fn bench_preloads_an_instance_and_measures_it_at_size() {
             assert!(pages > stored && unused < pages, "{keys_row}");
             assert_eq!(pages % 4096, 0, "whole pages: {keys_row}");
         }
-        assert!(out.contains("size on disk: "), "{out}");
+        let number_after = |label: &str| -> Option<u64> {
+            let rest = out.split(label).nth(1)?;
+            rest.split(' ').next()?.trim().parse().ok()
+        };
+        let on_disk = number_after("size on disk: ").unwrap_or_else(|| panic!("{out}"));
+        match number_after("in pages the database uses: ") {
+            Some(in_use) => {
+                assert!(!common::sled_selected(), "{out}");
+                assert!(in_use > 0 && in_use <= on_disk, "{out}");
+            }
+            None => assert!(
+                common::sled_selected(),
+                "redb counts its pages in use: {out}"
+            ),
+        }
     }
 }
 

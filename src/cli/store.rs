@@ -138,7 +138,7 @@ pub async fn compact(data_dir: PathBuf) -> Result<String, MigrateError> {
 /// `kms store stats`: a table of the embedded store's trees (tables) and its size on
 /// disk.
 pub async fn stats(data_dir: PathBuf) -> Result<String, MigrateError> {
-    let (trees, on_disk) = match open_data_dir(&data_dir)? {
+    let sizes = match open_data_dir(&data_dir)? {
         EmbeddedStore::Sled(sled) => sled.tree_sizes().await?,
         EmbeddedStore::Redb(redb) => redb.table_sizes().await?,
     };
@@ -146,7 +146,7 @@ pub async fn stats(data_dir: PathBuf) -> Result<String, MigrateError> {
         "| tree | entries | bytes (keys + values) | pages (bytes) | of them unused |\n\
          |---|---:|---:|---:|---:|\n",
     );
-    for tree in trees {
+    for tree in sizes.trees {
         let (pages, unused) = match tree.pages {
             Some(pages) => (pages.bytes.to_string(), pages.unused.to_string()),
             None => ("-".into(), "-".into()),
@@ -156,6 +156,12 @@ pub async fn stats(data_dir: PathBuf) -> Result<String, MigrateError> {
             tree.name, tree.entries, tree.bytes
         ));
     }
-    out.push_str(&format!("\nsize on disk: {on_disk} bytes\n"));
+    out.push_str(&format!("\nsize on disk: {} bytes\n", sizes.on_disk));
+    if let Some(in_use) = sizes.in_use {
+        out.push_str(&format!(
+            "in pages the database uses: {in_use} bytes (the rest is free space, reused as \
+             it writes on; `kms store compact` gives it back)\n"
+        ));
+    }
     Ok(out)
 }

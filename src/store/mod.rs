@@ -49,6 +49,17 @@ pub const STORE_SCHEMA: u32 = 7;
 /// quarter of this (`sled::SLED_CACHE_SHARE`), and keeps more than its cache besides.
 pub const DEFAULT_CACHE_BYTES: u64 = 64 << 20;
 
+/// What a stopped embedded store holds and takes, for `kms store stats`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreSizes {
+    pub trees: Vec<TreeSize>,
+    /// The database's size on disk.
+    pub on_disk: u64,
+    /// Bytes of the file in pages the database uses, where the backend says (redb); the
+    /// rest is free space it reuses as it writes on, and a compaction gives back.
+    pub in_use: Option<u64>,
+}
+
 /// One tree (redb: table) of a stopped embedded store, for `kms store stats`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TreeSize {

@@ -45,7 +45,7 @@ use redb::{
 };
 
 use super::kv::DecodedKeys;
-use super::{Durability, STORE_SCHEMA, Store, StoreError, TreePages, TreeSize};
+use super::{Durability, STORE_SCHEMA, Store, StoreError, StoreSizes, TreePages, TreeSize};
 use writer::Writer;
 
 const BACKEND: &str = "redb";
@@ -328,10 +328,10 @@ impl RedbStore {
     }
 
     /// Every table with its entries, bytes of keys plus values and the pages it takes;
-    /// then the file's size. For `kms store stats`.
-    pub async fn table_sizes(&self) -> Result<(Vec<TreeSize>, u64), StoreError> {
+    /// the file's size and the pages in use. For `kms store stats` of a stopped store.
+    pub async fn table_sizes(&self) -> Result<StoreSizes, StoreError> {
         let path = self.path.clone();
-        self.scan(move |_, txn| {
+        self.scan(move |open, txn| {
             let mut sizes = Vec::new();
             for table in TABLES {
                 let opened = txn.open_table(table)?;
@@ -353,8 +353,16 @@ impl RedbStore {
                     }),
                 });
             }
-            let on_disk = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-            Ok((sizes, on_disk))
+            // Only a write transaction counts the pages allocated; this one writes
+            // nothing and is aborted.
+            let counting = open.db.begin_write()?;
+            let database = counting.stats()?;
+            counting.abort()?;
+            Ok(StoreSizes {
+                trees: sizes,
+                on_disk: std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0),
+                in_use: Some(database.allocated_pages() * database.page_size() as u64),
+            })
         })
         .await
     }

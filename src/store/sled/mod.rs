@@ -72,7 +72,9 @@ use std::time::Duration;
 use ::sled::Tree;
 use async_trait::async_trait;
 
-use super::{DEFAULT_CACHE_BYTES, Durability, STORE_SCHEMA, Store, StoreError, TreeSize};
+use super::{
+    DEFAULT_CACHE_BYTES, Durability, STORE_SCHEMA, Store, StoreError, StoreSizes, TreeSize,
+};
 use crate::store::kv::{self, DecodedKeys, codec};
 pub use compact::Compacted;
 use flush::GroupFlusher;
@@ -459,7 +461,7 @@ impl Store for SledStore {
 impl SledStore {
     /// Per tree: its name, entries, and bytes of keys plus values; then sled's own
     /// size on disk. For `kms store stats`.
-    pub async fn tree_sizes(&self) -> Result<(Vec<TreeSize>, u64), StoreError> {
+    pub async fn tree_sizes(&self) -> Result<StoreSizes, StoreError> {
         self.blocking(|trees| {
             let mut sizes = Vec::new();
             for name in trees.db.tree_names() {
@@ -477,7 +479,11 @@ impl SledStore {
                     pages: None,
                 });
             }
-            Ok((sizes, trees.db.size_on_disk()?))
+            Ok(StoreSizes {
+                trees: sizes,
+                on_disk: trees.db.size_on_disk()?,
+                in_use: None,
+            })
         })
         .await
     }
