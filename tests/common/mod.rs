@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod faults;
+pub mod import;
 pub mod postgres;
 
 use std::io::{BufRead, BufReader};
