@@ -135,7 +135,7 @@ async fn secure_import_with_both_hashes_then_wrap_unwrap_and_rotate() {
 
         let ciphertext = wrap(&mut keys, &tenant, &key.id, b"data key").await;
         assert_eq!(
-            open_locally(&material, &key.id, &ciphertext, &["byok"]),
+            open_locally(&material, &key.id, &ciphertext, &[BYOK_AAD]),
             b"data key",
             "{hash:?}: the key uses exactly the imported material"
         );
@@ -169,7 +169,7 @@ async fn secure_import_with_both_hashes_then_wrap_unwrap_and_rotate() {
         assert_ne!(rotated.current_version_id, key.current_version_id);
         let newer = wrap(&mut keys, &tenant, &key.id, b"after rotation").await;
         assert_eq!(
-            open_locally(&next, &key.id, &newer, &["byok"]),
+            open_locally(&next, &key.id, &newer, &[BYOK_AAD]),
             b"after rotation"
         );
         assert_eq!(
@@ -197,7 +197,7 @@ async fn secure_import_with_both_hashes_then_wrap_unwrap_and_rotate() {
             .await;
         assert_refused(result, Code::InvalidArgument, "encrypted_payload");
     }
-    assert_eq!(count_keys(&mut keys, &tenant).await, 2);
+    assert_eq!(common::count_keys(&server, &tenant).await, 2);
 }
 
 #[tokio::test]
@@ -324,7 +324,7 @@ async fn secure_import_refusals_store_nothing() {
         .unwrap();
     assert_eq!(key.size_bits, 256);
     assert_eq!(
-        count_keys(&mut keys, &tenant).await,
+        common::count_keys(&server, &tenant).await,
         1,
         "refusals stored nothing"
     );
@@ -344,7 +344,7 @@ async fn secure_import_refusals_store_nothing() {
         Code::FailedPrecondition,
         "expired",
     );
-    assert_eq!(count_keys(&mut keys, &tenant).await, 1);
+    assert_eq!(common::count_keys(&server, &tenant).await, 1);
 }
 
 #[tokio::test]
@@ -527,7 +527,7 @@ async fn the_import_key_command_brings_keys_in_by_both_flows() {
     );
     let ciphertext = wrap(&mut keys, &tenant, &id, b"from the cli").await;
     assert_eq!(
-        open_locally(&material, &id, &ciphertext, &["byok"]),
+        open_locally(&material, &id, &ciphertext, &[BYOK_AAD]),
         b"from the cli"
     );
 
@@ -542,7 +542,7 @@ async fn the_import_key_command_brings_keys_in_by_both_flows() {
     );
     assert_eq!(rotated, id);
     let newer = wrap(&mut keys, &tenant, &id, b"rotated").await;
-    assert_eq!(open_locally(&next, &id, &newer, &["byok"]), b"rotated");
+    assert_eq!(open_locally(&next, &id, &newer, &[BYOK_AAD]), b"rotated");
 
     // An EXTERNAL key, with a 3072-bit wrapping key.
     let external = create_external(&mut keys, &tenant, "ext").await;
@@ -568,7 +568,7 @@ async fn the_import_key_command_brings_keys_in_by_both_flows() {
     );
     let ciphertext = wrap(&mut keys, &tenant, &external.id, b"external").await;
     assert_eq!(
-        open_locally(&next, &external.id, &ciphertext, &["byok"]),
+        open_locally(&next, &external.id, &ciphertext, &[BYOK_AAD]),
         b"external"
     );
 }
@@ -627,7 +627,7 @@ async fn random_secure_import_inputs_are_refused_naming_a_field() {
             "case {case}: names a field: {status:?}"
         );
     }
-    let generated = count_keys(&mut keys, &tenant).await;
+    let generated = common::count_keys(&server, &tenant).await;
     let listed = keys
         .count_keys(req(
             &tenant,

@@ -211,7 +211,7 @@ async fn external_key_import_delete_and_reimport() {
     );
     let ciphertext = wrap(&mut keys, &tenant, &id, b"before delete").await;
     assert_eq!(
-        open_locally(&material, &id, &ciphertext, &["byok"]),
+        open_locally(&material, &id, &ciphertext, &[BYOK_AAD]),
         b"before delete"
     );
     assert_refused(
@@ -493,7 +493,7 @@ async fn both_flows_survive_a_restart_in_the_middle() {
         b"two"
     );
     assert_eq!(
-        open_locally(&material, &secure.id, &from_secure, &["byok"]),
+        open_locally(&material, &secure.id, &from_secure, &[BYOK_AAD]),
         b"one"
     );
 }

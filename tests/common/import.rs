@@ -8,14 +8,17 @@ use kms::cli::connect::AuthedChannel;
 use kms::proto::import_token_service_client::ImportTokenServiceClient;
 use kms::proto::key_service_client::KeyServiceClient;
 use kms::proto::{
-    CountKeysRequest, CreateImportTokenRequest, CreateKeyRequest, GetImportTokenRequest,
-    GetImportTokenResponse, GetKeyRequest, GetParametersForImportRequest, Key, KeyOrigin,
-    UnwrapKeyRequest, WrapKeyRequest, WrappingAlgorithm,
+    CreateImportTokenRequest, CreateKeyRequest, GetImportTokenRequest, GetImportTokenResponse,
+    GetKeyRequest, GetParametersForImportRequest, Key, KeyOrigin, UnwrapKeyRequest,
+    WrappingAlgorithm,
 };
 use serde_json::{Value, json};
 use tonic::{Code, Status};
 
 use super::{TestServer, req};
+/// The aad every import test wraps and unwraps with.
+pub const BYOK_AAD: &str = "byok";
+
 pub type Keys = KeyServiceClient<AuthedChannel>;
 pub type Tokens = ImportTokenServiceClient<AuthedChannel>;
 
@@ -202,21 +205,12 @@ pub async fn secure_create(
     .map(|r| r.into_inner().key.unwrap())
 }
 
+/// WrapKey under key `id` with the import tests' aad; the call must succeed.
 pub async fn wrap(keys: &mut Keys, tenant: &str, id: &str, plaintext: &[u8]) -> Vec<u8> {
-    keys.wrap_key(req(
-        tenant,
-        WrapKeyRequest {
-            id: id.into(),
-            plaintext: Some(plaintext.to_vec()),
-            aad: vec!["byok".into()],
-        },
-    ))
-    .await
-    .unwrap()
-    .into_inner()
-    .ciphertext
+    super::wrap_key(keys, tenant, id, plaintext, &[BYOK_AAD]).await
 }
 
+/// UnwrapKey under key `id` with the import tests' aad; refusals are the caller's to check.
 pub async fn unwrap(
     keys: &mut Keys,
     tenant: &str,
@@ -228,7 +222,7 @@ pub async fn unwrap(
         UnwrapKeyRequest {
             id: id.into(),
             ciphertext: ciphertext.to_vec(),
-            aad: vec!["byok".into()],
+            aad: vec![BYOK_AAD.into()],
         },
     ))
     .await
@@ -276,14 +270,6 @@ pub async fn default_parameters(
     .await
     .unwrap()
     .into_inner()
-}
-
-pub async fn count_keys(keys: &mut Keys, tenant: &str) -> u64 {
-    keys.count_keys(req(tenant, CountKeysRequest::default()))
-        .await
-        .unwrap()
-        .into_inner()
-        .count
 }
 
 /// Whether this token decrypts OAEP-SHA-256 natively (the start-up probe's verdict).
