@@ -28,28 +28,41 @@ fi
 
 rm -rf "$work/data"
 mkdir -p "$work"
-server_env=(KMS_DATA_DIR="$work/data" KMS_LISTEN="127.0.0.1:$port" KMS_IMPORT_RSA_POOL_SIZE=0)
 db_bytes() { :; }
-if [ "$backend" = redb ] || [ "$backend" = sled ]; then
-  server_env+=(KMS_STORE_BACKEND="$backend")
-fi
 if [ "$backend" = postgres ]; then
   eval "export $(scripts/postgres.sh start "$work/pg")"
   socket="$work/pg"
-  psql -h "$socket" -U kms -d postgres -qc "DROP DATABASE IF EXISTS kms_at_size" >/dev/null
-  psql -h "$socket" -U kms -d postgres -qc "CREATE DATABASE kms_at_size" >/dev/null
-  server_env+=(KMS_STORE_URL="host=$socket port=5432 user=kms dbname=kms_at_size")
   db_bytes() { psql -h "$socket" -U kms -d kms_at_size -qtAc "SELECT pg_database_size('kms_at_size')"; }
 fi
+# Sets `store` to the settings that put a server or a restore on the backend: for
+# PostgreSQL, on DATABASE, dropped and made anew.
+use_store() { # DATABASE
+  case "$backend" in
+    redb|sled) store=(KMS_STORE_BACKEND="$backend") ;;
+    postgres)
+      psql -h "$socket" -U kms -d postgres -qc "DROP DATABASE IF EXISTS $1" >/dev/null
+      psql -h "$socket" -U kms -d postgres -qc "CREATE DATABASE $1" >/dev/null
+      store=(KMS_STORE_URL="host=$socket port=5432 user=kms dbname=$1") ;;
+  esac
+}
+use_store kms_at_size
+server_env=(KMS_DATA_DIR="$work/data" KMS_LISTEN="127.0.0.1:$port" KMS_IMPORT_RSA_POOL_SIZE=0 "${store[@]}")
 
+wait_listening() { # LOG
+  for _ in $(seq 300); do
+    grep -q "listening" "$1" 2>/dev/null && break
+    sleep 0.2
+  done
+}
+preload() { # KEYS CLIENT...
+  "$kms" bench "${@:2}" --instance big --preload "$1" --scenarios count \
+    --rounds 1 --seconds 1 --warmup-seconds 0 --concurrency 1 >/dev/null
+}
 pid=
 serve() {
   env "${server_env[@]}" "$kms" serve >"$work/server-$1.log" 2>&1 &
   pid=$!
-  for _ in $(seq 300); do
-    grep -q "listening" "$work/server-$1.log" 2>/dev/null && break
-    sleep 0.2
-  done
+  wait_listening "$work/server-$1.log"
   client=(--addr "http://127.0.0.1:$port" --token-file "$work/data/admin.token" --server-pid "$pid")
 }
 stop() { kill "$pid"; wait "$pid" || true; }
@@ -59,8 +72,7 @@ before=$(db_bytes)
 
 echo "== $keys keys on $backend ($(date -u +%FT%TZ), $(git rev-parse --short HEAD), $kms)"
 start=$(date +%s)
-"$kms" bench "${client[@]}" --instance big --preload "$keys" --scenarios count \
-  --rounds 1 --seconds 1 --warmup-seconds 0 --concurrency 1 >/dev/null
+preload "$keys" "${client[@]}"
 echo "preload: $(( $(date +%s) - start )) s"
 echo "after preload: $(grep -E 'VmRSS' /proc/$pid/status | tr -s ' \t' ' ')"
 if [ "$backend" = postgres ]; then
@@ -83,25 +95,15 @@ echo "-- 64 calls in flight, interleaved with a server on a near-empty store"
 # A second server of the same build and backend, on a fresh store holding 1,000 keys;
 # rounds alternate between the two, so a ratio compares like with like on this shared
 # machine (one sequential run of each differed by 10-20% from machine noise alone).
-empty_env=(KMS_DATA_DIR="$work/empty" KMS_LISTEN="127.0.0.1:$((port + 1))" KMS_IMPORT_RSA_POOL_SIZE=0)
-case "$backend" in
-  redb|sled) empty_env+=(KMS_STORE_BACKEND="$backend") ;;
-  postgres)
-    psql -h "$socket" -U kms -d postgres -qc "DROP DATABASE IF EXISTS kms_at_size_empty" >/dev/null
-    psql -h "$socket" -U kms -d postgres -qc "CREATE DATABASE kms_at_size_empty" >/dev/null
-    empty_env+=(KMS_STORE_URL="host=$socket port=5432 user=kms dbname=kms_at_size_empty") ;;
-esac
+use_store kms_at_size_empty
 rm -rf "$work/empty"
-env "${empty_env[@]}" "$kms" serve >"$work/server-empty.log" 2>&1 &
+env KMS_DATA_DIR="$work/empty" KMS_LISTEN="127.0.0.1:$((port + 1))" KMS_IMPORT_RSA_POOL_SIZE=0 \
+  "${store[@]}" "$kms" serve >"$work/server-empty.log" 2>&1 &
 empty_pid=$!
 trap 'kill $pid $empty_pid 2>/dev/null || true' EXIT
-for _ in $(seq 300); do
-  grep -q "listening" "$work/server-empty.log" 2>/dev/null && break
-  sleep 0.2
-done
+wait_listening "$work/server-empty.log"
 empty_client=(--addr "http://127.0.0.1:$((port + 1))" --token-file "$work/empty/admin.token" --server-pid "$empty_pid")
-"$kms" bench "${empty_client[@]}" --instance big --preload 1000 --scenarios count \
-  --rounds 1 --seconds 1 --warmup-seconds 0 --concurrency 1 >/dev/null 2>&1
+preload 1000 "${empty_client[@]}" 2>/dev/null
 rounds=${KMS_AT_SIZE_ROUNDS:-6}
 for round in $(seq "$rounds"); do
   for side in full empty; do
@@ -150,17 +152,9 @@ echo "-- kms restore (into a new data directory with a copy of the token)"
 rm -rf "$work/restored"
 mkdir -p "$work/restored"
 cp -a "$work/data/softhsm" "$work/restored/"
-restore_env=()
-if [ "$backend" = redb ] || [ "$backend" = sled ]; then
-  restore_env=(KMS_STORE_BACKEND="$backend")
-fi
-if [ "$backend" = postgres ]; then
-  psql -h "$socket" -U kms -d postgres -qc "DROP DATABASE IF EXISTS kms_at_size_restored" >/dev/null
-  psql -h "$socket" -U kms -d postgres -qc "CREATE DATABASE kms_at_size_restored" >/dev/null
-  restore_env=(KMS_STORE_URL="host=$socket port=5432 user=kms dbname=kms_at_size_restored")
-fi
+use_store kms_at_size_restored
 start=$(date +%s%N)
-env "${restore_env[@]}" "$kms" restore --from "$work/at-size.backup" --data-dir "$work/restored" 2>/dev/null
+env "${store[@]}" "$kms" restore --from "$work/at-size.backup" --data-dir "$work/restored" 2>/dev/null
 echo "restore: $(( ($(date +%s%N) - start) / 1000000 )) ms"
 fi
 if [ "$backend" = postgres ]; then
