@@ -335,16 +335,12 @@ impl RedbStore {
             let mut sizes = Vec::new();
             for table in TABLES {
                 let opened = txn.open_table(table)?;
-                let mut bytes = 0u64;
-                for entry in opened.iter()? {
-                    let (k, v) = entry?;
-                    bytes += (k.value().len() + v.value().len()) as u64;
-                }
+                // redb's stored bytes are the keys and values in its leaves.
                 let stats = opened.stats()?;
                 sizes.push(TreeSize {
                     name: table.name().to_owned(),
                     entries: opened.len()?,
-                    bytes,
+                    bytes: stats.stored_bytes(),
                     pages: Some(TreePages {
                         bytes: stats.stored_bytes()
                             + stats.metadata_bytes()
