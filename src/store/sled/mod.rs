@@ -92,8 +92,9 @@ const BACKEND: &str = "sled";
 /// sled is given this fraction of the configured cache: it counts its cache in the
 /// compressed bytes it reads from disk, not what they take in memory once decoded. At
 /// a million keys, after the at-size benches, 64 MiB of sled cache left the server at
-/// 574 MB resident and 16 MiB at 404 MB (about 3.5 bytes resident per byte counted); 8
-/// MiB gained nothing more. The smaller cache costs deep ListKeys pages (p50 4.3 to 5.7
+/// 574 MB resident and 16 MiB at 404 MB (about 3.5 bytes resident per byte counted; on
+/// mimalloc, which held freed memory the allocator now gives back); 8 MiB gained
+/// nothing more. The smaller cache costs deep ListKeys pages (p50 4.3 to 5.7
 /// ms), not CreateKey or WrapKey (README, "At size").
 const SLED_CACHE_SHARE: u64 = 4;
 /// Where schemas up to 4 kept versions, by key id; moved by the upgrade to 5, then dropped.
