@@ -12,8 +12,9 @@ use kms::cli::command_line::{Cli, Command};
 /// as it pages its tree. Measured (README, "At size"): sled serving a million keys
 /// peaked at 316-324 MB through GetKey, WrapKey, CreateKey and a backup on jemalloc,
 /// against 518-546 MB on mimalloc (which held freed pages in idle threads' heaps) and
-/// 509 MB on glibc's malloc, with the same heap in use; WrapKey and CreateKey rates
-/// within the noise of mimalloc's, which had replaced glibc's for a faster WrapKey.
+/// 509 MB on glibc's malloc, with the same heap in use; rates within the noise of
+/// mimalloc's (`scripts/bench-builds.sh`), which had replaced glibc's for a faster
+/// WrapKey.
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use kms::config::{Config, LogFormat, ProcessEnv};
