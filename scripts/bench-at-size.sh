@@ -28,6 +28,8 @@ fi
 
 rm -rf "$work/data"
 mkdir -p "$work"
+# shellcheck source=scripts/bench-lib.sh
+source scripts/bench-lib.sh
 db_bytes() { :; }
 if [ "$backend" = postgres ]; then
   eval "export $(scripts/postgres.sh start "$work/pg")"
@@ -48,16 +50,6 @@ use_store() { # DATABASE
 use_store kms_at_size
 server_env=(KMS_DATA_DIR="$work/data" KMS_LISTEN="127.0.0.1:$port" KMS_IMPORT_RSA_POOL_SIZE=0 "${store[@]}")
 
-wait_listening() { # LOG
-  for _ in $(seq 300); do
-    grep -q "listening" "$1" 2>/dev/null && break
-    sleep 0.2
-  done
-}
-preload() { # KEYS CLIENT...
-  "$kms" bench "${@:2}" --instance big --preload "$1" --scenarios count \
-    --rounds 1 --seconds 1 --warmup-seconds 0 --concurrency 1 >/dev/null
-}
 pid=
 serve() {
   env "${server_env[@]}" "$kms" serve >"$work/server-$1.log" 2>&1 &
@@ -72,7 +64,7 @@ before=$(db_bytes)
 
 echo "== $keys keys on $backend ($(date -u +%FT%TZ), $(git rev-parse --short HEAD), $kms)"
 start=$(date +%s)
-preload "$keys" "${client[@]}"
+preload "$keys" big "${client[@]}"
 echo "preload: $(( $(date +%s) - start )) s"
 echo "after preload: $(grep -E 'VmRSS' /proc/$pid/status | tr -s ' \t' ' ')"
 if [ "$backend" = postgres ]; then
@@ -103,7 +95,7 @@ empty_pid=$!
 trap 'kill $pid $empty_pid 2>/dev/null || true' EXIT
 wait_listening "$work/server-empty.log"
 empty_client=(--addr "http://127.0.0.1:$((port + 1))" --token-file "$work/empty/admin.token" --server-pid "$empty_pid")
-preload 1000 "${empty_client[@]}" 2>/dev/null
+preload 1000 big "${empty_client[@]}" 2>/dev/null
 rounds=${KMS_AT_SIZE_ROUNDS:-6}
 for round in $(seq "$rounds"); do
   for side in full empty; do
@@ -113,22 +105,7 @@ for round in $(seq "$rounds"); do
       sed "s/^/$side /"
   done
 done | tee "$work/interleaved.txt"
-# Medians over the rounds: ops/s and server CPU per call, then the ratios.
-awk -F'|' '
-  { side = substr($1, 1, index($1, " ") - 1); name = $2; gsub(/^ +| +$/, "", name)
-    n[side, name]++; ops[side, name, n[side, name]] = $3; cpu[side, name, n[side, name]] = $8 + 0
-    names[name] = 1 }
-  function median(a, s, k, c,   i, j, t, v) {
-    c = n[s, k]; for (i = 1; i <= c; i++) v[i] = a[s, k, i] + 0
-    for (i = 1; i <= c; i++) for (j = i + 1; j <= c; j++) if (v[j] < v[i]) { t = v[i]; v[i] = v[j]; v[j] = t }
-    return c % 2 ? v[(c + 1) / 2] : (v[c / 2] + v[c / 2 + 1]) / 2 }
-  END {
-    print "| median of " n["full", "Health/Check (baseline)"] " rounds | at size ops/s | near empty ops/s | at size / near empty | server CPU/call at size / near empty |"
-    print "|---|---:|---:|---:|---:|"
-    for (k in names) printf "| %s | %.0f | %.0f | %.0f%% | %.0f / %.0f µs |\n", k,
-      median(ops, "full", k), median(ops, "empty", k), 100 * median(ops, "full", k) / median(ops, "empty", k),
-      median(cpu, "full", k), median(cpu, "empty", k)
-  }' "$work/interleaved.txt"
+round_medians "$work/interleaved.txt" full empty "at size" "near empty"
 kill "$empty_pid"; wait "$empty_pid" || true
 trap 'kill $pid 2>/dev/null || true' EXIT
 echo "at the end: $(grep -E 'VmRSS|VmHWM' /proc/$pid/status | tr -s ' \t' ' ' | tr '\n' ' ')"
