@@ -56,6 +56,7 @@ conformance!(
     replace_by_revision,
     concurrent_updates_lose_nothing,
     versions,
+    version_material,
     version_pages,
     list_pages,
     list_pages_after_a_position,

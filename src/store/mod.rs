@@ -40,8 +40,10 @@ use crate::hsm::RsaKeyPair;
 /// Version of the layout (tables, trees, encodings) written by this build. Older layouts
 /// are migrated when a store opens; a newer one is refused.
 /// 4 changed only redb's layout ([`redb`](self::redb)), 5, 6 and 7 only sled's
-/// ([`sled`](self::sled)): a store of the other backend just records the number.
-pub const STORE_SCHEMA: u32 = 7;
+/// ([`sled`](self::sled)): a store of the other backend just records the number. 8 lets
+/// a key record of either carry the key's first version ([`kv::codec`]); records
+/// written before it are read as they are, so the upgrade only records the number.
+pub const STORE_SCHEMA: u32 = 8;
 
 /// The embedded stores' page cache unless configured (`store.cache_mib`). redb holds its
 /// cache to it. sled's own default is 1 GiB, which let 100,000 keys hold 600 MB

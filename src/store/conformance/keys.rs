@@ -179,6 +179,152 @@ pub async fn versions(store: Arc<dyn Store>) {
     );
 }
 
+/// Material over a key's life: a key created without it (an import pending) gets its
+/// first version by a replacement, then rotations; erasure reaches every version, and
+/// re-importing a version's material restores that version alone, never a second copy.
+pub async fn version_material(store: Arc<dyn Store>) {
+    let pending = key("m", 1, KeyState::PreActivation, false);
+    store.insert_key(&pending, None).await.unwrap();
+    assert_eq!(store.list_versions(&pending).await.unwrap(), vec![]);
+    let first = version(pending.id, 5);
+    let mut current = changed(&pending, |k| {
+        k.state = KeyState::Active;
+        k.current_version = Some(first.id);
+    });
+    store
+        .replace_key(&pending, &current, Some(&first), false)
+        .await
+        .unwrap();
+    let mut made = vec![first.clone()];
+    for at in [6, 7] {
+        let next_version = version(current.id, at);
+        let next = changed(&current, |k| k.current_version = Some(next_version.id));
+        store
+            .replace_key(&current, &next, Some(&next_version), false)
+            .await
+            .unwrap();
+        current = next;
+        made.push(next_version);
+    }
+    let newest_first: Vec<_> = made.iter().rev().cloned().collect();
+    assert_eq!(store.list_versions(&current).await.unwrap(), newest_first);
+    for v in &made {
+        assert_eq!(
+            store.get_version(&current, v.id).await.unwrap().as_ref(),
+            Some(v)
+        );
+    }
+
+    let destroyed = changed(&current, |k| k.state = KeyState::Destroyed);
+    store
+        .replace_key(&current, &destroyed, None, true)
+        .await
+        .unwrap();
+    let erased: Vec<_> = newest_first
+        .iter()
+        .map(|v| VersionRecord {
+            wrapped: None,
+            ..v.clone()
+        })
+        .collect();
+    assert_eq!(store.list_versions(&destroyed).await.unwrap(), erased);
+    assert_eq!(
+        store.get_version(&destroyed, first.id).await.unwrap(),
+        Some(erased[2].clone()),
+        "the first version's material is erased too"
+    );
+
+    // Re-importing the first version's material, then the second's.
+    let mut current = destroyed;
+    for restored in [&made[0], &made[1]] {
+        let next = changed(&current, |k| k.state = KeyState::Active);
+        store
+            .replace_key(&current, &next, Some(restored), false)
+            .await
+            .unwrap();
+        current = next;
+    }
+    let expected = vec![erased[0].clone(), made[1].clone(), made[0].clone()];
+    assert_eq!(store.list_versions(&current).await.unwrap(), expected);
+    let (page, total) = store
+        .list_versions_page(&current, PageStart::Offset(0), 10)
+        .await
+        .unwrap();
+    assert_eq!((page, total), (expected.clone(), 3));
+    let (page, _) = store
+        .list_versions_page(
+            &current,
+            PageStart::After(KeyPosition::of_version(&expected[1])),
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(page, expected[2..]);
+    assert_eq!(
+        store
+            .get_version(&current, made[0].id)
+            .await
+            .unwrap()
+            .as_ref(),
+        Some(&made[0])
+    );
+}
+
+/// A key's versions as an earlier layout left them (`earlier`, oldest first, each in
+/// its own entry): read in order, then rotated, erased, re-imported and paged as any
+/// other key's. `key` is the key as stored.
+pub async fn versions_of_an_earlier_layout(
+    store: Arc<dyn Store>,
+    key: KeyRecord,
+    earlier: Vec<VersionRecord>,
+) {
+    let mut expected: Vec<_> = earlier.iter().rev().cloned().collect();
+    assert_eq!(store.list_versions(&key).await.unwrap(), expected);
+    let latest = version(key.id, earlier.last().unwrap().created_at + 1);
+    let rotated = changed(&key, |k| k.current_version = Some(latest.id));
+    store
+        .replace_key(&key, &rotated, Some(&latest), false)
+        .await
+        .unwrap();
+    expected.insert(0, latest);
+    assert_eq!(store.list_versions(&rotated).await.unwrap(), expected);
+    for (offset, v) in expected.iter().enumerate() {
+        assert_eq!(
+            store.get_version(&rotated, v.id).await.unwrap().as_ref(),
+            Some(v)
+        );
+        let (page, total) = store
+            .list_versions_page(&rotated, PageStart::Offset(offset), 1)
+            .await
+            .unwrap();
+        assert_eq!((page, total), (vec![v.clone()], expected.len() as u64));
+    }
+    let destroyed = changed(&rotated, |k| k.state = KeyState::Destroyed);
+    store
+        .replace_key(&rotated, &destroyed, None, true)
+        .await
+        .unwrap();
+    let listed = store.list_versions(&destroyed).await.unwrap();
+    assert_eq!(listed.len(), expected.len());
+    assert!(
+        listed.iter().all(|v| v.wrapped.is_none()),
+        "every blob erased"
+    );
+    let oldest = earlier[0].clone();
+    let restored = changed(&destroyed, |k| k.state = KeyState::Active);
+    store
+        .replace_key(&destroyed, &restored, Some(&oldest), false)
+        .await
+        .unwrap();
+    let listed = store.list_versions(&restored).await.unwrap();
+    assert_eq!(
+        listed.len(),
+        expected.len(),
+        "re-imported in place, not added"
+    );
+    assert_eq!(listed.last(), Some(&oldest));
+}
+
 /// ListKeyVersions pages: newest first, by offset and after a position; every version
 /// once; versions sharing a creation time told apart by id; another key's never.
 pub async fn version_pages(store: Arc<dyn Store>) {

@@ -15,7 +15,8 @@ pub use audit::{audit_chain, newer_schema_is_refused, snapshot_holds_everything}
 pub use imports::{import_parameters_and_pairs, import_tokens, last_retrieval_goes_once};
 pub use keys::{
     concurrent_updates_lose_nothing, expiry_index, keys_and_counters, list_pages,
-    list_pages_after_a_position, replace_by_revision, version_pages, versions,
+    list_pages_after_a_position, replace_by_revision, version_material, version_pages, versions,
+    versions_of_an_earlier_layout,
 };
 
 use uuid::Uuid;

@@ -17,7 +17,7 @@ use uuid::Uuid;
 use crate::domain::model::{
     ImportTokenRecord, KeyFilter, KeyRecord, KeyState, Millis, VersionRecord,
 };
-use crate::store::{ChainEnd, Revision, StoreError};
+use crate::store::{ChainEnd, KeyPosition, Revision, StoreError};
 
 pub(crate) fn instance_prefix(instance: &str) -> Vec<u8> {
     let mut prefix = Vec::with_capacity(instance.len() + 1);
@@ -170,12 +170,7 @@ pub(crate) fn key_version_entry(
     key: &KeyRecord,
     version: &VersionRecord,
 ) -> Result<(Vec<u8>, Vec<u8>), StoreError> {
-    if version.key_id != key.id {
-        return Err(StoreError::corrupt(
-            format!("version {}", version.id),
-            "written under another key",
-        ));
-    }
+    check_version_of(key, version)?;
     Ok((
         under_key_created(key.created_at, &version_key(version)),
         codec::encode_version(version),
@@ -288,6 +283,142 @@ pub(crate) fn decode_key_value(
 
 pub(crate) fn key_value(key: &KeyRecord) -> Vec<u8> {
     encode_key_value(key.revision, &codec::encode_key(key))
+}
+
+/// A new key's stored value, carrying its first version (refused if it names another
+/// key).
+pub(crate) fn new_key_value(
+    key: &KeyRecord,
+    version: Option<&VersionRecord>,
+) -> Result<Vec<u8>, StoreError> {
+    if let Some(version) = version {
+        check_version_of(key, version)?;
+    }
+    let key = KeyRecord {
+        revision: 0,
+        ..key.clone()
+    };
+    Ok(encode_key_value(
+        0,
+        &codec::encode_key_with_version(&key, version),
+    ))
+}
+
+fn check_version_of(key: &KeyRecord, version: &VersionRecord) -> Result<(), StoreError> {
+    if version.key_id != key.id {
+        return Err(StoreError::corrupt(
+            format!("version {}", version.id),
+            "written under another key",
+        ));
+    }
+    Ok(())
+}
+
+/// The version a key's stored value carries (its first, since schema 8), if any.
+pub(crate) fn carried_version(
+    key: &KeyRecord,
+    raw: &[u8],
+) -> Result<Option<VersionRecord>, StoreError> {
+    stored_revision(key.id, raw)?;
+    if !codec::carries_version(&raw[8..]) {
+        return Ok(None);
+    }
+    // What the stored record says, which `key` (read earlier) may no longer.
+    let record = codec::decode_key(&key.instance, key.id, &raw[8..])?;
+    codec::decode_carried_version(&record, &raw[8..])
+}
+
+/// What replacing a key's record writes: the record's next value, still carrying the
+/// version the current one does, and the version for `key_versions`, if any.
+pub(crate) struct NextRecord {
+    pub(crate) value: Vec<u8>,
+    pub(crate) to_versions: Option<VersionRecord>,
+}
+
+/// The next value of a key whose stored value is `current`. The carried version is
+/// kept (erased with `erase_material`), replaced by a `new_version` of its own id (a
+/// re-import), or takes `new_version` when the key never had one; any other new
+/// version goes to `key_versions`.
+pub(crate) fn next_record(
+    previous: &KeyRecord,
+    current: &[u8],
+    next: &KeyRecord,
+    new_version: Option<&VersionRecord>,
+    erase_material: bool,
+) -> Result<NextRecord, StoreError> {
+    let mut carried = carried_version(previous, current)?;
+    if erase_material && let Some(carried) = &mut carried {
+        carried.wrapped = None;
+    }
+    let mut to_versions = None;
+    if let Some(version) = new_version {
+        check_version_of(next, version)?;
+        let carries_it = match &carried {
+            Some(carried) => carried.id == version.id,
+            None => previous.current_version.is_none(),
+        };
+        if carries_it {
+            carried = Some(version.clone());
+        } else {
+            to_versions = Some(version.clone());
+        }
+    }
+    Ok(NextRecord {
+        value: encode_key_value(
+            next.revision,
+            &codec::encode_key_with_version(next, carried.as_ref()),
+        ),
+        to_versions,
+    })
+}
+
+/// A version's place among its key's versions, as `key_versions` orders them.
+fn version_place(version: &VersionRecord) -> (u64, Uuid) {
+    (version.created_at as u64, version.id)
+}
+
+/// True when `version` sorts before `position` (an older version: on the page after it).
+pub(crate) fn is_before(version: &VersionRecord, position: &KeyPosition) -> bool {
+    version_place(version) < (position.created_at as u64, position.id)
+}
+
+/// A key's versions newest first: its `key_versions` entries (`stored`, newest first)
+/// with the version its record carries in its place among them (last, unless the
+/// key's stored versions predate schema 8).
+pub(crate) fn newest_first<I>(stored: I, carried: Option<VersionRecord>) -> NewestFirst<I>
+where
+    I: Iterator<Item = Result<VersionRecord, StoreError>>,
+{
+    NewestFirst {
+        stored: stored.peekable(),
+        carried,
+    }
+}
+
+pub(crate) struct NewestFirst<I: Iterator> {
+    stored: std::iter::Peekable<I>,
+    carried: Option<VersionRecord>,
+}
+
+impl<I> Iterator for NewestFirst<I>
+where
+    I: Iterator<Item = Result<VersionRecord, StoreError>>,
+{
+    type Item = Result<VersionRecord, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Some(carried) = &self.carried {
+            let carried_next = match self.stored.peek() {
+                Some(Ok(stored)) => version_place(stored) < version_place(carried),
+                Some(Err(_)) => false,
+                None => true,
+            };
+            if carried_next {
+                return self.carried.take().map(Ok);
+            }
+        }
+        self.stored.next()
+    }
 }
 
 pub(crate) fn decode_expiry_entry(entry: &[u8]) -> Result<(String, Uuid), StoreError> {

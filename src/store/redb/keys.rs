@@ -26,10 +26,11 @@ use super::{
 };
 use crate::domain::model::{KeyFilter, KeyRecord, Millis, VersionRecord};
 use crate::store::kv::{
-    counter_key, counter_keys, created_value, decode_counter, decode_expiry_entry,
-    decode_key_versions_entry, expiry_key, instance_prefix, key_key, key_value, key_version_entry,
-    next_counter, order_key, order_key_at, order_key_created, parse_order_key, record_place,
-    stored_revision, under_key_created, versions_prefix,
+    carried_version, counter_key, counter_keys, created_value, decode_counter, decode_expiry_entry,
+    decode_key_versions_entry, expiry_key, instance_prefix, is_before, key_key, key_version_entry,
+    new_key_value, newest_first, next_counter, next_record, order_key, order_key_at,
+    order_key_created, parse_order_key, record_place, stored_revision, under_key_created,
+    versions_prefix,
 };
 use crate::store::{KeyStore, PageStart, StoreError};
 
@@ -87,8 +88,8 @@ fn put_version(
     Ok(())
 }
 
-/// A key's versions, oldest first.
-pub(super) fn versions_of(
+/// A key's `key_versions` entries, oldest first.
+fn stored_versions(
     versions: &impl ReadableTable<Bytes, Bytes>,
     key: &KeyRecord,
 ) -> Result<Vec<VersionRecord>, StoreError> {
@@ -98,6 +99,30 @@ pub(super) fn versions_of(
             decode_key_versions_entry(k.value(), v.value())
         })
         .collect()
+}
+
+/// A key's versions, oldest first; `carried` is the version its record carries.
+pub(super) fn versions_of(
+    versions: &impl ReadableTable<Bytes, Bytes>,
+    key: &KeyRecord,
+    carried: Option<VersionRecord>,
+) -> Result<Vec<VersionRecord>, StoreError> {
+    let stored = stored_versions(versions, key)?;
+    let mut all: Vec<_> =
+        newest_first(stored.into_iter().rev().map(Ok), carried).collect::<Result<_, _>>()?;
+    all.reverse();
+    Ok(all)
+}
+
+/// The version the key's record carries (none if it has no record).
+fn carried_of(
+    order: &impl ReadableTable<Bytes, Bytes>,
+    key: &KeyRecord,
+) -> Result<Option<VersionRecord>, StoreError> {
+    match order.get(order_key(key).as_slice())? {
+        Some(raw) => carried_version(key, raw.value()),
+        None => Ok(None),
+    }
 }
 
 /// Schema 3 to 4: copies every version from the table keyed by key id into the one
@@ -169,19 +194,14 @@ fn insert_key(
         }
         keys.insert(kk.as_slice(), created_value(key).as_slice())?;
     }
-    let record = key_value(&KeyRecord {
-        revision: 0,
-        ..key.clone()
-    });
+    // The first version rides in the record ([`next_record`]).
+    let record = new_key_value(key, version)?;
     txn.open_table(ORDER)?
         .insert(order_key(key).as_slice(), record.as_slice())?;
     add_to_counter(txn, key, 1)?;
     if let Some(entry) = expiry_key(key) {
         txn.open_table(EXPIRY)?
             .insert(entry.as_slice(), [].as_slice())?;
-    }
-    if let Some(version) = version {
-        put_version(&mut txn.open_table(VERSIONS)?, key, version)?;
     }
     Ok(())
 }
@@ -200,25 +220,27 @@ fn replace_key(
     {
         return Err(StoreError::Conflict);
     }
-    {
+    let record = {
         let at = record_key(&txn.open_table(KEYS)?, &previous.instance, previous.id)?
             .ok_or(StoreError::Conflict)?;
         let mut order = txn.open_table(ORDER)?;
-        let current = match order.get(at.as_slice())? {
-            Some(current) => stored_revision(previous.id, current.value())?,
-            None => return Err(StoreError::Conflict),
+        let record = match order.get(at.as_slice())? {
+            Some(current)
+                if stored_revision(previous.id, current.value())? == previous.revision =>
+            {
+                next_record(previous, current.value(), next, new_version, erase_material)?
+            }
+            _ => return Err(StoreError::Conflict),
         };
-        if current != previous.revision {
-            return Err(StoreError::Conflict);
-        }
-        order.insert(at.as_slice(), key_value(next).as_slice())?;
-    }
+        order.insert(at.as_slice(), record.value.as_slice())?;
+        record
+    };
     add_to_counter(txn, previous, -1)?;
     add_to_counter(txn, next, 1)?;
     {
         let mut versions = txn.open_table(VERSIONS)?;
         if erase_material {
-            for version in versions_of(&versions, previous)? {
+            for version in stored_versions(&versions, previous)? {
                 let erased = VersionRecord {
                     wrapped: None,
                     ..version
@@ -226,7 +248,7 @@ fn replace_key(
                 put_version(&mut versions, previous, &erased)?;
             }
         }
-        if let Some(version) = new_version {
+        if let Some(version) = &record.to_versions {
             put_version(&mut versions, next, version)?;
         }
     }
@@ -301,11 +323,12 @@ fn list_keys(
 
 fn list_versions_page(
     versions: &impl ReadableTable<Bytes, Bytes>,
+    carried: Option<VersionRecord>,
     prefix: Vec<u8>,
     start: PageStart,
     limit: usize,
 ) -> Result<(Vec<VersionRecord>, u64), StoreError> {
-    let mut total = 0u64;
+    let mut total = u64::from(carried.is_some());
     for entry in with_prefix(versions, &prefix)? {
         entry?;
         total += 1;
@@ -318,21 +341,20 @@ fn list_versions_page(
         decode_key_versions_entry(k.value(), v.value())
     };
     let page = match start {
-        PageStart::Offset(offset) => with_prefix(versions, &prefix)?
-            .rev()
-            .skip(offset)
-            .take(limit)
-            .map(decode)
-            .collect::<Result<_, _>>()?,
+        PageStart::Offset(offset) => {
+            newest_first(with_prefix(versions, &prefix)?.rev().map(decode), carried)
+                .skip(offset)
+                .take(limit)
+                .collect::<Result<_, _>>()?
+        }
         PageStart::After(position) => {
             let mut before = prefix.clone();
             before.extend_from_slice(&(position.created_at as u64).to_be_bytes());
             before.extend_from_slice(position.id.as_bytes());
-            versions
-                .range::<&[u8]>(prefix.as_slice()..before.as_slice())?
-                .rev()
+            let carried = carried.filter(|carried| is_before(carried, &position));
+            let older = versions.range::<&[u8]>(prefix.as_slice()..before.as_slice())?;
+            newest_first(older.rev().map(decode), carried)
                 .take(limit)
-                .map(decode)
                 .collect::<Result<_, _>>()?
         }
     };
@@ -388,6 +410,11 @@ impl KeyStore for RedbStore {
         version_id: Uuid,
     ) -> Result<Option<VersionRecord>, StoreError> {
         let (_, txn) = self.read()?;
+        if let Some(carried) = carried_of(&txn.open_table(ORDER)?, key)?
+            && carried.id == version_id
+        {
+            return Ok(Some(carried));
+        }
         let versions = txn.open_table(VERSIONS)?;
         for entry in with_prefix(&versions, &versions_prefix(key))? {
             let (k, v) = entry?;
@@ -400,7 +427,8 @@ impl KeyStore for RedbStore {
 
     async fn list_versions(&self, key: &KeyRecord) -> Result<Vec<VersionRecord>, StoreError> {
         let (_, txn) = self.read()?;
-        let mut versions = versions_of(&txn.open_table(VERSIONS)?, key)?;
+        let carried = carried_of(&txn.open_table(ORDER)?, key)?;
+        let mut versions = versions_of(&txn.open_table(VERSIONS)?, key, carried)?;
         versions.reverse();
         Ok(versions)
     }
@@ -411,9 +439,11 @@ impl KeyStore for RedbStore {
         start: PageStart,
         limit: usize,
     ) -> Result<(Vec<VersionRecord>, u64), StoreError> {
-        let prefix = versions_prefix(key);
+        let key = key.clone();
         self.scan(move |_, txn| {
-            list_versions_page(&txn.open_table(VERSIONS)?, prefix, start, limit)
+            let carried = carried_of(&txn.open_table(ORDER)?, &key)?;
+            let versions = txn.open_table(VERSIONS)?;
+            list_versions_page(&versions, carried, versions_prefix(&key), start, limit)
         })
         .await
     }

@@ -3,15 +3,17 @@
 //! same keys and record forms ([`crate::store::kv`]), but for three:
 //! - `keys`:  instance 0x00 key-uuid                    -> created-ms (BE u64)
 //! - `order`: instance 0x00 created-ms(BE u64) key-uuid -> revision (BE u64) || KeyRecord
+//!   [|| its first version]
 //! - `key_versions`: key-created-ms(BE u64) key-uuid created-ms(BE u64) version-uuid
-//!   -> VersionRecord
+//!   -> VersionRecord (the versions after the first)
 //!
 //! (records and versions in creation order: [`keys`] says why), and audit blocks are
 //! zstd frames ([`audit`]).
 //!
 //! Schema history: 3 is the first redb layout; 4 moved versions from `versions` (keyed
-//! by key id, as sled keeps them) to `key_versions`. A schema-3 file is upgraded when
-//! it opens, before anything is served.
+//! by key id, as sled keeps them) to `key_versions`; 8 writes a key's first version
+//! into its record (as sled does; records written before are read as they are). A
+//! schema-3 file is upgraded when it opens, before anything is served.
 //!
 //! Why a second embedded backend (decision, measured with a million keys: README, "At
 //! size"): sled's memory is not bounded by its cache setting and it grows with what is
@@ -173,8 +175,9 @@ impl RedbStore {
                 }
                 None => None,
             };
-            // A new file, or one of a schema whose redb layout is this build's (4: 5
-            // to 7 changed only sled's): just the number. Schema 3 is upgraded below.
+            // A new file, or one of a schema whose redb layout this build reads as it is
+            // (4; 5 to 7 changed only sled's, 8 only what new records hold): just the
+            // number. Schema 3 is upgraded below.
             if found.is_none_or(|found| found > 3 && found < STORE_SCHEMA) {
                 meta.insert(SCHEMA_KEY, STORE_SCHEMA.to_be_bytes().as_slice())?;
             }
@@ -424,11 +427,36 @@ mod tests {
     use crate::domain::model::KeyState;
     use crate::store::KeyStore;
     use crate::store::conformance::{changed, key, version};
+    use crate::store::kv;
+
+    /// Rewrites every key as schema 7 kept it: the record alone, each version in its
+    /// own `key_versions` entry.
+    fn carried_to_entries(txn: &redb::WriteTransaction) {
+        let mut order = txn.open_table(ORDER).unwrap();
+        let mut versions = txn.open_table(VERSIONS).unwrap();
+        let mut rewritten = Vec::new();
+        for entry in order.iter().unwrap() {
+            let (k, v) = entry.unwrap();
+            let (instance, id) = kv::parse_order_key(k.value()).unwrap();
+            let record = kv::decode_key_value(&instance, id, v.value()).unwrap();
+            if let Some(carried) = kv::carried_version(&record, v.value()).unwrap() {
+                rewritten.push((k.value().to_vec(), record, carried));
+            }
+        }
+        for (at, record, carried) in rewritten {
+            order
+                .insert(at.as_slice(), kv::key_value(&record).as_slice())
+                .unwrap();
+            let (vk, vv) = kv::key_version_entry(&record, &carried).unwrap();
+            versions.insert(vk.as_slice(), vv.as_slice()).unwrap();
+        }
+    }
 
     /// Rewrites a file in the schema-3 layout: versions keyed by key id.
     fn downgrade_to_3(path: &Path) {
         let db = Database::create(path).unwrap();
         let txn = db.begin_write().unwrap();
+        carried_to_entries(&txn);
         {
             let new = txn.open_table(VERSIONS).unwrap();
             let mut old = txn.open_table(SCHEMA_3_VERSIONS).unwrap();
@@ -509,6 +537,54 @@ mod tests {
         let store = RedbStore::open(&path, 1 << 20).unwrap();
         assert_eq!(store.schema_version().unwrap(), Some(STORE_SCHEMA));
         assert_eq!(store.list_versions(&k).await.unwrap(), vec![first]);
+    }
+
+    /// A new key's first version rides in its record; a schema-7 file, where every
+    /// version has its own entry, opens as it is, and its keys' versions read, rotate,
+    /// erase and re-import as any other's.
+    #[tokio::test]
+    async fn versions_written_before_schema_8_read_beside_carried_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kms.redb");
+        let store = RedbStore::open(&path, 1 << 20).unwrap();
+        let mut k = key("a", 7, KeyState::Active, false);
+        let first = version(k.id, 7);
+        k.current_version = Some(first.id);
+        store.insert_key(&k, Some(&first)).await.unwrap();
+        let stored_entries = |store: &RedbStore| {
+            let (_, txn) = store.read().unwrap();
+            txn.open_table(VERSIONS).unwrap().len().unwrap()
+        };
+        assert_eq!(stored_entries(&store), 0, "the first version is carried");
+        let second = version(k.id, 8);
+        let rotated = changed(&k, |k| k.current_version = Some(second.id));
+        store
+            .replace_key(&k, &rotated, Some(&second), false)
+            .await
+            .unwrap();
+        assert_eq!(stored_entries(&store), 1, "a rotated-in version is not");
+        drop(store);
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            carried_to_entries(&txn);
+            txn.open_table(META)
+                .unwrap()
+                .insert(SCHEMA_KEY, 7u32.to_be_bytes().as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let store = RedbStore::open(&path, 1 << 20).unwrap();
+        assert_eq!(store.schema_version().unwrap(), Some(STORE_SCHEMA));
+        assert_eq!(stored_entries(&store), 2);
+        let read = store.get_key("a", k.id).await.unwrap().unwrap();
+        assert_eq!(read, rotated);
+        crate::store::conformance::versions_of_an_earlier_layout(
+            Arc::new(store),
+            read,
+            vec![first, second],
+        )
+        .await;
     }
 
     #[test]

@@ -9,7 +9,7 @@ use super::audit::{block_entry, meta_entry};
 use super::keys::versions_of;
 use super::{AUDIT, IMPORT_PARAMETERS, IMPORT_TOKENS, ORDER, RSA_POOL, RedbStore, VERSIONS};
 use crate::store::kv::{
-    ANCHOR_KEY, END_KEY, decode, decode_key_value, decode_token, parse_order_key,
+    ANCHOR_KEY, END_KEY, carried_version, decode, decode_key_value, decode_token, parse_order_key,
 };
 use crate::store::{Snapshot, SnapshotSink, StoreError, StoreItem};
 
@@ -35,7 +35,8 @@ fn walk(txn: &ReadTransaction, sink: &SnapshotSink) -> Result<(), StoreError> {
         let (k, v) = entry?;
         let (instance, id) = parse_order_key(k.value())?;
         let key = decode_key_value(&instance, id, v.value())?;
-        let versions = versions_of(&versions, &key)?;
+        let carried = carried_version(&key, v.value())?;
+        let versions = versions_of(&versions, &key, carried)?;
         if !send(StoreItem::Key { key, versions }) {
             return Ok(());
         }

@@ -10,10 +10,11 @@ use uuid::Uuid;
 use super::{SCHEMA_4_VERSIONS, SledStore, Trees};
 use crate::domain::model::{KeyFilter, KeyRecord, Millis, VersionRecord};
 use crate::store::kv::{
-    counter_key, counter_keys, created_value, decode_counter, decode_expiry_entry,
-    decode_key_value, decode_key_versions_entry, expiry_key, instance_prefix, key_key, key_value,
-    key_version_entry, next_counter, order_key, order_key_at, order_key_created, parse_key_key,
-    parse_order_key, record_place, stored_revision, under_key_created, versions_prefix,
+    carried_version, counter_key, counter_keys, created_value, decode_counter, decode_expiry_entry,
+    decode_key_value, decode_key_versions_entry, expiry_key, instance_prefix, is_before, key_key,
+    key_version_entry, new_key_value, newest_first, next_counter, next_record, order_key,
+    order_key_at, order_key_created, parse_key_key, parse_order_key, record_place, stored_revision,
+    under_key_created, versions_prefix,
 };
 use crate::store::{KeyStore, PageStart, StoreError};
 
@@ -35,14 +36,9 @@ fn unpack<T>(result: Result<T, TransactionError<StoreError>>) -> Result<T, Store
 
 impl Trees {
     /// Every tree a created key writes to: its creation's transaction spans them all.
-    fn key_trees(&self) -> (&Tree, &Tree, &Tree, &Tree, &Tree) {
-        (
-            &self.keys,
-            &self.order,
-            &self.counters,
-            &self.key_versions,
-            &self.expiry,
-        )
+    /// (Its first version rides in its record, so `key_versions` is not among them.)
+    fn key_trees(&self) -> (&Tree, &Tree, &Tree, &Tree) {
+        (&self.keys, &self.order, &self.counters, &self.expiry)
     }
 
     fn insert_key(
@@ -50,15 +46,11 @@ impl Trees {
         key: &KeyRecord,
         version: Option<&VersionRecord>,
     ) -> Result<(), StoreError> {
-        let record = key_value(&KeyRecord {
-            revision: 0,
-            ..key.clone()
-        });
-        let version_entry = version.map(|v| key_version_entry(key, v)).transpose()?;
+        let record = new_key_value(key, version)?;
         let expiry_entry = expiry_key(key);
         unpack(
             self.key_trees()
-                .transaction(|(keys, order, counters, versions, expiry)| {
+                .transaction(|(keys, order, counters, expiry)| {
                     let kk = key_key(&key.instance, key.id);
                     if keys.get(&kk)?.is_some() {
                         return Err(ConflictableTransactionError::Abort(StoreError::Conflict));
@@ -68,9 +60,6 @@ impl Trees {
                     add_to_counter(counters, key, 1)?;
                     if let Some(entry) = &expiry_entry {
                         expiry.insert(entry.as_slice(), &[])?;
-                    }
-                    if let Some((vk, vv)) = &version_entry {
-                        versions.insert(vk.as_slice(), vv.as_slice())?;
                     }
                     Ok(())
                 }),
@@ -181,22 +170,16 @@ impl Trees {
             return Err(StoreError::Conflict);
         }
         let at = order_key(previous);
-        let added = new_version
-            .map(|v| key_version_entry(previous, v))
-            .transpose()?;
-        let record = key_value(next);
         // Versions to erase are read outside the transaction; a version added
         // concurrently changes the key's revision, which makes the check below fail.
         let mut erased = Vec::new();
         if erase_material {
-            for version in self.list_versions(previous)? {
-                erased.push(key_version_entry(
-                    previous,
-                    &VersionRecord {
-                        wrapped: None,
-                        ..version
-                    },
-                )?);
+            for version in self.stored_versions(previous).rev() {
+                let erased_version = VersionRecord {
+                    wrapped: None,
+                    ..version?
+                };
+                erased.push(key_version_entry(previous, &erased_version)?);
             }
         }
         let (old_expiry, new_expiry) = (expiry_key(previous), expiry_key(next));
@@ -208,16 +191,26 @@ impl Trees {
                 &self.expiry,
             )
                 .transaction(|(order, counters, versions, expiry)| {
-                    match order.get(&at)? {
+                    let abort = ConflictableTransactionError::Abort;
+                    let current = match order.get(&at)? {
                         Some(current)
-                            if stored_revision(previous.id, &current)
-                                .map_err(ConflictableTransactionError::Abort)?
-                                == previous.revision => {}
-                        _ => return Err(ConflictableTransactionError::Abort(StoreError::Conflict)),
-                    }
-                    order.insert(at.as_slice(), record.as_slice())?;
+                            if stored_revision(previous.id, &current).map_err(abort)?
+                                == previous.revision =>
+                        {
+                            current
+                        }
+                        _ => return Err(abort(StoreError::Conflict)),
+                    };
+                    let record = next_record(previous, &current, next, new_version, erase_material)
+                        .map_err(abort)?;
+                    order.insert(at.as_slice(), record.value)?;
                     add_to_counter(counters, previous, -1)?;
                     add_to_counter(counters, next, 1)?;
+                    let added = record
+                        .to_versions
+                        .map(|v| key_version_entry(previous, &v))
+                        .transpose()
+                        .map_err(abort)?;
                     for (vk, vv) in erased.iter().chain(added.iter()) {
                         versions.insert(vk.as_slice(), vv.as_slice())?;
                     }
@@ -234,11 +227,37 @@ impl Trees {
         )
     }
 
+    /// The version the key's record carries (none if it has no record).
+    fn carried_version(&self, key: &KeyRecord) -> Result<Option<VersionRecord>, StoreError> {
+        match self.order.get(order_key(key))? {
+            Some(raw) => carried_version(key, &raw),
+            None => Ok(None),
+        }
+    }
+
+    /// The key's `key_versions` entries, oldest first.
+    fn stored_versions(
+        &self,
+        key: &KeyRecord,
+    ) -> impl DoubleEndedIterator<Item = Result<VersionRecord, StoreError>> + use<> {
+        self.key_versions
+            .scan_prefix(versions_prefix(key))
+            .map(|entry| {
+                let (k, v) = entry?;
+                decode_key_versions_entry(&k, &v)
+            })
+    }
+
     fn get_version(
         &self,
         key: &KeyRecord,
         version_id: Uuid,
     ) -> Result<Option<VersionRecord>, StoreError> {
+        if let Some(carried) = self.carried_version(key)?
+            && carried.id == version_id
+        {
+            return Ok(Some(carried));
+        }
         for entry in self.key_versions.scan_prefix(versions_prefix(key)) {
             let (k, v) = entry?;
             if k.ends_with(version_id.as_bytes()) {
@@ -248,16 +267,18 @@ impl Trees {
         Ok(None)
     }
 
+    /// A key's versions, newest first; `carried` is the version its record carries.
+    pub(super) fn versions_with(
+        &self,
+        key: &KeyRecord,
+        carried: Option<VersionRecord>,
+    ) -> Result<Vec<VersionRecord>, StoreError> {
+        newest_first(self.stored_versions(key).rev(), carried).collect()
+    }
+
     /// A key's versions, newest first.
-    pub(super) fn list_versions(&self, key: &KeyRecord) -> Result<Vec<VersionRecord>, StoreError> {
-        self.key_versions
-            .scan_prefix(versions_prefix(key))
-            .rev()
-            .map(|entry| {
-                let (k, v) = entry?;
-                decode_key_versions_entry(&k, &v)
-            })
-            .collect()
+    fn list_versions(&self, key: &KeyRecord) -> Result<Vec<VersionRecord>, StoreError> {
+        self.versions_with(key, self.carried_version(key)?)
     }
 
     fn list_versions_page(
@@ -267,7 +288,8 @@ impl Trees {
         limit: usize,
     ) -> Result<(Vec<VersionRecord>, u64), StoreError> {
         let prefix = versions_prefix(key);
-        let mut total = 0u64;
+        let carried = self.carried_version(key)?;
+        let mut total = u64::from(carried.is_some());
         for entry in self.key_versions.scan_prefix(&prefix) {
             entry?;
             total += 1;
@@ -277,24 +299,24 @@ impl Trees {
             decode_key_versions_entry(&k, &v)
         };
         let page = match start {
-            PageStart::Offset(offset) => self
-                .key_versions
-                .scan_prefix(&prefix)
-                .rev()
-                .skip(offset)
-                .take(limit)
-                .map(decode)
-                .collect::<Result<_, _>>()?,
+            PageStart::Offset(offset) => newest_first(
+                self.key_versions.scan_prefix(&prefix).rev().map(decode),
+                carried,
+            )
+            .skip(offset)
+            .take(limit)
+            .collect::<Result<_, _>>()?,
             PageStart::After(position) => {
                 let mut before = prefix.clone();
                 before.extend_from_slice(&(position.created_at as u64).to_be_bytes());
                 before.extend_from_slice(position.id.as_bytes());
-                self.key_versions
-                    .range(prefix..before)
-                    .rev()
-                    .take(limit)
-                    .map(decode)
-                    .collect::<Result<_, _>>()?
+                let carried = carried.filter(|carried| is_before(carried, &position));
+                newest_first(
+                    self.key_versions.range(prefix..before).rev().map(decode),
+                    carried,
+                )
+                .take(limit)
+                .collect::<Result<_, _>>()?
             }
         };
         Ok((page, total))

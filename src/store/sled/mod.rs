@@ -4,14 +4,14 @@
 //!
 //! Trees and their keys (instance ids never contain NUL, so `instance 0x00` is a safe
 //! prefix):
-//! - `order`:    instance 0x00 created-ms(BE u64) key-uuid   -> revision (BE u64) || KeyRecord ([`codec`](crate::store::kv::codec))
+//! - `order`:    instance 0x00 created-ms(BE u64) key-uuid   -> revision (BE u64) || KeyRecord [|| its first version] ([`codec`](crate::store::kv::codec))
 //!   (records in listing order: creation time, then id)
 //! - `keys`:     instance 0x00 key-uuid                      -> created-ms (BE u64)
 //!   (where a key's record is in `order`)
 //! - `counters`: instance 0x00 state extractable             -> count (BE u64)
 //!   (CountKeys sums at most ten counters; updated in the same transaction as records)
 //! - `key_versions`: key-created-ms(BE u64) key-uuid created-ms(BE u64) version-uuid -> VersionRecord ([`codec`](crate::store::kv::codec))
-//!   (a key's versions next to the keys created with it: see below)
+//!   (a key's later versions, next to the keys created with it: see below)
 //! - `expiry`:   due-ms(BE u64) instance 0x00 key-uuid       -> ()
 //!   (keys with a time-driven transition due, for the expiry sweep)
 //! - `import_tokens`:     instance      -> revision (BE u64) || token id || ImportTokenRecord (JSON)
@@ -28,7 +28,10 @@
 //! (`versions`); 6 moves key records from `keys` into `order`, leaving `keys` an
 //! index of creation times; 7 writes audit blocks as zstd frames, as redb does (the
 //! blocks already written stay as they are and are read either way, so the upgrade
-//! only records the number). An older database is rewritten in place when it opens (a
+//! only records the number); 8 writes a key's first version into its record instead of
+//! an entry of `key_versions`, which keeps the versions rotated in after it (records
+//! and entries written before stay as they are: a key's versions are read from both,
+//! in order, so the upgrade only records the number). An older database is rewritten in place when it opens (a
 //! record already in the newer form, from a migration interrupted after it, is left
 //! alone). The layout is now redb's, tree for table.
 //!

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 
 use super::audit::block_entry;
 use super::{BACKEND, SledStore, Trees};
-use crate::store::kv::{decode, decode_key_value, decode_token, parse_order_key};
+use crate::store::kv::{carried_version, decode, decode_key_value, decode_token, parse_order_key};
 use crate::store::{Snapshot, SnapshotSink, StoreError, StoreItem};
 
 #[async_trait]
@@ -38,7 +38,8 @@ fn walk(trees: &Trees, sink: &SnapshotSink) -> Result<(), StoreError> {
         let (k, v) = entry?;
         let (instance, id) = parse_order_key(&k)?;
         let key = decode_key_value(&instance, id, &v)?;
-        let mut versions = trees.list_versions(&key)?;
+        let carried = carried_version(&key, &v)?;
+        let mut versions = trees.versions_with(&key, carried)?;
         versions.reverse();
         if !send(StoreItem::Key { key, versions }) {
             return Ok(());

@@ -335,3 +335,53 @@ async fn blocks_written_before_schema_7_read_as_they_were_beside_framed_ones() {
         vec![(1, old_block)]
     );
 }
+
+/// A new key's first version rides in its record: `key_versions` holds only the
+/// versions rotated in after it. A schema-7 database, where every version has its own
+/// entry, opens as it is and its keys' versions read, rotate, erase and re-import as
+/// any other's.
+#[tokio::test]
+async fn versions_written_before_schema_8_read_beside_carried_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let mut k = conformance::key("inst", 1_700_000_000_000, KeyState::Active, false);
+    let first = conformance::version(k.id, k.created_at);
+    k.current_version = Some(first.id);
+    let second = conformance::version(k.id, k.created_at + 1);
+    let rotated = KeyRecord {
+        revision: 1,
+        current_version: Some(second.id),
+        ..k.clone()
+    };
+    {
+        let store = SledStore::open(&path).unwrap();
+        store.insert_key(&k, Some(&first)).await.unwrap();
+        let trees = store.trees().unwrap();
+        assert_eq!(trees.key_versions.len(), 0, "the first version is carried");
+        store
+            .replace_key(&k, &rotated, Some(&second), false)
+            .await
+            .unwrap();
+        assert_eq!(trees.key_versions.len(), 1, "a rotated-in version is not");
+        // As schema 7 wrote it: the record alone, the first version in its own entry.
+        let at = kv::order_key(&rotated);
+        let raw = trees.order.get(&at).unwrap().unwrap();
+        let carried = kv::carried_version(&rotated, &raw).unwrap();
+        assert_eq!(carried.as_ref(), Some(&first));
+        trees.order.insert(&at, kv::key_value(&rotated)).unwrap();
+        let (vk, vv) = kv::key_version_entry(&rotated, &first).unwrap();
+        trees.key_versions.insert(vk, vv).unwrap();
+        drop(trees);
+        store.force_schema_version(7).unwrap();
+    }
+    let store = reopened(&path);
+    assert_eq!(store.schema_version().unwrap(), Some(STORE_SCHEMA));
+    let read = store.get_key("inst", k.id).await.unwrap().unwrap();
+    assert_eq!(read, rotated);
+    conformance::versions_of_an_earlier_layout(
+        std::sync::Arc::new(store),
+        read,
+        vec![first, second],
+    )
+    .await;
+}
