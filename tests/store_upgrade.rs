@@ -3,7 +3,7 @@
 //! server starts on it: every key's versions (and on sled its record) move into
 //! creation order, ciphertexts made before still unwrap, and the key keeps rotating.
 //! The old layout is made by editing a stopped server's database, the way the builds
-//! before wrote it.
+//! before wrote it (before schema 8 every version had its own entry, the first too).
 
 mod common;
 
@@ -15,7 +15,7 @@ use common::{
 };
 use kms::domain::model::KeyState;
 use kms::proto::{CreateKeyRequest, ListKeyVersionsRequest};
-use kms::store::SledStore;
+use kms::store::{SledStore, order_value_before_schema_8};
 
 const MIGRATED: &str = "migrated the store's schema";
 
@@ -108,8 +108,24 @@ fn redb_back_to_schema_3(path: &Path) {
     const KEY_VERSIONS: Table = TableDefinition::new("key_versions");
     const VERSIONS: Table = TableDefinition::new("versions");
     const META: Table = TableDefinition::new("meta");
+    const ORDER: Table = TableDefinition::new("order");
     let db = redb::Database::create(path).unwrap();
     let txn = db.begin_write().unwrap();
+    {
+        let mut order = txn.open_table(ORDER).unwrap();
+        let mut new = txn.open_table(KEY_VERSIONS).unwrap();
+        let mut records = Vec::new();
+        for entry in order.iter().unwrap() {
+            let (k, v) = entry.unwrap();
+            records.push((k.value().to_vec(), v.value().to_vec()));
+        }
+        for (k, v) in records {
+            let (record, first) = order_value_before_schema_8(&k, &v).unwrap();
+            order.insert(k.as_slice(), record.as_slice()).unwrap();
+            let (vk, vv) = first.expect("a created key carries its first version");
+            new.insert(vk.as_slice(), vv.as_slice()).unwrap();
+        }
+    }
     {
         let new = txn.open_table(KEY_VERSIONS).unwrap();
         let mut old = txn.open_table(VERSIONS).unwrap();
@@ -138,6 +154,15 @@ fn sled_back_to_schema_4(path: &Path) {
         }
     };
     let new = db.open_tree("key_versions").unwrap();
+    let order = db.open_tree("order").unwrap();
+    for entry in order.iter() {
+        let (k, v) = entry.unwrap();
+        let (record, first) = order_value_before_schema_8(&k, &v).unwrap();
+        order.insert(&k, record).unwrap();
+        let (vk, vv) = first.expect("a created key carries its first version");
+        new.insert(vk, vv).unwrap();
+    }
+    drop(order);
     let old = db.open_tree("versions").unwrap();
     assert_eq!(new.len(), 6, "two keys of three versions");
     for entry in new.iter() {

@@ -455,6 +455,17 @@ impl StoreConfig {
     }
 }
 
+/// An embedded store's (sled, redb) `order` entry value as schemas before 8 wrote it,
+/// and the `key_versions` entry (key, value) of the version it carries, if any: for
+/// the tests that rebuild an earlier layout from a store this build wrote.
+#[doc(hidden)]
+pub fn order_value_before_schema_8(
+    order_key: &[u8],
+    value: &[u8],
+) -> Result<(Vec<u8>, Option<kv::Entry>), StoreError> {
+    kv::value_before_schema_8(order_key, value)
+}
+
 /// Opens (creating or migrating its schema) the configured store.
 pub async fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
     Ok(match config {

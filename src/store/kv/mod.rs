@@ -328,6 +328,26 @@ pub(crate) fn carried_version(
     codec::decode_carried_version(&record, &raw[8..])
 }
 
+/// A tree entry: its key and its value.
+pub type Entry = (Vec<u8>, Vec<u8>);
+
+/// An `order` entry's value as schemas before 8 wrote it (the record alone), and the
+/// `key_versions` entry of the version it carries, if it carries one.
+pub(crate) fn value_before_schema_8(
+    order_key: &[u8],
+    value: &[u8],
+) -> Result<(Vec<u8>, Option<Entry>), StoreError> {
+    let (instance, id) = parse_order_key(order_key)?;
+    let record = decode_key_value(&instance, id, value)?;
+    Ok(match carried_version(&record, value)? {
+        Some(carried) => (
+            key_value(&record),
+            Some(key_version_entry(&record, &carried)?),
+        ),
+        None => (value.to_vec(), None),
+    })
+}
+
 /// What replacing a key's record writes: the record's next value, still carrying the
 /// version the current one does, and the version for `key_versions`, if any.
 pub(crate) struct NextRecord {

@@ -427,7 +427,6 @@ mod tests {
     use crate::domain::model::KeyState;
     use crate::store::KeyStore;
     use crate::store::conformance::{changed, key, version};
-    use crate::store::kv;
 
     /// Rewrites every key as schema 7 kept it: the record alone, each version in its
     /// own `key_versions` entry.
@@ -437,18 +436,15 @@ mod tests {
         let mut rewritten = Vec::new();
         for entry in order.iter().unwrap() {
             let (k, v) = entry.unwrap();
-            let (instance, id) = kv::parse_order_key(k.value()).unwrap();
-            let record = kv::decode_key_value(&instance, id, v.value()).unwrap();
-            if let Some(carried) = kv::carried_version(&record, v.value()).unwrap() {
-                rewritten.push((k.value().to_vec(), record, carried));
-            }
+            let (value, carried) =
+                crate::store::order_value_before_schema_8(k.value(), v.value()).unwrap();
+            rewritten.push((k.value().to_vec(), value, carried));
         }
-        for (at, record, carried) in rewritten {
-            order
-                .insert(at.as_slice(), kv::key_value(&record).as_slice())
-                .unwrap();
-            let (vk, vv) = kv::key_version_entry(&record, &carried).unwrap();
-            versions.insert(vk.as_slice(), vv.as_slice()).unwrap();
+        for (at, value, carried) in rewritten {
+            order.insert(at.as_slice(), value.as_slice()).unwrap();
+            if let Some((vk, vv)) = carried {
+                versions.insert(vk.as_slice(), vv.as_slice()).unwrap();
+            }
         }
     }
 
