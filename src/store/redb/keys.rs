@@ -14,7 +14,10 @@
 //! random place per created key: at a million keys durable CreateKey ran at 75% of its
 //! rate on an empty store; in creation order it is one tree of random inserts (`keys`)
 //! instead of two, and 79% (86% once the audit append became durable itself; README,
-//! "At size"). Version reads get the key's record, which says where they are.
+//! "At size"). Version reads get the key's record, which says where they are. Since
+//! schema 8 the record carries the key's first version itself ([`next_record`]), so a
+//! created key writes no version entry at all; a version read looks at the record's
+//! first.
 
 use async_trait::async_trait;
 use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
