@@ -228,7 +228,7 @@ impl Trees {
     }
 
     /// The version the key's record carries (none if it has no record).
-    fn carried_version(&self, key: &KeyRecord) -> Result<Option<VersionRecord>, StoreError> {
+    fn carried_of(&self, key: &KeyRecord) -> Result<Option<VersionRecord>, StoreError> {
         match self.order.get(order_key(key))? {
             Some(raw) => carried_version(key, &raw),
             None => Ok(None),
@@ -253,7 +253,7 @@ impl Trees {
         key: &KeyRecord,
         version_id: Uuid,
     ) -> Result<Option<VersionRecord>, StoreError> {
-        if let Some(carried) = self.carried_version(key)?
+        if let Some(carried) = self.carried_of(key)?
             && carried.id == version_id
         {
             return Ok(Some(carried));
@@ -278,7 +278,7 @@ impl Trees {
 
     /// A key's versions, newest first.
     fn list_versions(&self, key: &KeyRecord) -> Result<Vec<VersionRecord>, StoreError> {
-        self.versions_with(key, self.carried_version(key)?)
+        self.versions_with(key, self.carried_of(key)?)
     }
 
     fn list_versions_page(
@@ -288,7 +288,7 @@ impl Trees {
         limit: usize,
     ) -> Result<(Vec<VersionRecord>, u64), StoreError> {
         let prefix = versions_prefix(key);
-        let carried = self.carried_version(key)?;
+        let carried = self.carried_of(key)?;
         let mut total = u64::from(carried.is_some());
         for entry in self.key_versions.scan_prefix(&prefix) {
             entry?;
@@ -299,13 +299,10 @@ impl Trees {
             decode_key_versions_entry(&k, &v)
         };
         let page = match start {
-            PageStart::Offset(offset) => newest_first(
-                self.key_versions.scan_prefix(&prefix).rev().map(decode),
-                carried,
-            )
-            .skip(offset)
-            .take(limit)
-            .collect::<Result<_, _>>()?,
+            PageStart::Offset(offset) => newest_first(self.stored_versions(key).rev(), carried)
+                .skip(offset)
+                .take(limit)
+                .collect::<Result<_, _>>()?,
             PageStart::After(position) => {
                 let mut before = prefix.clone();
                 before.extend_from_slice(&(position.created_at as u64).to_be_bytes());
