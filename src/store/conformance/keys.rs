@@ -179,6 +179,17 @@ pub async fn versions(store: Arc<dyn Store>) {
     );
 }
 
+/// `current` with a new version created at `at` made current, as stored.
+async fn rotate(store: &dyn Store, current: &KeyRecord, at: i64) -> (KeyRecord, VersionRecord) {
+    let next_version = version(current.id, at);
+    let next = changed(current, |k| k.current_version = Some(next_version.id));
+    store
+        .replace_key(current, &next, Some(&next_version), false)
+        .await
+        .unwrap();
+    (next, next_version)
+}
+
 /// Material over a key's life: a key created without it (an import pending) gets its
 /// first version by a replacement, then rotations; erasure reaches every version, and
 /// re-importing a version's material restores that version alone, never a second copy.
@@ -197,12 +208,7 @@ pub async fn version_material(store: Arc<dyn Store>) {
         .unwrap();
     let mut made = vec![first.clone()];
     for at in [6, 7] {
-        let next_version = version(current.id, at);
-        let next = changed(&current, |k| k.current_version = Some(next_version.id));
-        store
-            .replace_key(&current, &next, Some(&next_version), false)
-            .await
-            .unwrap();
+        let (next, next_version) = rotate(&*store, &current, at).await;
         current = next;
         made.push(next_version);
     }
@@ -280,12 +286,7 @@ pub async fn versions_of_an_earlier_layout(
 ) {
     let mut expected: Vec<_> = earlier.iter().rev().cloned().collect();
     assert_eq!(store.list_versions(&key).await.unwrap(), expected);
-    let latest = version(key.id, earlier.last().unwrap().created_at + 1);
-    let rotated = changed(&key, |k| k.current_version = Some(latest.id));
-    store
-        .replace_key(&key, &rotated, Some(&latest), false)
-        .await
-        .unwrap();
+    let (rotated, latest) = rotate(&*store, &key, earlier.last().unwrap().created_at + 1).await;
     expected.insert(0, latest);
     assert_eq!(store.list_versions(&rotated).await.unwrap(), expected);
     for (offset, v) in expected.iter().enumerate() {
@@ -332,12 +333,7 @@ pub async fn version_pages(store: Arc<dyn Store>) {
     let mut made = vec![version(current.id, 100)];
     store.insert_key(&current, Some(&made[0])).await.unwrap();
     for at in 1..11 {
-        let next_version = version(current.id, 100 + at / 2);
-        let next = changed(&current, |k| k.current_version = Some(next_version.id));
-        store
-            .replace_key(&current, &next, Some(&next_version), false)
-            .await
-            .unwrap();
+        let (next, next_version) = rotate(&*store, &current, 100 + at / 2).await;
         current = next;
         made.push(next_version);
     }

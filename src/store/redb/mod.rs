@@ -424,7 +424,7 @@ impl Store for RedbStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::model::KeyState;
+    use crate::domain::model::{KeyRecord, KeyState, VersionRecord};
     use crate::store::KeyStore;
     use crate::store::conformance::{changed, key, version};
 
@@ -517,10 +517,14 @@ mod tests {
         drop((open, txn));
     }
 
-    /// Schema 4 is this build's redb layout (5 changed only sled's): such a file opens
-    /// as it is and records the new number.
-    #[tokio::test]
-    async fn a_schema_4_file_opens_as_it_is_and_records_this_schema() {
+    /// A new file holding one key, created with its first version.
+    async fn a_store_with_a_key() -> (
+        tempfile::TempDir,
+        std::path::PathBuf,
+        RedbStore,
+        KeyRecord,
+        VersionRecord,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kms.redb");
         let store = RedbStore::open(&path, 1 << 20).unwrap();
@@ -528,6 +532,14 @@ mod tests {
         let first = version(k.id, 7);
         k.current_version = Some(first.id);
         store.insert_key(&k, Some(&first)).await.unwrap();
+        (dir, path, store, k, first)
+    }
+
+    /// Schema 4 is this build's redb layout (5 changed only sled's): such a file opens
+    /// as it is and records the new number.
+    #[tokio::test]
+    async fn a_schema_4_file_opens_as_it_is_and_records_this_schema() {
+        let (_dir, path, store, k, first) = a_store_with_a_key().await;
         store.force_schema_version(4).await.unwrap();
         drop(store);
         let store = RedbStore::open(&path, 1 << 20).unwrap();
@@ -540,13 +552,7 @@ mod tests {
     /// erase and re-import as any other's.
     #[tokio::test]
     async fn versions_written_before_schema_8_read_beside_carried_ones() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("kms.redb");
-        let store = RedbStore::open(&path, 1 << 20).unwrap();
-        let mut k = key("a", 7, KeyState::Active, false);
-        let first = version(k.id, 7);
-        k.current_version = Some(first.id);
-        store.insert_key(&k, Some(&first)).await.unwrap();
+        let (_dir, path, store, k, first) = a_store_with_a_key().await;
         let stored_entries = |store: &RedbStore| {
             let (_, txn) = store.read().unwrap();
             txn.open_table(VERSIONS).unwrap().len().unwrap()
